@@ -1,0 +1,27 @@
+"""NFNets in Flax NNX, numerically faithful to timm."""
+
+from nfnet_jax.checkpoint import CheckpointError, StateMismatchError, read_checkpoint, save_checkpoint
+from nfnet_jax.configs import NfCfg, model_cfgs
+from nfnet_jax.factory import create_model, list_models, load_checkpoint
+from nfnet_jax.model import NormFreeBlock, NormFreeNet, Stem, count_params
+from nfnet_jax.pretrained import PretrainedCfg, pretrained_cfgs
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'CheckpointError',
+    'NfCfg',
+    'NormFreeBlock',
+    'NormFreeNet',
+    'PretrainedCfg',
+    'StateMismatchError',
+    'Stem',
+    'count_params',
+    'create_model',
+    'list_models',
+    'load_checkpoint',
+    'model_cfgs',
+    'pretrained_cfgs',
+    'read_checkpoint',
+    'save_checkpoint',
+]
