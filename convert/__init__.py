@@ -1,6 +1,5 @@
-"""Weight conversion between timm (PyTorch) and nfnet_jax (Flax)."""
+"""Weight conversion between timm (PyTorch) and nfnet_jax (Flax).
 
-from convert.from_timm import convert_state_dict, from_timm, read_timm_checkpoint
-from convert.to_timm import to_timm
-
-__all__ = ['convert_state_dict', 'from_timm', 'read_timm_checkpoint', 'to_timm']
+`convert.from_timm` (library and command) goes from timm to Flax, `convert.to_timm` back;
+`convert.table` is the one mapping both use.
+"""

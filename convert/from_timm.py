@@ -88,8 +88,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str, **model_kwargs:
     expected = expected_timm_shapes(architecture, **model_kwargs)
     hint = ''
     if 'head.fc.weight' in got and 'head.fc.weight' in expected and got['head.fc.weight'] != expected['head.fc.weight']:
-        hint = (f'the checkpoint has a {got["head.fc.weight"][0]}-class classifier: '
-                f'pass num_classes={got["head.fc.weight"][0]} (--num-classes on the command line)')
+        hint = (
+            f'the checkpoint has a {got["head.fc.weight"][0]}-class classifier: '
+            f'pass num_classes={got["head.fc.weight"][0]} (--num-classes on the command line)'
+        )
     elif len(expected.keys() - got.keys()) > len(expected) // 2:
         hint = f'most of {architecture} is missing: is this a checkpoint of another architecture?'
     check_shapes(f'timm state dict for {architecture}', expected, got, hint)
@@ -144,7 +146,9 @@ def read_timm_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, n
         try:
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as err:  # torch raises many types for bad pickles; none is worth a traceback
-            raise CheckpointError(f'{path} could not be read as a torch checkpoint (corrupt or truncated?): {err}') from None
+            raise CheckpointError(
+                f'{path} could not be read as a torch checkpoint (corrupt or truncated?): {err}'
+            ) from None
         if not isinstance(checkpoint, Mapping):
             raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
         return unwrap_state_dict(checkpoint, use_ema)
@@ -193,11 +197,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog='python -m convert.from_timm',
         description='Convert timm NFNet weights to an nfnet_jax safetensors checkpoint.',
     )
-    parser.add_argument('name', help='architecture (timm\'s fresh init) or arch.tag (hub weights), e.g. dm_nfnet_f0.dm_in1k')
+    parser.add_argument(
+        'name', help="architecture (timm's fresh init) or arch.tag (hub weights), e.g. dm_nfnet_f0.dm_in1k"
+    )
     parser.add_argument('-o', '--output', required=True, type=Path, help='the .safetensors file to write')
     parser.add_argument('--checkpoint', type=Path, help='a local timm checkpoint (.safetensors, .pth, .pt, .bin)')
     parser.add_argument('--ema', action='store_true', help='take the EMA weights of a training checkpoint')
-    parser.add_argument('--num-classes', type=int, help='classes of the checkpoint\'s classifier (default: the tag\'s)')
+    parser.add_argument('--num-classes', type=int, help="classes of the checkpoint's classifier (default: the tag's)")
     parser.add_argument('--verify', action='store_true', help='compare with timm on a random batch before writing')
     parser.add_argument('--tolerance', type=float, default=1e-4, help='largest relative error --verify accepts')
     parser.add_argument('--force', action='store_true', help='overwrite OUTPUT if it exists')
@@ -241,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
         _log(f'fetching {cfg.hf_hub_id}')
         state_dict, source = read_timm_checkpoint(hub_checkpoint(cfg)), f'hf-hub:{cfg.hf_hub_id}'
     else:
-        _log(f'building timm\'s freshly initialised {architecture}')
+        _log(f"building timm's freshly initialised {architecture}")
         state_dict, source = fresh_timm_state_dict(architecture, num_classes), f'timm:{architecture} (random init)'
 
     _log(f'converting {len(state_dict)} tensors')
@@ -257,12 +263,20 @@ def _run(args: argparse.Namespace) -> int:
                 raise CheckpointError(f'verification failed: relative error {report.worst:.3g} > {args.tolerance:g}')
 
     save_checkpoint(
-        args.output, params, architecture=architecture, num_classes=num_classes, global_pool='avg',
+        args.output,
+        params,
+        architecture=architecture,
+        num_classes=num_classes,
+        global_pool='avg',
         extra_metadata=dict(
-            model_name=cfg.name if tagged else architecture, source=source, timm_version=timm_version(),
-            timm_reference_version=TIMM_REFERENCE_VERSION, nfnet_jax_version=nfnet_jax.__version__,
+            model_name=cfg.name if tagged else architecture,
+            source=source,
+            timm_version=timm_version(),
+            timm_reference_version=TIMM_REFERENCE_VERSION,
+            nfnet_jax_version=nfnet_jax.__version__,
         ),
-        force=args.force, check=check,
+        force=args.force,
+        check=check,
     )
     n_params = sum(v.size for v in params.values())
     _log(f'wrote {args.output} ({n_params:,} params) in {time.perf_counter() - start:.1f}s')

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -58,17 +57,22 @@ def verify_checkpoint(
         final, taps = timm_model.forward_intermediates(torch.from_numpy(x).permute(0, 3, 1, 2))
         logits = timm_model.forward_head(final)
     reference = [('logits', logits.numpy())]
-    reference += [(info['module'], tap.permute(0, 2, 3, 1).numpy()) for info, tap in zip(timm_model.feature_info, taps)]
+    reference += [
+        (info['module'], tap.permute(0, 2, 3, 1).numpy())
+        for info, tap in zip(timm_model.feature_info, taps, strict=True)
+    ]
 
     ours_final, ours_taps = model.forward_intermediates(x)
     ours = [np.asarray(model.forward_head(ours_final))] + [np.asarray(tap) for tap in ours_taps]
-    return Report([(name, ref.shape, *relative_error(out, ref)) for (name, ref), out in zip(reference, ours)])
+    return Report(
+        [(name, ref.shape, *relative_error(out, ref)) for (name, ref), out in zip(reference, ours, strict=True)]
+    )
 
 
 def print_report(report: Report, tolerance: float) -> None:
-    print(f'{"output":<16} {"shape (NHWC)":<22} {"max abs err":>12} {"max rel err":>12}', file=sys.stderr)
+    print(f'{"output":<16} {"shape (NHWC)":<22} {"max abs err":>12} {"max rel err":>12}')
     for name, shape, max_abs, rel in report.rows:
         flag = '' if rel <= tolerance else '  <-- above tolerance'
-        print(f'{name:<16} {str(shape):<22} {max_abs:>12.3e} {rel:>12.3e}{flag}', file=sys.stderr)
+        print(f'{name:<16} {str(shape):<22} {max_abs:>12.3e} {rel:>12.3e}{flag}')
     verdict = 'OK' if report.worst <= tolerance else 'FAILED'
-    print(f'verify {verdict}: worst relative error {report.worst:.3e} (tolerance {tolerance:g})', file=sys.stderr)
+    print(f'verify {verdict}: worst relative error {report.worst:.3e} (tolerance {tolerance:g})')

@@ -27,9 +27,13 @@ class CheckpointError(ValueError):
 class StateMismatchError(CheckpointError):
     """Tensors that do not fit an architecture, all of them reported at once."""
 
-    def __init__(self, what: str, missing: Iterable[str], unexpected: Iterable[str], misshaped: Iterable[str], hint: str = ''):
+    def __init__(
+        self, what: str, missing: Iterable[str], unexpected: Iterable[str], misshaped: Iterable[str], hint: str = ''
+    ):
         self.missing, self.unexpected, self.misshaped = sorted(missing), sorted(unexpected), sorted(misshaped)
-        lines = [f'{what}: {len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.misshaped)} mis-shaped']
+        lines = [
+            f'{what}: {len(self.missing)} missing, {len(self.unexpected)} unexpected, {len(self.misshaped)} mis-shaped'
+        ]
         for label, keys in (('missing', self.missing), ('unexpected', self.unexpected), ('mis-shaped', self.misshaped)):
             lines += [f'  {label}: {key}' for key in keys]
         if hint:
@@ -61,7 +65,9 @@ def param_shapes(model: nnx.Module) -> dict[str, Shape]:
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters as a flat dict of numpy arrays."""
-    return {flat_path(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {
+        flat_path(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
 
 
 def load_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray], what: str = 'parameters') -> None:
@@ -140,7 +146,7 @@ def _open_checkpoint(path: str | os.PathLike, read_tensors: bool) -> tuple[dict[
     try:
         with safe_open(path, framework='np') as f:
             metadata = f.metadata() or {}
-            params = {key: f.get_tensor(key) for key in f.keys()} if read_tensors else {}
+            params = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict) if read_tensors else {}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f'{path} is not a readable safetensors file (corrupt or truncated?): {err}') from None
     if metadata.get('format') != FORMAT:

@@ -48,16 +48,31 @@ def _nfres_cfg(
 ) -> NfCfg:
     """NF-ResNet: 7x7 stem with max pool, 1/4 bottleneck, attention after conv3."""
     return NfCfg(
-        depths=depths, channels=channels, stem_type='7x7_pool', stem_chs=64, bottle_ratio=0.25,
-        group_size=group_size, act_layer=act_layer, attn_layer=attn_layer, attn_kwargs=attn_kwargs or {},
+        depths=depths,
+        channels=channels,
+        stem_type='7x7_pool',
+        stem_chs=64,
+        bottle_ratio=0.25,
+        group_size=group_size,
+        act_layer=act_layer,
+        attn_layer=attn_layer,
+        attn_kwargs=attn_kwargs or {},
     )
 
 
 def _nfreg_cfg(depths: tuple[int, ...], channels: tuple[int, ...] = (48, 104, 208, 440)) -> NfCfg:
     """NF-RegNet-B: EfficientNet-like, 2.25 expansion from in_chs, SE in the middle, final 1x1 conv."""
     return NfCfg(
-        depths=depths, channels=channels, stem_type='3x3', group_size=8, width_factor=0.75, bottle_ratio=2.25,
-        num_features=1280 * channels[-1] // 440, reg=True, attn_layer='se', attn_kwargs=dict(rd_ratio=0.5),
+        depths=depths,
+        channels=channels,
+        stem_type='3x3',
+        group_size=8,
+        width_factor=0.75,
+        bottle_ratio=2.25,
+        num_features=1280 * channels[-1] // 440,
+        reg=True,
+        attn_layer='se',
+        attn_kwargs=dict(rd_ratio=0.5),
     )
 
 
@@ -73,9 +88,16 @@ def _nfnet_cfg(
 ) -> NfCfg:
     """NFNet-F/L in timm's numerics (gamma folded into convs, symmetric padding)."""
     return NfCfg(
-        depths=depths, channels=channels, stem_type='deep_quad', stem_chs=128, group_size=group_size,
-        bottle_ratio=bottle_ratio, extra_conv=True, num_features=int(channels[-1] * feat_mult),
-        act_layer=act_layer, attn_layer=attn_layer,
+        depths=depths,
+        channels=channels,
+        stem_type='deep_quad',
+        stem_chs=128,
+        group_size=group_size,
+        bottle_ratio=bottle_ratio,
+        extra_conv=True,
+        num_features=int(channels[-1] * feat_mult),
+        act_layer=act_layer,
+        attn_layer=attn_layer,
         attn_kwargs=attn_kwargs if attn_kwargs is not None else dict(rd_ratio=0.5),
     )
 
@@ -88,9 +110,20 @@ def _dm_nfnet_cfg(
 ) -> NfCfg:
     """NFNet-F as DeepMind trained them: gamma in the activations, SAME padding, skipinit gains."""
     return NfCfg(
-        depths=depths, channels=channels, stem_type='deep_quad', stem_chs=128, group_size=128,
-        bottle_ratio=0.5, extra_conv=True, gamma_in_act=True, same_padding=True, skipinit=skipinit,
-        num_features=int(channels[-1] * 2.0), act_layer=act_layer, attn_layer='se', attn_kwargs=dict(rd_ratio=0.5),
+        depths=depths,
+        channels=channels,
+        stem_type='deep_quad',
+        stem_chs=128,
+        group_size=128,
+        bottle_ratio=0.5,
+        extra_conv=True,
+        gamma_in_act=True,
+        same_padding=True,
+        skipinit=skipinit,
+        num_features=int(channels[-1] * 2.0),
+        act_layer=act_layer,
+        attn_layer='se',
+        attn_kwargs=dict(rd_ratio=0.5),
     )
 
 
@@ -140,7 +173,12 @@ model_cfgs: dict[str, NfCfg] = dict(
     nf_ecaresnet101=_nfres_cfg(depths=(3, 4, 23, 3), attn_layer='eca', attn_kwargs={}),
     # a tiny model for tests
     test_nfnet=_nfnet_cfg(
-        depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), feat_mult=1.5, group_size=8, bottle_ratio=0.25,
-        attn_kwargs=dict(rd_ratio=0.25, rd_divisor=8), act_layer='silu',
+        depths=(1, 1, 1, 1),
+        channels=(32, 64, 96, 128),
+        feat_mult=1.5,
+        group_size=8,
+        bottle_ratio=0.25,
+        attn_kwargs=dict(rd_ratio=0.25, rd_divisor=8),
+        act_layer='silu',
     ),
 )

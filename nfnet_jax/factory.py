@@ -66,8 +66,14 @@ def create_model(
     """
     architecture, pretrained_cfg = resolve_name(name)
     kwargs = dict(
-        num_classes=num_classes, in_chans=in_chans, global_pool=global_pool, drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate, dtype=dtype, param_dtype=param_dtype, **cfg_overrides,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        global_pool=global_pool,
+        drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        **cfg_overrides,
     )
     rngs = rngs or nnx.Rngs(0)
     what = 'parameters'
@@ -96,6 +102,12 @@ def create_model(
 def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet:
     """Build whatever model a converted checkpoint holds: architecture and head from its metadata."""
     metadata = read_checkpoint_metadata(path)
-    kwargs = dict(num_classes=int(metadata['num_classes']), global_pool=metadata['global_pool'],
-                  in_chans=int(metadata.get('in_chans', 3))) | kwargs
+    kwargs = (
+        dict(
+            num_classes=int(metadata['num_classes']),
+            global_pool=metadata['global_pool'],
+            in_chans=int(metadata.get('in_chans', 3)),
+        )
+        | kwargs
+    )
     return create_model(metadata.get('model_name') or metadata['architecture'], checkpoint_path=path, **kwargs)

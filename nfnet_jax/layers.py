@@ -184,9 +184,7 @@ class SqueezeExcite(nnx.Module):
         rngs: nnx.Rngs,
     ):
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
-        conv = dict(
-            kernel_size=(1, 1), kernel_init=kaiming_normal, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        conv = dict(kernel_size=(1, 1), kernel_init=kaiming_normal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = nnx.Conv(channels, rd_channels, **conv)
         self.fc2 = nnx.Conv(rd_channels, channels, **conv)
 
@@ -221,8 +219,15 @@ class EcaModule(nnx.Module):
         # torch's default Conv1d init: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
         init = nnx.initializers.variance_scaling(1.0 / 3, 'fan_in', 'uniform')
         self.conv = nnx.Conv(
-            1, 1, kernel_size=(kernel_size,), padding=((pad, pad),), use_bias=False,
-            kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            1,
+            1,
+            kernel_size=(kernel_size,),
+            padding=((pad, pad),),
+            use_bias=False,
+            kernel_init=init,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def __call__(self, x: Array) -> Array:
@@ -258,7 +263,9 @@ def max_pool_3x3_s2(x: Array) -> Array:
 class DownsampleAvg(nnx.Module):
     """The shortcut of a block that changes shape: 2x2 average pool (when strided), then a 1x1 conv."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, conv_layer: Callable[..., ScaledStdConv2d], *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_chs: int, out_chs: int, stride: int, conv_layer: Callable[..., ScaledStdConv2d], *, rngs: nnx.Rngs
+    ):
         self.stride = stride
         self.conv = conv_layer(in_chs, out_chs, 1, rngs=rngs)
 
@@ -347,9 +354,13 @@ class ClassifierHead(nnx.Module):
         if num_classes <= 0:
             return None
         return nnx.Linear(
-            self.num_features, num_classes,
-            kernel_init=nnx.initializers.normal(0.01), bias_init=nnx.initializers.zeros,
-            dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+            self.num_features,
+            num_classes,
+            kernel_init=nnx.initializers.normal(0.01),
+            bias_init=nnx.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=rngs,
         )
 
     def reset(self, num_classes: int, pool_type: str | None = None, *, rngs: nnx.Rngs) -> None:

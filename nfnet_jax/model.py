@@ -63,7 +63,7 @@ class Stem(nnx.Module):
                 first = 3 * out_chs // 8 if 'tiered' in stem_type else out_chs // 2
                 chs, strides = (first, out_chs // 2, out_chs), (2, 1, 1)
             self.layer_names: tuple[str, ...] = ()
-            for i, (c, s) in enumerate(zip(chs, strides)):
+            for i, (c, s) in enumerate(zip(chs, strides, strict=True)):
                 setattr(self, f'conv{i + 1}', conv_layer(in_chs, c, 3, stride=s, rngs=rngs))
                 self.layer_names += (f'conv{i + 1}',)
                 if i != len(chs) - 1:
@@ -168,7 +168,7 @@ def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[f
     """timm's stage-wise stochastic depth: linear in block index over the whole net, in float32."""
     rates = np.linspace(0.0, drop_path_rate, sum(depths), dtype=np.float32).tolist()
     bounds = np.cumsum((0, *depths))
-    return [rates[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+    return [rates[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 class NormFreeNet(nnx.Module):
@@ -205,13 +205,19 @@ class NormFreeNet(nnx.Module):
         gamma = NONLIN_GAMMA[cfg.act_layer]
         # dm_ models scale every activation by gamma; the others fold gamma into every conv.
         conv_layer = partial(
-            ScaledStdConv2d, same_padding=cfg.same_padding, eps=cfg.std_conv_eps,
-            gamma=1.0 if cfg.gamma_in_act else gamma, dtype=dtype, param_dtype=param_dtype,
+            ScaledStdConv2d,
+            same_padding=cfg.same_padding,
+            eps=cfg.std_conv_eps,
+            gamma=1.0 if cfg.gamma_in_act else gamma,
+            dtype=dtype,
+            param_dtype=param_dtype,
         )
         act_layer = partial(GammaAct, cfg.act_layer, gamma if cfg.gamma_in_act else 1.0)
         attn_layer = None
         if cfg.attn_layer:
-            attn_layer = partial(ATTENTION_LAYERS[cfg.attn_layer], **cfg.attn_kwargs, dtype=dtype, param_dtype=param_dtype)
+            attn_layer = partial(
+                ATTENTION_LAYERS[cfg.attn_layer], **cfg.attn_kwargs, dtype=dtype, param_dtype=param_dtype
+            )
 
         stem_chs = make_divisible((cfg.stem_chs or cfg.channels[0]) * cfg.width_factor, cfg.ch_div)
         self.stem = Stem(in_chans, stem_chs, cfg.stem_type, conv_layer, act_layer, rngs=rngs)
@@ -228,24 +234,27 @@ class NormFreeNet(nnx.Module):
             out_chs = make_divisible(cfg.channels[stage_idx] * cfg.width_factor, cfg.ch_div)
             blocks = []
             for block_idx in range(depth):
-                blocks.append(NormFreeBlock(
-                    prev_chs, out_chs,
-                    stride=stride if block_idx == 0 else 1,
-                    alpha=cfg.alpha,
-                    beta=1.0 / expected_var**0.5,
-                    bottle_ratio=1.0 if cfg.reg and stage_idx == 0 and block_idx == 0 else cfg.bottle_ratio,
-                    group_size=cfg.group_size,
-                    ch_div=cfg.ch_div,
-                    reg=cfg.reg,
-                    extra_conv=cfg.extra_conv,
-                    skipinit=cfg.skipinit,
-                    attn_layer=attn_layer,
-                    attn_gain=cfg.attn_gain,
-                    act_layer=act_layer,
-                    conv_layer=conv_layer,
-                    drop_path_rate=rates[stage_idx][block_idx],
-                    rngs=rngs,
-                ))
+                blocks.append(
+                    NormFreeBlock(
+                        prev_chs,
+                        out_chs,
+                        stride=stride if block_idx == 0 else 1,
+                        alpha=cfg.alpha,
+                        beta=1.0 / expected_var**0.5,
+                        bottle_ratio=1.0 if cfg.reg and stage_idx == 0 and block_idx == 0 else cfg.bottle_ratio,
+                        group_size=cfg.group_size,
+                        ch_div=cfg.ch_div,
+                        reg=cfg.reg,
+                        extra_conv=cfg.extra_conv,
+                        skipinit=cfg.skipinit,
+                        attn_layer=attn_layer,
+                        attn_gain=cfg.attn_gain,
+                        act_layer=act_layer,
+                        conv_layer=conv_layer,
+                        drop_path_rate=rates[stage_idx][block_idx],
+                        rngs=rngs,
+                    )
+                )
                 # The expected variance resets after each stage's first block (its shortcut
                 # is a fresh conv) and grows by alpha^2 with every residual branch.
                 if block_idx == 0:
@@ -343,7 +352,9 @@ class NormFreeNet(nnx.Module):
             return intermediates
         return (self.final_act(x) if ran_all_stages else x), intermediates
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None) -> None:
+    def reset_classifier(
+        self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None
+    ) -> None:
         """Replace the classifier with a freshly initialised one (`num_classes=0` removes it)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, rngs=rngs or nnx.Rngs(0))

@@ -49,15 +49,24 @@ def _cfg(name: str, hub: bool = False, **kwargs) -> PretrainedCfg:
 def _dm(name: str, size: int, test_size: int, crop_pct: float) -> PretrainedCfg:
     pool = size // 32
     return _cfg(
-        name, hub=True, input_size=(3, size, size), test_input_size=(3, test_size, test_size),
-        pool_size=(pool, pool), crop_pct=crop_pct, crop_mode='squash',
+        name,
+        hub=True,
+        input_size=(3, size, size),
+        test_input_size=(3, test_size, test_size),
+        pool_size=(pool, pool),
+        crop_pct=crop_pct,
+        crop_mode='squash',
     )
 
 
 def _sized(name: str, size: int, test_size: int, pool: int, hub: bool = False, **kwargs) -> PretrainedCfg:
     return _cfg(
-        name, hub=hub, input_size=(3, size, size), test_input_size=(3, test_size, test_size),
-        pool_size=(pool, pool), **kwargs,
+        name,
+        hub=hub,
+        input_size=(3, size, size),
+        test_input_size=(3, test_size, test_size),
+        pool_size=(pool, pool),
+        **kwargs,
     )
 
 
@@ -101,7 +110,8 @@ _CFGS: tuple[PretrainedCfg, ...] = (
     _cfg('nf_ecaresnet101', **_RESNET),
     replace(
         _cfg('test_nfnet.r160_in1k', hub=True, input_size=(3, 160, 160), pool_size=(5, 5), crop_pct=0.95),
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
     ),
 )
 
