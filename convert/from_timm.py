@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 
 import nfnet_jax
 from convert.table import flax_rule, timm_rule
 from nfnet_jax.checkpoint import CheckpointError, check_shapes, param_shapes, save_checkpoint
 from nfnet_jax.configs import model_cfgs
 from nfnet_jax.factory import resolve_name
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.model import NormFreeNet, abstract_model
 from nfnet_jax.pretrained import PretrainedCfg, tags_of
 
 TIMM_REFERENCE_VERSION = '1.0.31'
@@ -62,15 +61,10 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
     return state_dict
 
 
-def abstract_model(architecture: str, **model_kwargs: Any) -> NormFreeNet:
-    """The model's structure and shapes without allocating or initialising any weight."""
-    return nnx.eval_shape(lambda: NormFreeNet(model_cfgs[architecture], rngs=nnx.Rngs(0), **model_kwargs))
-
-
 def expected_timm_shapes(architecture: str, **model_kwargs: Any) -> dict[str, tuple[int, ...]]:
     """The timm state dict an architecture has: key -> shape, derived through the table."""
     shapes = {}
-    for path, shape in param_shapes(abstract_model(architecture, **model_kwargs)).items():
+    for path, shape in param_shapes(abstract_model(model_cfgs[architecture], **model_kwargs)).items():
         key, rule = flax_rule(path)
         shapes[key] = rule.transform.to_timm(np.broadcast_to(np.int8(0), shape)).shape
     return shapes

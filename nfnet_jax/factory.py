@@ -15,7 +15,7 @@ from flax import nnx
 from nfnet_jax.checkpoint import CheckpointError, load_flat_params, read_checkpoint, read_checkpoint_metadata
 from nfnet_jax.configs import model_cfgs
 from nfnet_jax.layers import Dtype
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.model import NormFreeNet, abstract_model
 from nfnet_jax.pretrained import PretrainedCfg, default_cfg, pretrained_cfgs, tags_of
 
 
@@ -91,7 +91,7 @@ def create_model(
         model = NormFreeNet(model_cfgs[architecture], rngs=rngs, **kwargs)
     else:
         # No random init: an abstract model is filled from the params, so big models load fast.
-        model = nnx.eval_shape(lambda: NormFreeNet(model_cfgs[architecture], rngs=nnx.Rngs(0), **kwargs))
+        model = abstract_model(model_cfgs[architecture], **kwargs)
         load_flat_params(model, params, what=what)
         # The abstract model's dropout keys are shapes only: give them real keys from `rngs`.
         nnx.reseed(model, dropout=rngs['dropout']())

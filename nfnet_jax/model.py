@@ -360,6 +360,20 @@ class NormFreeNet(nnx.Module):
         self.head.reset(num_classes, global_pool, rngs=rngs or nnx.Rngs(0))
 
 
+def abstract_model(cfg: NfCfg, **model_kwargs: Any) -> NormFreeNet:
+    """The model's structure and parameter shapes, without allocating or initialising a weight."""
+
+    def build() -> NormFreeNet:
+        rngs = nnx.Rngs(0)
+        # A traced stream counter makes flax check its sharding on every draw, which jax answers
+        # by walking the whole trace: quadratic, 16 s instead of 0.8 s for nfnet_f7. A numpy
+        # counter stays out of the trace.
+        rngs.default.count.set_raw_value(np.zeros((), np.uint32))
+        return NormFreeNet(cfg, rngs=rngs, **model_kwargs)
+
+    return nnx.eval_shape(build)
+
+
 def count_params(model: nnx.Module) -> int:
     """The number of scalar parameters, as timm's `sum(p.numel() for p in model.parameters())`."""
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
