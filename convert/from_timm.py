@@ -22,7 +22,7 @@ from nfnet_jax.checkpoint import CheckpointError, check_shapes, param_shapes, sa
 from nfnet_jax.configs import model_cfgs
 from nfnet_jax.factory import resolve_name
 from nfnet_jax.model import NormFreeNet, abstract_model
-from nfnet_jax.pretrained import PretrainedCfg, tags_of
+from nfnet_jax.pretrained import PretrainedCfg
 
 TIMM_REFERENCE_VERSION = '1.0.31'
 # Where training checkpoints keep the weights, in timm's order of preference.
@@ -59,6 +59,18 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
             raise CheckpointError(f'{key!r} holds a {type(value).__name__}, not a tensor: is this a timm state dict?')
         state_dict[key.removeprefix('module.')] = to_numpy(value)
     return state_dict
+
+
+def adapt_input_conv(in_chans: int, weight: np.ndarray) -> np.ndarray:
+    """timm's `adapt_input_conv` for an RGB first conv (OIHW): sum for 1 channel, tile and rescale for n."""
+    if weight.shape[1] != 3:
+        raise CheckpointError(f'can only adapt a 3-channel first conv to {in_chans} channels, not {weight.shape[1]}')
+    work = weight.astype(np.float32)
+    if in_chans == 1:
+        work = work.sum(axis=1, keepdims=True)
+    else:
+        work = np.tile(work, (1, -(-in_chans // 3), 1, 1))[:, :in_chans] * np.float32(3 / in_chans)
+    return work.astype(weight.dtype)
 
 
 def expected_timm_shapes(architecture: str, **model_kwargs: Any) -> dict[str, tuple[int, ...]]:
@@ -152,8 +164,10 @@ def read_timm_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, n
 def hub_checkpoint(cfg: PretrainedCfg) -> Path:
     """timm's `model.safetensors` for a tag, through huggingface_hub (its cache, its progress bar)."""
     if not cfg.has_weights:
-        with_weights = [name for name in tags_of(cfg.architecture) if nfnet_jax.pretrained_cfgs[name].has_weights]
-        raise CheckpointError(f'{cfg.name} has no pretrained weights; tags with weights: {with_weights or "none"}')
+        raise CheckpointError(
+            f'timm has no pretrained weights for {cfg.name}; the tags with weights are: '
+            f'{", ".join(nfnet_jax.list_models(pretrained=True))}'
+        )
     from huggingface_hub import hf_hub_download
 
     try:

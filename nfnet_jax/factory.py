@@ -14,7 +14,8 @@ from flax import nnx
 
 from nfnet_jax.checkpoint import CheckpointError, load_flat_params, read_checkpoint, read_checkpoint_metadata
 from nfnet_jax.configs import model_cfgs
-from nfnet_jax.layers import Dtype
+from nfnet_jax.features import FeatureListNet, OutIndices
+from nfnet_jax.layers import Dtype, pool_feature_multiplier
 from nfnet_jax.model import NormFreeNet, abstract_model
 from nfnet_jax.pretrained import PretrainedCfg, default_cfg, pretrained_cfgs, tags_of
 
@@ -44,6 +45,7 @@ def resolve_name(name: str) -> tuple[str, PretrainedCfg]:
 
 def create_model(
     name: str,
+    pretrained: bool = False,
     *,
     rngs: nnx.Rngs | None = None,
     num_classes: int = 1000,
@@ -55,13 +57,22 @@ def create_model(
     param_dtype: Dtype = jnp.float32,
     checkpoint_path: str | os.PathLike | None = None,
     params: Mapping[str, np.ndarray] | None = None,
+    features_only: bool = False,
+    out_indices: OutIndices = (0, 1, 2, 3, 4),
     **cfg_overrides: Any,
-) -> NormFreeNet:
+) -> NormFreeNet | FeatureListNet:
     """Build a model by timm name (`dm_nfnet_f0`, or `dm_nfnet_f0.dm_in1k` for its data settings).
 
-    With `checkpoint_path` (a file written by `python -m convert.from_timm`) or `params` (flat
-    param paths to arrays, as `convert.convert_state_dict` returns) the weights are loaded
-    without a random init first. `cfg_overrides` replace NfCfg fields, as in timm.
+    `pretrained=True` loads timm's weights for the tag (a bare name: timm's default tag) from the
+    Hugging Face hub through huggingface_hub's cache (`HF_HUB_OFFLINE=1`: the cache only) and
+    converts them on the way in. A `num_classes` or `global_pool` that does not fit the
+    checkpoint's classifier gets a freshly initialised one; `in_chans` other than 3 adapts the
+    first conv as timm does. With `checkpoint_path` (a file written by `python -m convert.from_timm`)
+    or `params` (flat param paths to arrays, as `convert.convert_state_dict` returns) the weights
+    are loaded without a random init first. `cfg_overrides` replace NfCfg fields, as in timm.
+
+    `features_only=True` returns a FeatureListNet whose call gives the NHWC maps at the taps in
+    `out_indices` (a tuple, negatives from the end, or an int n for the last n).
     The model starts in eval mode; `model.train()` enables dropout and drop path.
     """
     architecture, pretrained_cfg = resolve_name(name)
@@ -77,6 +88,16 @@ def create_model(
     )
     rngs = rngs or nnx.Rngs(0)
     what = 'parameters'
+    fresh_head = None
+    if pretrained:
+        if checkpoint_path is not None or params is not None:
+            raise ValueError('pass pretrained=True, checkpoint_path or params, not more than one')
+        # The checkpoint is converted with its own classifier; one that does not fit is replaced below.
+        if num_classes != pretrained_cfg.num_classes or pool_feature_multiplier(global_pool) != 1:
+            fresh_head = (num_classes, global_pool)
+            kwargs.update(num_classes=pretrained_cfg.num_classes, global_pool='avg')
+        params = pretrained_params(pretrained_cfg, **kwargs)
+        what = f'{pretrained_cfg.name} weights'
     if checkpoint_path is not None:
         if params is not None:
             raise ValueError('pass either checkpoint_path or params, not both')
@@ -95,8 +116,25 @@ def create_model(
         load_flat_params(model, params, what=what)
         # The abstract model's dropout keys are shapes only: give them real keys from `rngs`.
         nnx.reseed(model, dropout=rngs['dropout']())
+    if fresh_head is not None:
+        model.reset_classifier(*fresh_head, rngs=rngs)
     model.pretrained_cfg = pretrained_cfg
+    if features_only:
+        return FeatureListNet(model, out_indices)
     return model
+
+
+def pretrained_params(cfg: PretrainedCfg, **model_kwargs: Any) -> dict[str, np.ndarray]:
+    """timm's hub weights for a tag as flat Flax params, for a model built with `model_kwargs`."""
+    # convert imports nfnet_jax, so it is imported here, not at the top.
+    from convert.from_timm import adapt_input_conv, convert_state_dict, hub_checkpoint, read_timm_checkpoint
+
+    state_dict = read_timm_checkpoint(hub_checkpoint(cfg))
+    in_chans = model_kwargs.get('in_chans', 3)
+    if in_chans != 3:
+        first_conv = f'{cfg.first_conv}.weight'
+        state_dict[first_conv] = adapt_input_conv(in_chans, state_dict[first_conv])
+    return convert_state_dict(state_dict, cfg.architecture, **model_kwargs)
 
 
 def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet:

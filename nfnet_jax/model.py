@@ -82,6 +82,14 @@ class Stem(nnx.Module):
         if self.pool:
             self.stride = 4
 
+    def prune_after_feature(self) -> None:
+        """Drop the layers after the feature tap: the stem's output becomes the tap."""
+        keep = self.layer_names.index(self.feature_layer) + 1
+        for name in self.layer_names[keep:]:
+            delattr(self, name)
+        self.layer_names = self.layer_names[:keep]
+        self.pool = False
+
     def __call__(self, x: Array) -> tuple[Array, Array]:
         feature = x
         for name in self.layer_names:
@@ -313,7 +321,7 @@ class NormFreeNet(nnx.Module):
                 x = block(x)
         if self.final_conv is not None:
             x = self.final_conv(x)
-        return self.final_act(x)
+        return self.final_act(x) if self.final_act is not None else x
 
     def forward_head(self, x: Array, pre_logits: bool = False) -> Array:
         """Pool, drop out and classify a feature map; `pre_logits=True` stops before the fc."""
@@ -350,7 +358,37 @@ class NormFreeNet(nnx.Module):
         intermediates = [taps[i] for i in take]
         if intermediates_only:
             return intermediates
-        return (self.final_act(x) if ran_all_stages else x), intermediates
+        return (self.final_act(x) if ran_all_stages and self.final_act is not None else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_head: bool = True) -> list[int]:
+        """Drop every layer that the feature taps `indices` do not need (timm's method of the same name).
+
+        What goes: the stages after the deepest tap; final_conv and final_act unless the last
+        tap is taken; the deep stem's last conv when only the stem tap is; the classifier
+        (`prune_head`, or whenever the end is pruned). Returns the absolute indices taken:
+        pass those, not negative ones, to `forward_intermediates` afterwards.
+        """
+        take, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        if prune_end:
+            self.final_conv = None
+            self.final_act = None
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if max_index == 0:
+            self.stem.prune_after_feature()
+        self.stages = nnx.List(list(self.stages)[:max_index])
+        if prune_head or prune_end:
+            self.num_classes = 0
+            self.head = ClassifierHead(
+                self.num_features,
+                0,
+                '',
+                self.head.drop.rate,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                rngs=nnx.Rngs(0),
+            )
+        return take
 
     def reset_classifier(
         self, num_classes: int, global_pool: str | None = None, *, rngs: nnx.Rngs | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -54,3 +56,44 @@ def nhwc(t) -> np.ndarray:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def stage_hub_checkpoint(cache: Path, state_dict: dict, repo_id: str, revision: str = '0123456789abcdef') -> Path:
+    """Lay out a Hugging Face hub cache folder holding `repo_id/model.safetensors`, as the hub client writes it."""
+    from safetensors.torch import save_file
+
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
+    (repo / 'snapshots' / revision).mkdir(parents=True)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(revision)
+    path = repo / 'snapshots' / revision / 'model.safetensors'
+    save_file({key: value.contiguous() for key, value in state_dict.items()}, path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def hub_cache(tmp_path_factory) -> Path:
+    """A hub cache holding timm's test_nfnet.r160_in1k with random weights (every tensor randomised)."""
+    import timm
+
+    cache = tmp_path_factory.mktemp('hub_cache')
+    model = timm.create_model('test_nfnet')
+    randomize_(model, seed=1)
+    stage_hub_checkpoint(cache, model.state_dict(), 'timm/test_nfnet.r160_in1k')
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch) -> Path:
+    """Point huggingface_hub at the staged cache, offline: the real hub client runs, without a network.
+
+    huggingface_hub reads its environment once at import, so its constants are patched too;
+    the environment variables are set for subprocesses.
+    """
+    import huggingface_hub.constants
+
+    monkeypatch.setenv('HF_HUB_CACHE', str(hub_cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    return hub_cache
