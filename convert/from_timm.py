@@ -45,14 +45,12 @@ def to_numpy(tensor: Any) -> np.ndarray:
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> dict[str, np.ndarray]:
     """The weights of a timm checkpoint as numpy: unwraps training checkpoints, strips `module.`."""
-    wrappers = (_EMA_WRAPPER_KEYS if use_ema else ()) + _WRAPPER_KEYS
-    for key in wrappers:
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    else:
-        if use_ema:
-            raise CheckpointError(f'no EMA weights in this checkpoint (looked for {", ".join(_EMA_WRAPPER_KEYS)})')
+    wrappers = _EMA_WRAPPER_KEYS if use_ema else _WRAPPER_KEYS
+    found = next((key for key in wrappers if isinstance(checkpoint.get(key), Mapping)), None)
+    if found is not None:
+        checkpoint = checkpoint[found]
+    elif use_ema:
+        raise CheckpointError(f'no EMA weights in this checkpoint (looked for {", ".join(_EMA_WRAPPER_KEYS)})')
     state_dict = {}
     for key, value in checkpoint.items():
         if not hasattr(value, 'shape'):
@@ -93,13 +91,14 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str, **model_kwargs:
     got = {key: value.shape for key, value in state_dict.items()}
     expected = expected_timm_shapes(architecture, **model_kwargs)
     hint = ''
-    if 'head.fc.weight' in got and 'head.fc.weight' in expected and got['head.fc.weight'] != expected['head.fc.weight']:
-        hint = (
-            f'the checkpoint has a {got["head.fc.weight"][0]}-class classifier: '
-            f'pass num_classes={got["head.fc.weight"][0]} (--num-classes on the command line)'
-        )
-    elif len(expected.keys() - got.keys()) > len(expected) // 2:
+    got_fc, expected_fc = got.get('head.fc.weight'), expected.get('head.fc.weight')
+    if len(expected.keys() ^ got.keys()) > len(expected) // 2:
         hint = f'most of {architecture} is missing: is this a checkpoint of another architecture?'
+    elif got_fc and expected_fc and got_fc[1:] == expected_fc[1:] and got_fc[0] != expected_fc[0]:
+        hint = (
+            f'the checkpoint has a {got_fc[0]}-class classifier: '
+            f'pass num_classes={got_fc[0]} (--num-classes on the command line)'
+        )
     check_shapes(f'timm state dict for {architecture}', expected, got, hint)
     params = {}
     for key, value in state_dict.items():

@@ -25,7 +25,7 @@ def to_timm(params: Mapping[str, np.ndarray] | nnx.Module) -> dict[str, np.ndarr
             unknown.append(path)
             continue
         key, rule = found
-        state_dict[key] = np.asarray(rule.transform.to_timm(np.asarray(value)), order='C')
+        state_dict[key] = np.array(rule.transform.to_timm(np.asarray(value)), order='C')  # writable, for torch
     if unknown:
         raise StateMismatchError('Flax params with no timm equivalent', [], unknown, [])
     return state_dict

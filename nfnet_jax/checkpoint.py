@@ -78,7 +78,7 @@ def load_flat_params(model: nnx.Module, params: Mapping[str, np.ndarray], what: 
     state = nnx.to_flat_state(nnx.state(model, nnx.Param))
     check_shapes(what, {flat_path(p): tuple(v.shape) for p, v in state}, {k: np.shape(v) for k, v in params.items()})
     updated = {path: var.replace(jnp.asarray(params[flat_path(path)], dtype=var.dtype)) for path, var in state}
-    nnx.update(model, nnx.State.from_flat_path(updated))
+    nnx.update(model, nnx.from_flat_state(updated))
 
 
 def atomic_write(path: Path, write: Callable[[str], None], force: bool = False) -> None:

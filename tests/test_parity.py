@@ -39,6 +39,10 @@ def pair(request):
     gc.collect()
 
 
+def tap_name(index: int, info: dict) -> str:
+    return f'tap {index} ({info["module"]})'
+
+
 @pytest.mark.parametrize('size', SIZES, ids=lambda s: f'{s[0]}x{s[1]}')
 def test_matches_timm(pair, size):
     theirs, ours = pair
@@ -50,7 +54,10 @@ def test_matches_timm(pair, size):
             'pre_logits': theirs.forward_head(final, pre_logits=True).numpy(),
             'forward_features': nhwc(final),
         }
-        expected |= {f'tap {i} ({info["module"]})': nhwc(t) for i, (info, t) in enumerate(zip(theirs.feature_info, taps, strict=True))}
+        expected |= {
+            f'tap {i} ({info["module"]})': nhwc(t)
+            for i, (info, t) in enumerate(zip(theirs.feature_info, taps, strict=True))
+        }
 
     our_final, our_taps = ours.forward_intermediates(x)
     got = {
@@ -58,7 +65,9 @@ def test_matches_timm(pair, size):
         'pre_logits': ours.forward_head(our_final, pre_logits=True),
         'forward_features': our_final,
     }
-    got |= {f'tap {i} ({info["module"]})': t for i, (info, t) in enumerate(zip(ours.feature_info, our_taps, strict=True))}
+    got |= {
+        f'tap {i} ({info["module"]})': t for i, (info, t) in enumerate(zip(ours.feature_info, our_taps, strict=True))
+    }
 
     assert got.keys() == expected.keys()
     errors = {name: relative_error(got[name], expected[name]) for name in expected}
