@@ -1,8 +1,10 @@
 """NFNets in Flax NNX, numerically faithful to timm."""
 
+from nfnet_jax import data
 from nfnet_jax.checkpoint import CheckpointError, StateMismatchError, read_checkpoint, save_checkpoint
 from nfnet_jax.configs import NfCfg, model_cfgs
 from nfnet_jax.factory import create_model, list_models, load_checkpoint
+from nfnet_jax.features import FeatureInfo, FeatureListNet
 from nfnet_jax.model import NormFreeBlock, NormFreeNet, Stem, count_params
 from nfnet_jax.pretrained import PretrainedCfg, pretrained_cfgs
 
@@ -10,6 +12,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'CheckpointError',
+    'FeatureInfo',
+    'FeatureListNet',
     'NfCfg',
     'NormFreeBlock',
     'NormFreeNet',
@@ -17,6 +21,7 @@ __all__ = [
     'StateMismatchError',
     'Stem',
     'count_params',
+    'data',
     'create_model',
     'list_models',
     'load_checkpoint',

@@ -1,0 +1,198 @@
+"""Inference preprocessing equal to timm's eval transform, image batches, and the ImageNet-1k class names.
+
+`create_transform(**resolve_model_data_config(model))` gives the same float32 numbers as
+`timm.data.create_transform(**timm.data.resolve_model_data_config(model))`, in HWC instead of
+CHW: the resizing and cropping are the very PIL calls torchvision makes on a PIL image, and
+the normalisation is the same float32 arithmetic. Images of any PIL mode become RGB through
+PIL's `convert('RGB')`, as timm's datasets do (alpha is dropped, not composited; 16-bit
+grayscale is clipped at 255 by PIL, not rescaled).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
+
+DEFAULT_CROP_PCT = 0.875
+CROP_MODES = ('center', 'squash', 'border')
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    'nearest': Image.Resampling.NEAREST,
+    'bilinear': Image.Resampling.BILINEAR,
+    'bicubic': Image.Resampling.BICUBIC,
+    'box': Image.Resampling.BOX,
+    'hamming': Image.Resampling.HAMMING,
+    'lanczos': Image.Resampling.LANCZOS,
+}
+ImageLike = Image.Image | np.ndarray
+Size = tuple[int, int]  # (height, width)
+
+
+def resolve_model_data_config(model: Any, use_test_size: bool = False) -> dict[str, Any]:
+    """The model's eval data settings, as timm's `resolve_model_data_config` returns them.
+
+    `model` is anything with a `pretrained_cfg` (models from `create_model`, features models)
+    or a PretrainedCfg. `use_test_size` takes the tag's larger test resolution and crop.
+    Without a pretrained config, timm's defaults apply (224, bicubic, crop 0.875, ImageNet mean/std).
+    """
+    cfg = model if isinstance(model, PretrainedCfg) else getattr(model, 'pretrained_cfg', None)
+    if cfg is None:
+        return dict(
+            input_size=(3, 224, 224),
+            interpolation='bicubic',
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+            crop_pct=DEFAULT_CROP_PCT,
+            crop_mode='center',
+        )
+    use_test = use_test_size and cfg.test_input_size is not None
+    return dict(
+        input_size=cfg.test_input_size if use_test else cfg.input_size,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+        crop_pct=(cfg.test_crop_pct if use_test_size and cfg.test_crop_pct else cfg.crop_pct),
+        crop_mode=cfg.crop_mode,
+    )
+
+
+def to_rgb(image: ImageLike) -> Image.Image:
+    """A PIL image (any mode) or a uint8 HWC/HW array as an RGB PIL image, as timm's datasets convert."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f'arrays must be uint8 HWC or HW images, got dtype {image.dtype}; pass a PIL image instead')
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f'expected a PIL image or a uint8 numpy array, got {type(image).__name__}')
+    return image if image.mode == 'RGB' else image.convert('RGB')
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """timm's eval transform (resize, center crop, to float, normalise) from a PIL image to float32 HWC."""
+
+    img_size: Size
+    scale_size: Size
+    crop_mode: str
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def resized_size(self, height: int, width: int) -> Size:
+        """The size the image is resized to before the crop, computed exactly as torchvision and timm do."""
+        if self.crop_mode == 'squash':
+            return self.scale_size
+        if self.crop_mode == 'center' and self.scale_size[0] == self.scale_size[1]:
+            # torchvision's Resize(int): the short edge to the size, the long edge truncated.
+            target = self.scale_size[0]
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(target * long / short)
+            return (new_long, target) if width <= height else (target, new_long)
+        # timm's ResizeKeepRatio: scale by the short edge's ratio (center) or the long edge's (border).
+        ratio_h, ratio_w = height / self.scale_size[0], width / self.scale_size[1]
+        ratio = max(ratio_h, ratio_w) if self.crop_mode == 'border' else min(ratio_h, ratio_w)
+        return round(height / ratio), round(width / ratio)
+
+    def resize_and_crop(self, image: Image.Image) -> Image.Image:
+        """The resized and cropped (or padded) image, still 8-bit: the geometric part of the transform."""
+        size = self.resized_size(image.height, image.width)
+        if size != (image.height, image.width):
+            image = image.resize(size[::-1], INTERPOLATIONS[self.interpolation])
+        return center_crop_or_pad(image, self.img_size, self.fill if self.crop_mode == 'border' else (0, 0, 0))
+
+    @property
+    def fill(self) -> tuple[int, ...]:
+        """timm's padding colour for the border mode: the mean as 8-bit values."""
+        return tuple(round(255 * v) for v in self.mean)
+
+    def __call__(self, image: ImageLike) -> np.ndarray:
+        pixels = np.asarray(self.resize_and_crop(to_rgb(image)), dtype=np.float32) / np.float32(255)
+        return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+
+def center_crop_or_pad(image: Image.Image, size: Size, fill: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
+    """torchvision's center_crop (padding with `fill` where the image is smaller), with its rounding."""
+    height, width = size
+    if (image.height, image.width) == (height, width):
+        return image
+    # Where the image is smaller it is padded, the extra pixel going right/bottom; where larger,
+    # it is cropped at round((in - out) / 2), Python's round-half-to-even as in torchvision.
+    left = (width - image.width) // 2 if width > image.width else -int(round((image.width - width) / 2.0))
+    top = (height - image.height) // 2 if height > image.height else -int(round((image.height - height) / 2.0))
+    if width <= image.width and height <= image.height:
+        return image.crop((-left, -top, -left + width, -top + height))
+    canvas = Image.new(image.mode, (width, height), fill)
+    canvas.paste(image, (left, top))
+    return canvas
+
+
+def create_transform(
+    input_size: int | Sequence[int] = 224,
+    is_training: bool = False,
+    interpolation: str = 'bilinear',
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
+) -> EvalTransform:
+    """timm's `create_transform(..., is_training=False)`: `input_size` is an int, (H, W) or (C, H, W).
+
+    Defaults are timm's: bilinear, crop_pct 0.875, center crop.
+    """
+    if is_training:
+        raise ValueError('only the eval transform is provided; training augmentation is not part of nfnet_jax.data')
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f'unknown interpolation {interpolation!r}; choose one of {", ".join(INTERPOLATIONS)}')
+    crop_mode = crop_mode or 'center'
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f'unknown crop_mode {crop_mode!r}; choose one of {", ".join(CROP_MODES)}')
+    crop_pct = crop_pct or DEFAULT_CROP_PCT
+    if isinstance(input_size, int):
+        img_size = (input_size, input_size)
+    else:
+        img_size = tuple(int(v) for v in input_size[-2:])
+    scale_size = tuple(math.floor(v / crop_pct) for v in img_size)
+    return EvalTransform(img_size, scale_size, crop_mode, interpolation, tuple(mean), tuple(std))
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB, so a truncated or non-image file fails here, by name."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports bad files with all three
+        raise OSError(f'{path}: not a readable image ({err})') from None
+
+
+def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalTransform | Any) -> np.ndarray:
+    """Images or image paths through `transform`, stacked into one float32 NHWC batch."""
+    return np.stack([transform(load_image(im) if isinstance(im, (str, os.PathLike)) else im) for im in images])
+
+
+@functools.cache
+def _imagenet_classes() -> tuple[tuple[str, str], ...]:
+    text = resources.files('nfnet_jax').joinpath('_info', 'imagenet_1k_classes.tsv').read_text(encoding='utf-8')
+    return tuple(tuple(line.split('\t', 1)) for line in text.splitlines())
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names in class-index order (WordNet lemmas, e.g. 'tench, Tinca tinca').
+
+    The same descriptions as timm's `ImageNetInfo().index_to_description(i)`, shipped with the package.
+    """
+    return [lemma for _, lemma in _imagenet_classes()]
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (e.g. 'n01440764')."""
+    return [synset for synset, _ in _imagenet_classes()]

@@ -1,0 +1,163 @@
+"""Eval transforms, data configs, image loading and labels against timm's own.
+
+Transforms are compared with `timm.data.create_transform(..., is_training=False)` on real
+photographs (scikit-image's bundled images) and crops/resizes of them with odd sizes and
+aspect ratios. Metric: max|ours - timm| over all pixels, required <= 1e-6 (it is 0 here:
+the same PIL resize calls and the same float32 arithmetic).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import timm
+import timm.data
+from PIL import Image
+
+import nfnet_jax
+from nfnet_jax import data
+from nfnet_jax.factory import resolve_name
+from nfnet_jax.features import FeatureListNet
+from nfnet_jax.model import abstract_model
+
+TRANSFORM_ATOL = 1e-6
+PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'logo')
+# One tag per distinct kind of setting: squash at train and test size, center at 0.9 / 0.94 / 1.0, mean 0.5.
+TAGS = ('dm_nfnet_f0.dm_in1k', 'eca_nfnet_l0.ra2_in1k', 'nf_resnet50.ra2_in1k', 'test_nfnet.r160_in1k')
+
+
+def photo_variants() -> list[Image.Image]:
+    """The photos as they are, and cut or squeezed to odd sizes and extreme aspect ratios."""
+    variants = []
+    for name in PHOTOS:
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert('RGB')
+        variants += [
+            photo,
+            photo.crop((3, 1, 100, photo.height - 2)),  # tall, odd
+            photo.resize((37, 211)),  # very tall
+            photo.resize((501, 13)),  # very wide, thinner than any crop
+            photo.resize((7, 5)),  # tiny: upscaled
+            photo.crop((0, 0, 161, 160)),  # one pixel off square
+        ]
+    return variants
+
+
+def data_configs() -> list[dict]:
+    """The eval configs of TAGS at train and test size, plus the other crop modes and interpolations."""
+    configs = []
+    for name in TAGS:
+        for use_test_size in (False, True):
+            config = data.resolve_model_data_config(nfnet_jax.pretrained_cfgs[name], use_test_size=use_test_size)
+            if config not in configs:
+                configs.append(config)
+    configs += [
+        dict(input_size=(3, 96, 128), crop_pct=0.875, crop_mode='center', interpolation='bilinear'),
+        dict(input_size=(3, 64, 80), crop_pct=0.9, crop_mode='border', interpolation='bicubic'),
+        dict(input_size=64, crop_pct=1.2, interpolation='lanczos'),  # crop larger than the resize: padded
+        dict(input_size=(70, 50), crop_mode='squash', interpolation='bilinear', crop_pct=1.0),
+    ]
+    return configs
+
+
+@pytest.fixture(scope='module')
+def photos() -> list[Image.Image]:
+    return photo_variants()
+
+
+@pytest.mark.parametrize('config', data_configs(), ids=str)
+def test_eval_transform_equals_timms_on_photos(photos, config):
+    ours, theirs = data.create_transform(**config), timm.data.create_transform(**config, is_training=False)
+    for photo in photos:
+        expected = theirs(photo).numpy().transpose(1, 2, 0)
+        got = ours(photo)
+        assert got.dtype == np.float32 and got.shape == expected.shape, photo.size
+        assert np.max(np.abs(got - expected)) <= TRANSFORM_ATOL, photo.size
+
+
+def pil_in_mode(mode: str) -> Image.Image:
+    rgb = Image.fromarray(skimage.data.chelsea()).resize((90, 61))
+    if mode == 'I;16':
+        return Image.fromarray(np.asarray(rgb.convert('L'), np.uint16) * 257)  # full 16-bit range
+    if mode == 'P+transparency':
+        paletted = rgb.convert('P')
+        paletted.info['transparency'] = 0
+        return paletted
+    if mode in ('LA', 'RGBA'):
+        image = rgb.convert(mode)
+        image.putalpha(Image.linear_gradient('L').resize(rgb.size))
+        return image
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize('mode', ['L', 'LA', 'P', 'P+transparency', 'RGBA', 'CMYK', 'I;16', 'I', 'F', '1'])
+def test_any_mode_becomes_rgb_as_timms_datasets_convert_it(mode):
+    """timm's datasets call `img.convert('RGB')` before the transform; the result must be the same."""
+    image = pil_in_mode(mode)
+    assert image.mode == mode.split('+')[0]
+    config = data.resolve_model_data_config(nfnet_jax.pretrained_cfgs['dm_nfnet_f0.dm_in1k'])
+    expected = timm.data.create_transform(**config)(image.convert('RGB')).numpy().transpose(1, 2, 0)
+    got = data.create_transform(**config)(image)
+    assert got.shape == (192, 192, 3)
+    assert np.max(np.abs(got - expected)) <= TRANSFORM_ATOL
+
+
+def test_data_config_equals_timms_for_every_architecture():
+    for name in nfnet_jax.list_models():
+        timm_cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        cfg = resolve_name(name)[1]
+        for use_test_size in (False, True):
+            expected = timm.data.resolve_data_config(pretrained_cfg=timm_cfg, use_test_size=use_test_size)
+            assert data.resolve_model_data_config(cfg, use_test_size=use_test_size) == expected, name
+
+
+def test_data_config_of_models_and_feature_models_equals_timms():
+    theirs = timm.create_model('test_nfnet.r160_in1k', device='meta')
+    expected = timm.data.resolve_model_data_config(theirs)
+    model = abstract_model(nfnet_jax.model_cfgs['test_nfnet'])
+    model.pretrained_cfg = nfnet_jax.pretrained_cfgs['test_nfnet.r160_in1k']
+    assert data.resolve_model_data_config(model) == expected
+    assert data.resolve_model_data_config(FeatureListNet(model, (0,))) == expected
+    without_cfg = timm.data.resolve_data_config(pretrained_cfg={'architecture': 'unknown'})
+    assert data.resolve_model_data_config(object()) == without_cfg
+
+
+def test_load_batch_takes_paths_images_and_arrays(tmp_path):
+    photo = Image.fromarray(skimage.data.coffee())
+    photo.save(tmp_path / 'coffee.png')
+    photo.convert('L').save(tmp_path / 'gray.jpg')
+    transform = data.create_transform(input_size=48, interpolation='bicubic')
+    batch = data.load_batch([tmp_path / 'coffee.png', str(tmp_path / 'gray.jpg'), photo, np.asarray(photo)], transform)
+    assert batch.shape == (4, 48, 48, 3) and batch.dtype == np.float32
+    np.testing.assert_array_equal(batch[0], transform(photo))
+    np.testing.assert_array_equal(batch[1], transform(Image.open(tmp_path / 'gray.jpg')))
+    np.testing.assert_array_equal(batch[2], batch[3])
+
+
+def test_unreadable_files_fail_by_name(tmp_path):
+    (tmp_path / 'notes.txt').write_text('not an image')
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / 'full.jpg')
+    (tmp_path / 'cut.jpg').write_bytes((tmp_path / 'full.jpg').read_bytes()[:3000])
+    for name in ('notes.txt', 'cut.jpg', 'missing.png'):
+        with pytest.raises(OSError, match=name):
+            data.load_image(tmp_path / name)
+
+
+def test_bad_settings_say_what_exists():
+    with pytest.raises(ValueError, match='bicubic'):
+        data.create_transform(interpolation='cubic')
+    with pytest.raises(ValueError, match='squash'):
+        data.create_transform(crop_mode='middle')
+    with pytest.raises(ValueError, match='eval transform'):
+        data.create_transform(is_training=True)
+    with pytest.raises(TypeError, match='uint8'):
+        data.create_transform()(np.zeros((8, 8, 3), np.float32))
+
+
+def test_imagenet_labels_equal_timms():
+    info = timm.data.ImageNetInfo()
+    labels, synsets = data.imagenet_labels(), data.imagenet_synsets()
+    assert len(labels) == len(synsets) == 1000
+    assert labels == [info.index_to_description(i) for i in range(1000)]
+    assert synsets == [info.index_to_label_name(i) for i in range(1000)]
+    assert labels[0] == 'tench, Tinca tinca'
