@@ -264,11 +264,13 @@ def _run(args: argparse.Namespace) -> int:
         from convert.verify import print_report, verify_checkpoint
 
         def check(tmp_path: str) -> None:
+            _log(f'verifying against timm on a random batch of 2 at {cfg.input_size[1]}x{cfg.input_size[2]}')
             report = verify_checkpoint(state_dict, tmp_path, architecture, num_classes, cfg.input_size[1:])
             print_report(report, args.tolerance)
             if report.worst > args.tolerance:
                 raise CheckpointError(f'verification failed: relative error {report.worst:.3g} > {args.tolerance:g}')
 
+    _log(f'writing {args.output}')
     save_checkpoint(
         args.output,
         params,

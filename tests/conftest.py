@@ -97,3 +97,19 @@ def offline_hub(hub_cache, monkeypatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(hub_cache))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     return hub_cache
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the worst parity error per family, so every CI log shows the figures, not only a pass."""
+    worst: dict[str, tuple[float, str]] = {}
+    for report in terminalreporter.stats.get('passed', []):
+        for name, value in report.user_properties:
+            if name == 'parity':
+                architecture, size, error = value
+                family = architecture.rstrip('0123456789')  # dm_nfnet_f, nfnet_l, nf_regnet_b, ...
+                if error >= worst.get(family, (-1.0, ''))[0]:
+                    worst[family] = (error, f'{architecture} at {size[0]}x{size[1]}')
+    if worst:
+        terminalreporter.write_sep('-', 'worst fp32 parity error per family (max|ours - timm| / max|timm|)')
+        for family, (error, where) in sorted(worst.items()):
+            terminalreporter.write_line(f'{family:<14} {error:.2e}  ({where})')

@@ -44,7 +44,7 @@ def tap_name(index: int, info: dict) -> str:
 
 
 @pytest.mark.parametrize('size', SIZES, ids=lambda s: f'{s[0]}x{s[1]}')
-def test_matches_timm(pair, size):
+def test_matches_timm(pair, size, record_property):
     theirs, ours = pair
     x = np.random.default_rng(1).standard_normal((2, *size, 3)).astype(np.float32)
     with torch.no_grad():
@@ -71,4 +71,5 @@ def test_matches_timm(pair, size):
 
     assert got.keys() == expected.keys()
     errors = {name: relative_error(got[name], expected[name]) for name in expected}
+    record_property('parity', (theirs.pretrained_cfg['architecture'], size, max(errors.values())))
     assert max(errors.values()) <= FP32_RTOL, errors
