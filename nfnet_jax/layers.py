@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -96,6 +97,26 @@ class GammaAct(nnx.Module):
         return x if self.gamma == 1.0 else x * self.gamma
 
 
+def grouped_conv(x: Array, kernel: Array, groups: int, **conv_kwargs: Any) -> Array:
+    """An NHWC x HWIO convolution with `groups` groups, lowered the fastest way for each backend.
+
+    XLA:CPU runs `feature_group_count > 1` on a slow path, ~6x slower than the same work done as
+    one ordinary convolution per group plus a concat, so on CPU that is what runs. cuDNN and
+    TPUs have native grouped kernels and keep them. The choice is made when the computation is
+    lowered for its platform (`jax.lax.platform_dependent`), not from the default backend, so a
+    jit placed on a GPU by a CPU-default process still gets the native kernels.
+    """
+    conv = partial(jax.lax.conv_general_dilated, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), **conv_kwargs)
+    if groups == 1:
+        return conv(x, kernel)
+
+    def conv_per_group(x: Array, kernel: Array) -> Array:
+        pairs = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1), strict=True)
+        return jnp.concatenate([conv(x_group, kernel_group) for x_group, kernel_group in pairs], axis=-1)
+
+    return jax.lax.platform_dependent(x, kernel, cpu=conv_per_group, default=partial(conv, feature_group_count=groups))
+
+
 class ScaledStdConv2d(nnx.Module):
     """Weight-standardised 2-D convolution (timm's ScaledStdConv2d / ScaledStdConv2dSame).
 
@@ -135,6 +156,7 @@ class ScaledStdConv2d(nnx.Module):
         self.stride = stride
         self.dilation = dilation
         self.groups = groups
+        self.folded = False  # see fold_standardization
         self.scale = gamma * fan_in**-0.5
         self.eps = eps
         self.dtype = dtype
@@ -145,23 +167,37 @@ class ScaledStdConv2d(nnx.Module):
             self.padding = ((pad, pad), (pad, pad))
 
     def standardized_kernel(self) -> Array:
-        """The effective HWIO kernel, computed in float32 from the raw parameters."""
+        """The effective HWIO kernel, computed in float32 from the raw parameters (stored as is once folded)."""
+        if self.folded:
+            return self.kernel[...]
         w = self.kernel[...].astype(jnp.float32)
         mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
         var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
         scale = self.gain[...].astype(jnp.float32) * self.scale
         return (w - mean) * (jax.lax.rsqrt(var + self.eps) * scale)
 
+    def fold_standardization(self) -> None:
+        """Store the standardised kernel in place of the raw one, for inference.
+
+        The standardisation depends only on the parameters, so an inference model computes it
+        once here instead of on every call. The gain is folded in and removed: a folded layer
+        is for inference only (training it would train the effective kernel, not timm's).
+        """
+        if self.folded:
+            return
+        self.kernel[...] = self.standardized_kernel().astype(self.kernel.dtype)
+        del self.gain
+        self.folded = True
+
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
-        y = jax.lax.conv_general_dilated(
+        y = grouped_conv(
             x.astype(dtype),
             self.standardized_kernel().astype(dtype),
+            self.groups,
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             rhs_dilation=(self.dilation, self.dilation),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-            feature_group_count=self.groups,
         )
         return y + self.bias[...].astype(dtype)
 
