@@ -1,0 +1,316 @@
+"""nfnet_jax against timm in one process, on the same weights and the same images.
+
+    python -m benchmarks.vs_timm --model dm_nfnet_f0 --batch 8 --size 256 [--dtype float32|bfloat16] [--json OUT]
+    python -m benchmarks.vs_timm --model dm_nfnet_f0 --sweep [--plot OUT.png] [--json OUT]
+
+timm runs eager NCHW, eager channels_last and torch.compile (channels_last); nfnet_jax runs its
+jitted inference path (`nfnet_jax.inference.classifier`). The timed calls go round-robin over
+the configurations, so load from other processes hits all of them alike, and each reports the
+median images/s, its first call (compilation included) and the peak memory one call adds on
+top of the loaded weights. On a GPU the same command runs timm under AMP with channels_last
+and nfnet_jax in bfloat16 by default. The weights are timm's own random init, converted: speed
+does not depend on their values, and the logits of both sides are compared as a sanity check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+SWEEP_BATCHES = (1, 8, 32)
+SWEEP_SIZES = (192, 256, 320)
+TIMM_CONFIGS = ('timm eager NCHW', 'timm eager channels_last', 'timm compile channels_last')
+JAX_CONFIG = 'nfnet_jax jit'
+
+
+@dataclass
+class Result:
+    """One configuration at one batch size and image size."""
+
+    name: str
+    batch: int
+    size: int
+    first_call_s: float
+    peak_mem_mib: float | None
+    run_s: list[float] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / statistics.median(self.run_s)
+
+
+class PeakMemory:
+    """Peak memory added by a block of work: CUDA allocator stats on a GPU, else the process's peak RSS.
+
+    On CPU the kernel's peak-RSS counter is reset first (Linux `clear_refs`); where that is not
+    allowed the measurement is None rather than a stale lifetime peak.
+    """
+
+    def __init__(self, framework: str, gpu: bool):
+        self.framework, self.gpu = framework, gpu
+        self.mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.gpu and self.framework == 'torch':
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        elif self.gpu:
+            import jax
+
+            self.base = jax.devices()[0].memory_stats()['bytes_in_use']
+        else:
+            try:
+                Path('/proc/self/clear_refs').write_text('5')
+                self.base = _rss_kib('VmRSS') * 1024
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.gpu and self.framework == 'torch':
+            import torch
+
+            peak = torch.cuda.max_memory_allocated()
+        elif self.gpu:
+            import jax
+
+            peak = jax.devices()[0].memory_stats()['peak_bytes_in_use']  # lifetime peak: an upper bound
+        elif self.base is not None:
+            peak = _rss_kib('VmHWM') * 1024
+        else:
+            return
+        self.mib = max(peak - self.base, 0) / 2**20
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field_name + ':'):
+            return int(line.split()[1])
+    raise OSError(f'{field_name} not in /proc/self/status')
+
+
+def build_runners(
+    batch: int, size: int, dtype: str, gpu: bool, timm_model: Any, jax_model: Any, compile_timm: bool
+) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per configuration, each on the same images, returning its logits."""
+    import jax
+    import torch
+
+    from nfnet_jax import inference
+
+    images = np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+    device = torch.device('cuda' if gpu else 'cpu')
+    amp_dtype = torch.bfloat16 if dtype == 'bfloat16' else None
+
+    def torch_call(module: Any, memory_format: torch.memory_format) -> Callable[[], Any]:
+        x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device).contiguous(memory_format=memory_format)
+
+        def call() -> Any:
+            with torch.inference_mode(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+                out = module(x)
+            if gpu:
+                torch.cuda.synchronize()
+            return out.float().cpu().numpy()
+
+        return call
+
+    channels_last = copy.deepcopy(timm_model).to(memory_format=torch.channels_last)
+    torch._dynamo.reset()  # a fresh compile per shape: the sweep would otherwise hit dynamo's recompile limit
+    classify = inference.classifier(jax_model)
+    x_jax = jax.device_put(images)
+    runners = {
+        JAX_CONFIG: lambda: np.asarray(classify(x_jax).astype(np.float32)),
+        TIMM_CONFIGS[0]: torch_call(timm_model, torch.contiguous_format),
+        TIMM_CONFIGS[1]: torch_call(channels_last, torch.channels_last),
+    }
+    if compile_timm:
+        runners[TIMM_CONFIGS[2]] = torch_call(torch.compile(channels_last), torch.channels_last)
+    return runners
+
+
+def measure(
+    runners: dict[str, Callable[[], Any]], batch: int, size: int, repeats: int, gpu: bool, progress: tqdm
+) -> tuple[dict[str, Result], dict[str, np.ndarray]]:
+    """First call and peak memory per configuration, then `repeats` round-robin timed calls each."""
+    results, logits = {}, {}
+    for name, call in runners.items():
+        progress.set_postfix_str(f'{name}: first call, batch {batch}, {size}px')
+        start = time.perf_counter()
+        call()
+        first = time.perf_counter() - start
+        with PeakMemory('jax' if name == JAX_CONFIG else 'torch', gpu) as memory:
+            logits[name] = call()
+        results[name] = Result(name, batch, size, first, memory.mib)
+        progress.update()
+    for repeat in range(repeats):
+        for name, call in runners.items():
+            progress.set_postfix_str(f'{name}: run {repeat + 1}/{repeats}, batch {batch}, {size}px')
+            start = time.perf_counter()
+            call()
+            results[name].run_s.append(time.perf_counter() - start)
+            progress.update()
+    return results, logits
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.max(np.abs(ours - reference)) / max(float(np.max(np.abs(reference))), 1e-30))
+
+
+def ratios(results: dict[str, Result]) -> dict[str, float]:
+    """nfnet_jax images/s over each timm configuration's, and over the best of them."""
+    ours = results[JAX_CONFIG].images_per_s
+    timm_names = [name for name in results if name != JAX_CONFIG]
+    out = {f'vs {name}': ours / results[name].images_per_s for name in timm_names}
+    out['vs best timm'] = ours / max(results[name].images_per_s for name in timm_names)
+    return out
+
+
+def table(results: dict[str, Result]) -> str:
+    ours = results[JAX_CONFIG].images_per_s
+    header = ('configuration', 'batch', 'size', 'images/s (median)', 'ms/batch', 'first call s', 'peak mem MiB')
+    lines = ['| ' + ' | '.join((*header, 'nfnet_jax / this')) + ' |', '|---' * (len(header) + 1) + '|']
+    for r in results.values():
+        mem = f'{r.peak_mem_mib:.0f}' if r.peak_mem_mib is not None else 'n/a'
+        lines.append(
+            f'| {r.name} | {r.batch} | {r.size} | {r.images_per_s:.2f} | {1e3 * statistics.median(r.run_s):.1f} '
+            f'| {r.first_call_s:.1f} | {mem} | {ours / r.images_per_s:.2f}x |'
+        )
+    return '\n'.join(lines)
+
+
+def environment(dtype: str, gpu: bool) -> dict[str, Any]:
+    import jax
+    import timm
+    import torch
+
+    return dict(
+        device=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+        jax_backend=jax.default_backend(),
+        dtype=dtype,
+        torch_threads=torch.get_num_threads(),
+        versions=dict(
+            jax=jax.__version__, torch=torch.__version__, timm=timm.__version__, python=sys.version.split()[0]
+        ),
+    )
+
+
+def plot(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Images/s against batch size, one panel per image size, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({run['size'] for run in runs})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        for name in runs[0]['results']:
+            points = sorted((run['batch'], run['results'][name]['images_per_s']) for run in runs if run['size'] == size)
+            ax.plot(*zip(*points, strict=True), marker='o', label=name)
+        ax.set(title=f'{size}x{size}', xlabel='batch size', ylabel='images/s', xscale='log')
+        ax.set_xticks(SWEEP_BATCHES, [str(b) for b in SWEEP_BATCHES])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format='png')
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.vs_timm')
+    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--size', type=int, default=256, help='image height and width')
+    parser.add_argument(
+        '--dtype',
+        choices=('float32', 'bfloat16'),
+        help='compute dtype: timm under autocast, nfnet_jax with dtype= (default float32 on CPU, bfloat16 on GPU)',
+    )
+    parser.add_argument('--repeats', type=int, default=5, help='timed calls per configuration (median reported)')
+    parser.add_argument('--sweep', action='store_true', help=f'batches {SWEEP_BATCHES} x sizes {SWEEP_SIZES}')
+    parser.add_argument('--plot', type=Path, default=Path('vs_timm_sweep.png'), help='PNG written by --sweep')
+    parser.add_argument('--json', type=Path, help='write every measurement here as JSON')
+    parser.add_argument(
+        '--skip-compile', action='store_true', help='leave out torch.compile (minutes per shape on CPU)'
+    )
+    parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.size < 32 or args.repeats < 1:
+        parser.error('--batch and --repeats must be at least 1 and --size at least 32')
+    for path in (args.json, args.plot if args.sweep else None):  # checked now, not after minutes of work
+        if path is not None and path.exists() and not args.force:
+            parser.error(f'{path} already exists; pass --force to replace it')
+        if path is not None and not path.parent.is_dir():
+            parser.error(f'cannot write {path}: {path.parent} is not a directory')
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import jax.numpy as jnp
+    import timm
+    import torch
+
+    import nfnet_jax
+    from convert.from_timm import convert_state_dict
+    from nfnet_jax.checkpoint import atomic_write
+
+    gpu = torch.cuda.is_available()
+    dtype = args.dtype or ('bfloat16' if gpu else 'float32')
+    shapes = [(b, s) for s in SWEEP_SIZES for b in SWEEP_BATCHES] if args.sweep else [(args.batch, args.size)]
+
+    print(f'building {args.model} in timm and converting it to nfnet_jax ...', file=sys.stderr)
+    torch.manual_seed(0)
+    timm_model = timm.create_model(args.model, pretrained=False).eval().to('cuda' if gpu else 'cpu')
+    params = convert_state_dict(timm_model.state_dict(), args.model)
+    jax_model = nfnet_jax.create_model(args.model, params=params, dtype=jnp.bfloat16 if dtype == 'bfloat16' else None)
+    del params
+
+    report: dict[str, Any] = dict(model=args.model, repeats=args.repeats, **environment(dtype, gpu), runs=[])
+    calls_per_shape = len(TIMM_CONFIGS) + 1 - args.skip_compile
+    with tqdm(total=len(shapes) * calls_per_shape * (args.repeats + 1), desc='benchmark', unit='call') as progress:
+        for batch, size in shapes:
+            runners = build_runners(batch, size, dtype, gpu, timm_model, jax_model, not args.skip_compile)
+            results, logits = measure(runners, batch, size, args.repeats, gpu, progress)
+            run = dict(
+                batch=batch,
+                size=size,
+                results={name: asdict(r) | dict(images_per_s=r.images_per_s) for name, r in results.items()},
+                ratios=ratios(results),
+                logits_rel_error_vs_timm=relative_error(logits[JAX_CONFIG], logits[TIMM_CONFIGS[0]]),
+            )
+            report['runs'].append(run)
+            progress.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
+            progress.write(table(results))
+            progress.write(
+                ', '.join(f'{k}: {v:.2f}x' for k, v in run['ratios'].items())
+                + f'; logits relative error vs timm {run["logits_rel_error_vs_timm"]:.1e}'
+            )
+    if args.sweep:
+        title = f'{args.model}, {dtype}, {report["device"]}'
+        atomic_write(args.plot, lambda tmp: plot(report['runs'], tmp, title), force=args.force)
+        report['plot'] = str(args.plot)
+        print(f'plot written to {args.plot}', file=sys.stderr)
+    if args.json:
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)), force=args.force)
+        print(f'measurements written to {args.json}', file=sys.stderr)
+    return report
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,146 @@
+"""The jitted inference path: folded standardisation, per-backend grouped convs, bfloat16, compilation cache.
+
+Metric: relative error max|a - b| / max|b| against the plain model call (float32, at most
+FP32_RTOL = 1e-5), on timm models whose every tensor is randomised first.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import FP32_RTOL, randomize_, relative_error
+from jax import export
+
+import nfnet_jax
+from convert.from_timm import from_timm
+from nfnet_jax import inference, layers
+from nfnet_jax.checkpoint import flat_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module', params=['test_nfnet', 'dm_nfnet_f0', 'nf_regnet_b0'])
+def model(request):
+    """A converted timm model with random weights: dm_ (SAME padding, gamma in GELU), RegNet (SE, groups)."""
+    torch.manual_seed(0)
+    theirs = timm.create_model(request.param).eval()
+    randomize_(theirs, seed=3)
+    yield from_timm(theirs)
+    gc.collect()
+
+
+def test_folded_classifier_matches_the_model(model):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 48, 40, 3)), jnp.float32)
+    assert relative_error(inference.classifier(model)(x), model(x)) <= FP32_RTOL
+
+
+def test_embedder_and_feature_extractor_match_the_model():
+    torch.manual_seed(0)
+    theirs = timm.create_model('test_nfnet').eval()
+    randomize_(theirs, seed=4)
+    model = from_timm(theirs)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 45, 38, 3)), jnp.float32)
+    final, taps = model.forward_intermediates(x)
+    pre_logits = model.forward_head(final, pre_logits=True)
+    assert relative_error(inference.embedder(model)(x), pre_logits) <= FP32_RTOL
+    got = inference.feature_extractor(model, indices=[1, -1])(x)
+    assert len(got) == 2
+    for ours, expected in zip(got, [taps[1], taps[-1]], strict=True):
+        assert relative_error(ours, expected) <= FP32_RTOL
+
+
+def test_inference_does_not_standardise_per_call_and_leaves_the_model_alone():
+    model = nfnet_jax.create_model('test_nfnet')
+    classify = inference.classifier(model)
+    x = jnp.zeros((1, 32, 32, 3))
+    per_call = str(jax.make_jaxpr(classify.apply)(classify.state, x))
+    plain = str(jax.make_jaxpr(lambda x: model(x))(x))
+    assert 'rsqrt' in plain and 'rsqrt' not in per_call
+    conv = model.stages[0][0].conv2
+    assert not conv.folded and hasattr(conv, 'gain')  # the training model still standardises per call
+    folded = inference.inference_model(model).stages[0][0].conv2
+    assert folded.folded and not hasattr(folded, 'gain')
+    np.testing.assert_array_equal(folded.kernel[...], conv.standardized_kernel())
+
+
+def test_grouped_conv_is_lowered_per_platform():
+    """CPU gets one plain conv per group, GPU and TPU keep their native grouped kernels."""
+    conv = jax.jit(lambda x, k: layers.grouped_conv(x, k, 4, window_strides=(1, 1), padding='SAME'))
+    args = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32), jax.ShapeDtypeStruct((3, 3, 4, 16), jnp.float32)
+
+    def group_counts(platform: str) -> list[str]:
+        return re.findall(
+            r'feature_group_count = (\d+)', export.export(conv, platforms=[platform])(*args).mlir_module()
+        )
+
+    assert group_counts('cpu') == ['1'] * 4
+    assert group_counts('cuda') == ['4']
+    assert group_counts('tpu') == ['4']
+    x, k = (np.random.default_rng(0).standard_normal(a.shape).astype(np.float32) for a in args)
+    native = jax.lax.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=4
+    )
+    assert relative_error(conv(x, k), native) <= FP32_RTOL
+
+
+def test_bfloat16_compute_from_float32_params():
+    """bfloat16 activations, float32 parameters and folded kernels; logits close to float32 on random weights."""
+    torch.manual_seed(0)
+    theirs = timm.create_model('test_nfnet').eval()
+    randomize_(theirs, seed=5)
+    fp32 = from_timm(theirs)
+    bf16 = nfnet_jax.create_model('test_nfnet', params=flat_params(fp32), dtype=jnp.bfloat16)
+    classify = inference.classifier(bf16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(classify.state) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
+        jnp.dtype(jnp.float32)
+    }
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64, 64, 3)), jnp.float32)
+    features = inference.compile_forward(bf16, lambda m, x: m.forward_features(x))(x)
+    assert features.dtype == jnp.bfloat16
+    logits, reference = classify(x), inference.classifier(fp32)(x)
+    assert relative_error(logits, reference) < 0.05  # bfloat16 has an 8-bit mantissa: ~0.4% per rounding
+    assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) >= 0.75
+
+
+def test_compilation_cache_is_written_then_reused_by_a_second_process(tmp_path):
+    """Two fresh processes on one cache folder: the first writes entries, the second loads them."""
+    command = [sys.executable, '-m', 'benchmarks.cold_start', '--child', '--model', 'test_nfnet']
+    command += ['--batch', '1', '--size', '32', '--cache', str(tmp_path)]
+    first = json.loads(subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert entries and first['cache_hits'] == 0
+    second = json.loads(subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    assert second['cache_hits'] >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries  # read, nothing recompiled and written
+
+
+def test_benchmark_smoke(tmp_path):
+    """The benchmark end to end on test_nfnet, one repeat, without torch.compile: the report's structure only."""
+    from benchmarks import vs_timm
+
+    out = tmp_path / 'bench.json'
+    report = vs_timm.main(
+        ['--model', 'test_nfnet', '--batch', '2', '--size', '64', '--repeats', '1']
+        + ['--skip-compile', '--json', str(out)]
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    (run,) = report['runs']
+    assert (run['batch'], run['size']) == (2, 64)
+    assert set(run['results']) == {vs_timm.JAX_CONFIG, *vs_timm.TIMM_CONFIGS[:2]}
+    for result in run['results'].values():
+        assert len(result['run_s']) == 1 and result['images_per_s'] > 0 and result['first_call_s'] > 0
+    assert set(run['ratios']) == {f'vs {name}' for name in vs_timm.TIMM_CONFIGS[:2]} | {'vs best timm'}
+    assert run['logits_rel_error_vs_timm'] < 1e-4  # same weights, same images on both sides
+    with pytest.raises(SystemExit):  # an existing output is not replaced without --force
+        vs_timm.main(['--model', 'test_nfnet', '--json', str(out)])
