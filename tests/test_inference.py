@@ -74,23 +74,28 @@ def test_inference_does_not_standardise_per_call_and_leaves_the_model_alone():
     np.testing.assert_array_equal(folded.kernel[...], conv.standardized_kernel())
 
 
-def test_grouped_conv_is_lowered_per_platform():
-    """CPU gets one plain conv per group, GPU and TPU keep their native grouped kernels."""
-    conv = jax.jit(lambda x, k: layers.grouped_conv(x, k, 4, window_strides=(1, 1), padding='SAME'))
-    args = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32), jax.ShapeDtypeStruct((3, 3, 4, 16), jnp.float32)
-
-    def group_counts(platform: str) -> list[str]:
-        return re.findall(
-            r'feature_group_count = (\d+)', export.export(conv, platforms=[platform])(*args).mlir_module()
-        )
-
-    assert group_counts('cpu') == ['1'] * 4
-    assert group_counts('cuda') == ['4']
-    assert group_counts('tpu') == ['4']
-    x, k = (np.random.default_rng(0).standard_normal(a.shape).astype(np.float32) for a in args)
-    native = jax.lax.conv_general_dilated(
-        x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=4
+@pytest.mark.parametrize(
+    'kernel_size,groups,cpu_ops',
+    [(3, 4, ['convolution group 1'] * 4), (1, 1, ['dot_general']), (3, 1, ['convolution group 1'])],
+)
+def test_convs_are_lowered_per_platform(kernel_size, groups, cpu_ops):
+    """CPU: one plain conv per group, 1x1 convs as matmuls. GPU and TPU: the convolution as written."""
+    conv = jax.jit(lambda x, k: layers.conv2d(x, k, groups, window_strides=(1, 1), padding='SAME'))
+    args = (
+        jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32),
+        jax.ShapeDtypeStruct((kernel_size, kernel_size, 16 // groups, 16), jnp.float32),
     )
+
+    def ops(platform: str) -> list[str]:
+        text = export.export(conv, platforms=[platform])(*args).mlir_module()
+        found = re.findall(r'stablehlo\.(convolution|dot_general)(?:.*feature_group_count = (\d+))?', text)
+        return [f'{op} group {group}' if op == 'convolution' else op for op, group in found]
+
+    assert ops('cpu') == cpu_ops
+    assert ops('cuda') == ops('tpu') == [f'convolution group {groups}']
+    x, k = (np.random.default_rng(0).standard_normal(a.shape).astype(np.float32) for a in args)
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    native = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups)
     assert relative_error(conv(x, k), native) <= FP32_RTOL
 
 
