@@ -37,6 +37,11 @@ class NfCfg:
     zero_init_fc: bool = False
     act_layer: str = 'silu'
 
+    def __hash__(self) -> int:
+        # The cfg is static structure of a model's graphdef: it must hash (attn_kwargs is a dict) so
+        # that jitted functions are reused across model instances instead of recompiled for each.
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in vars(self).values()))
+
 
 def _nfres_cfg(
     depths: tuple[int, ...],

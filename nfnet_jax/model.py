@@ -229,7 +229,7 @@ class NormFreeNet(nnx.Module):
 
         stem_chs = make_divisible((cfg.stem_chs or cfg.channels[0]) * cfg.width_factor, cfg.ch_div)
         self.stem = Stem(in_chans, stem_chs, cfg.stem_type, conv_layer, act_layer, rngs=rngs)
-        self.feature_info = [dict(num_chs=self.stem.feature_chs, reduction=2, module=f'stem.{self.stem.feature_layer}')]
+        feature_info = [dict(num_chs=self.stem.feature_chs, reduction=2, module=f'stem.{self.stem.feature_layer}')]
 
         rates = drop_path_rates(drop_path_rate, cfg.depths)
         prev_chs = stem_chs
@@ -269,21 +269,28 @@ class NormFreeNet(nnx.Module):
                     expected_var = 1.0
                 expected_var += cfg.alpha**2
                 prev_chs = out_chs
-            self.feature_info.append(dict(num_chs=prev_chs, reduction=net_stride, module=f'stages.{stage_idx}'))
+            feature_info.append(dict(num_chs=prev_chs, reduction=net_stride, module=f'stages.{stage_idx}'))
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
 
         if cfg.num_features:
             self.num_features = make_divisible(cfg.width_factor * cfg.num_features, cfg.ch_div)
             self.final_conv = conv_layer(prev_chs, self.num_features, 1, rngs=rngs)
-            self.feature_info[-1] = dict(num_chs=self.num_features, reduction=net_stride, module='final_conv')
+            feature_info[-1] = dict(num_chs=self.num_features, reduction=net_stride, module='final_conv')
         else:
             self.num_features = prev_chs
             self.final_conv = None
+        # Kept as hashable tuples: static attributes are part of the graphdef, which jit hashes.
+        self._feature_info = tuple(tuple(info.items()) for info in feature_info)
         self.final_act = act_layer()
         self.head = ClassifierHead(
             self.num_features, num_classes, global_pool, drop_rate, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature_info: channels, reduction and module of each feature tap."""
+        return [dict(items) for items in self._feature_info]
 
     @property
     def global_pool(self) -> str:
@@ -402,11 +409,14 @@ def abstract_model(cfg: NfCfg, **model_kwargs: Any) -> NormFreeNet:
     """The model's structure and parameter shapes, without allocating or initialising a weight."""
 
     def build() -> NormFreeNet:
-        rngs = nnx.Rngs(0)
+        # A 'dropout' stream of its own, so the dropout / drop-path streams forked from it carry
+        # the 'dropout' tag and `nnx.reseed(model, dropout=key)` makes them concrete afterwards.
+        rngs = nnx.Rngs(0, dropout=0)
         # A traced stream counter makes flax check its sharding on every draw, which jax answers
         # by walking the whole trace: quadratic, 16 s instead of 0.8 s for nfnet_f7. A numpy
         # counter stays out of the trace.
-        rngs.default.count.set_raw_value(np.zeros((), np.uint32))
+        for stream in (rngs.default, rngs.dropout):
+            stream.count.set_raw_value(np.zeros((), np.uint32))
         return NormFreeNet(cfg, rngs=rngs, **model_kwargs)
 
     return nnx.eval_shape(build)
