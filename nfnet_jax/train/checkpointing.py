@@ -1,0 +1,160 @@
+"""Save and resume a whole training run (params, optimizer state, EMA, step, RNG) with orbax.
+
+One directory per run; one sub-directory per saved step. orbax writes each step into a
+temporary directory and renames it only when every file is complete, so a save cut short
+(crash, preemption, full disk) leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never
+listed as a step and never restored. Beside the state, each step stores a small JSON record
+of the run (architecture, head, every state path with its shape), so a checkpoint of another
+model or another optimizer is refused with a list of what differs, before anything is read
+into the run. Restoring never writes to the checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from nfnet_jax.checkpoint import CheckpointError, check_shapes, flat_path
+from nfnet_jax.train.state import TrainState
+
+FORMAT = 'nfnet_jax.train'
+_STATE, _RUN = 'state', 'run'
+
+
+def describe_run(state: TrainState) -> dict[str, Any]:
+    """The JSON record saved beside the state: what model it is and the shape of every state entry."""
+    model = state.model
+    architecture = getattr(getattr(model, 'pretrained_cfg', None), 'architecture', None) or type(model).__name__
+    return {
+        'format': FORMAT,
+        'architecture': architecture,
+        'num_classes': model.num_classes,
+        'in_chans': model.in_chans,
+        'global_pool': model.global_pool,
+        'shapes': state_shapes(state),
+    }
+
+
+def state_shapes(state: TrainState) -> dict[str, list[int]]:
+    return {flat_path(path): list(var.shape) for path, var in nnx.to_flat_state(nnx.state(state))}
+
+
+class TrainCheckpointer:
+    """Saves a `TrainState` every time `save` is called and restores the latest (or a given) step.
+
+    `max_to_keep` finished steps are kept (older ones are deleted after a newer one is
+    complete); None keeps all. Saves are asynchronous: training continues while the files are
+    written; `wait()` (or `close()`) blocks until they are finished.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f'{self.directory} exists and is not a directory')
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _RUN))
+
+    def steps(self) -> list[int]:
+        """The finished checkpoints, oldest first (unfinished saves are not steps)."""
+        self._manager.reload()  # another process (or an interrupted one) may have changed the directory
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, state: TrainState) -> int:
+        """Save at the state's current step; refuses to replace a step that is already saved."""
+        step = state.step
+        self.wait()
+        if step in self.steps():
+            raise FileExistsError(
+                f'{self.directory} already holds a checkpoint for step {step}; '
+                'restore it to continue that run, or use another directory'
+            )
+        args = ocp.args.Composite(
+            **{_STATE: ocp.args.StandardSave(nnx.state(state)), _RUN: ocp.args.JsonSave(describe_run(state))}
+        )
+        self._manager.save(step, args=args)
+        return step
+
+    def read_run(self, step: int) -> dict[str, Any]:
+        """The JSON record of a saved step, with a clear error if it is missing or unreadable."""
+        try:
+            run = self._manager.restore(step, args=ocp.args.Composite(**{_RUN: ocp.args.JsonRestore()}))[_RUN]
+        except Exception as err:  # orbax raises many types for missing or damaged files
+            raise CheckpointError(
+                f'step {step} in {self.directory} has no readable run record (corrupt, or not written by '
+                f'nfnet_jax.train): {type(err).__name__}: {err}'
+            ) from None
+        if not isinstance(run, dict) or run.get('format') != FORMAT:
+            raise CheckpointError(f'step {step} in {self.directory} was not written by nfnet_jax.train')
+        return run
+
+    def check_compatible(self, state: TrainState, step: int) -> None:
+        """Raise a CheckpointError naming every difference between a saved step and `state`."""
+        saved, ours = self.read_run(step), describe_run(state)
+        where = f'checkpoint step {step} in {self.directory}'
+        for key in ('architecture', 'num_classes', 'in_chans', 'global_pool'):
+            if saved.get(key) != ours[key]:
+                raise CheckpointError(
+                    f'{where} is a run of {saved.get("architecture")} with {saved.get("num_classes")} classes, '
+                    f'{saved.get("in_chans")} input channels and global_pool={saved.get("global_pool")!r}; '
+                    f'this run has {ours["architecture"]} with {ours["num_classes"]} classes, {ours["in_chans"]} '
+                    f'input channels and global_pool={ours["global_pool"]!r}: build the same model to resume it'
+                )
+        model_keys = {k: v for k, v in ours['shapes'].items() if k.startswith('model.')}
+        saved_model_keys = {k: v for k, v in saved['shapes'].items() if k.startswith('model.')}
+        check_shapes(f'{where}: model', model_keys, saved_model_keys, 'the saved model has another structure')
+        check_shapes(
+            f'{where}: optimizer / EMA state',
+            ours['shapes'],
+            saved['shapes'],
+            'the run was saved with another optimizer or EMA setting: build the TrainState as that run did',
+        )
+
+    def restore(self, state: TrainState, step: int | None = None) -> int:
+        """Load a saved step (default: the latest) into `state`, in place; returns the step.
+
+        Everything is checked and read before `state` changes: on any error `state` is as it was.
+        """
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f'no finished checkpoint in {self.directory}')
+        elif step not in self.steps():
+            raise CheckpointError(f'no finished checkpoint for step {step} in {self.directory}; it has {self.steps()}')
+        self.check_compatible(state, step)
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(state))
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            )
+        except Exception as err:  # tensorstore / orbax errors on damaged files come in many types
+            raise CheckpointError(
+                f'checkpoint step {step} in {self.directory} could not be read (corrupt or truncated?): '
+                f'{type(err).__name__}: {err}'
+            ) from None
+        nnx.update(state, restored[_STATE])
+        return step
+
+    def wait(self) -> None:
+        """Block until every save started so far is finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

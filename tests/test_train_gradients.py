@@ -1,0 +1,100 @@
+"""Gradients against timm's torch autograd, and AGC against timm's own adaptive_clip_grad.
+
+Every timm tensor is randomised (conftest.randomize_), drop rates are 0, the loss is the
+label-smoothed cross entropy (0.1) of a batch of 2 at 64x64. Metric, per parameter tensor:
+max|ours - timm| / max|timm| in timm's layout; the test takes the worst tensor of the model.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import nchw, randomize_, relative_error
+from flax import nnx
+from timm.models import model_parameters
+from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
+
+from convert.from_timm import convert_state_dict, from_timm
+from convert.to_timm import to_timm
+from nfnet_jax.checkpoint import flat_path
+from nfnet_jax.train import adaptive_clip_grad, cross_entropy_loss
+
+GRAD_RTOL = 1e-4
+AGC_RTOL = 1e-6
+ARCHITECTURES = ['dm_nfnet_f0', 'nfnet_l0', 'eca_nfnet_l0', 'nf_regnet_b0', 'nf_resnet26']
+LABEL_SMOOTHING = 0.1
+
+
+@pytest.fixture(scope='module', params=ARCHITECTURES)
+def grads(request):
+    """(name, timm model after backward, timm grads by key, our grads converted to timm keys and layout)."""
+    name = request.param
+    torch.manual_seed(0)
+    theirs = timm.create_model(name)  # drop rates are 0 by default
+    randomize_(theirs, seed=len(name))
+    ours = from_timm(theirs)
+    x = np.random.default_rng(1).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    labels = np.array([3, 997])
+
+    loss = torch.nn.functional.cross_entropy(theirs(nchw(x)), torch.from_numpy(labels), label_smoothing=LABEL_SMOOTHING)
+    loss.backward()
+    timm_grads = {key: p.grad.numpy() for key, p in theirs.named_parameters()}
+
+    graphdef, params, rest = nnx.split(ours, nnx.Param, ...)
+
+    def loss(params: nnx.State) -> jax.Array:
+        logits = nnx.merge(graphdef, params, rest)(jnp.asarray(x))
+        return cross_entropy_loss(logits, jnp.asarray(labels), LABEL_SMOOTHING)
+
+    # XLA's backend optimisation level 0 halves the compile time of these one-off gradients.
+    our_grads = jax.jit(jax.grad(loss), compiler_options={'xla_backend_optimization_level': 0})(params)
+    our_grads = to_timm({flat_path(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(our_grads)})
+    yield name, theirs, timm_grads, our_grads
+    del theirs, ours
+    gc.collect()
+
+
+def test_gradients_match_timm(grads):
+    name, _, timm_grads, our_grads = grads
+    assert our_grads.keys() == timm_grads.keys()
+    errors = {key: relative_error(our_grads[key], timm_grads[key]) for key in timm_grads}
+    worst = max(errors, key=errors.get)
+    print(f'{name}: worst gradient {worst} relative error {errors[worst]:.2e} over {len(errors)} tensors')
+    assert errors[worst] <= GRAD_RTOL, (worst, errors[worst])
+
+
+@pytest.mark.parametrize('exclude_head', [True, False], ids=['clip-mode-agc', 'head-too'])
+def test_agc_matches_timm_on_a_whole_model(grads, exclude_head):
+    name, theirs, timm_grads, _ = grads
+    if name != 'dm_nfnet_f0':
+        pytest.skip('AGC is compared on dm_nfnet_f0 (every kind of tensor: 4-D, gains, biases, 0-d skip gains)')
+    # Scale the gradients so that some units of every kind of tensor are clipped and others not.
+    scaled = {key: np.asarray(g * 30.0) for key, g in timm_grads.items()}
+    params = {key: p.detach().numpy() for key, p in theirs.named_parameters()}
+    for key, p in theirs.named_parameters():
+        p.grad = torch.from_numpy(scaled[key].copy())
+    timm_adaptive_clip_grad(model_parameters(theirs, exclude_head=exclude_head), clip_factor=0.01, eps=1e-3)
+    expected = {key: p.grad.numpy() for key, p in theirs.named_parameters()}
+
+    tx = adaptive_clip_grad(0.01, eps=1e-3, **({} if exclude_head else {'exclude': None}))
+    flax_params = convert_state_dict(params, name)
+    flax_grads = convert_state_dict(scaled, name)
+    clipped, _ = tx.update(flax_grads, tx.init(flax_params), flax_params)
+    got = to_timm({key: np.asarray(value) for key, value in clipped.items()})
+
+    errors = {key: relative_error(got[key], expected[key]) for key in expected}
+    worst = max(errors, key=errors.get)
+    print(f'AGC {name} exclude_head={exclude_head}: worst {worst} relative error {errors[worst]:.2e}')
+    assert errors[worst] <= AGC_RTOL, (worst, errors[worst])
+    changed = {key for key in expected if not np.array_equal(expected[key], scaled[key])}
+    assert ('head.fc.weight' in changed) is not exclude_head
+    # The check is only meaningful if gains are clipped per element: some elements, not all.
+    gain = 'stages.2.3.conv2.gain'
+    clipped_elements = expected[gain] != scaled[gain]
+    assert 0 < clipped_elements.sum() < clipped_elements.size, 'scale the grads so that gains are partly clipped'
