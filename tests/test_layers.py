@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm.layers as tl
 import torch
+import torch.nn.functional as F
 from conftest import FP32_RTOL, nchw, nhwc, randomize_, relative_error
 from flax import nnx
 from timm.models import nfnet as timm_nfnet
@@ -172,12 +173,33 @@ def test_stems_match_timm_with_feature_tap(stem_type, act, gamma_in_act, same_pa
     assert relative_error(out_tap, nhwc(tap)) < FP32_RTOL
 
 
+TORCH_ACTIVATIONS = {
+    'identity': lambda x: x,
+    'celu': F.celu,
+    'elu': F.elu,
+    'gelu': F.gelu,
+    'leaky_relu': F.leaky_relu,
+    'log_sigmoid': F.logsigmoid,
+    'log_softmax': lambda x: F.log_softmax(x, dim=1),  # over channels: the last axis in NHWC
+    'relu': F.relu,
+    'relu6': F.relu6,
+    'selu': F.selu,
+    'sigmoid': torch.sigmoid,
+    'silu': F.silu,
+    'softsign': F.softsign,
+    'softplus': F.softplus,
+    'tanh': torch.tanh,
+}
+
+
+def test_every_gamma_has_an_activation():
+    assert layers.ACTIVATIONS.keys() == layers.NONLIN_GAMMA.keys() == TORCH_ACTIVATIONS.keys()
+
+
 @pytest.mark.parametrize('act', sorted(layers.ACTIVATIONS))
 def test_activations_match_torch(act, rng):
     x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32) * 3
-    expected = nhwc(tl.get_act_fn(act)(nchw(x))) if act != 'log_softmax' else None
-    if act == 'log_softmax':  # over channels: dim 1 in NCHW, the last axis in NHWC
-        expected = nhwc(torch.log_softmax(nchw(x), dim=1))
+    expected = nhwc(TORCH_ACTIVATIONS[act](nchw(x)))
     np.testing.assert_allclose(layers.GammaAct(act)(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -213,7 +235,11 @@ def test_feature_take_indices_matches_timm(indices):
 
 @pytest.mark.parametrize('rate,depths', [(0.0, (1, 2, 6, 3)), (0.25, (1, 2, 6, 3)), (0.1, (8, 16, 48, 24))])
 def test_drop_path_rates_match_timm(rate, depths):
-    assert drop_path_rates(rate, depths) == tl.calculate_drop_path_rates(rate, list(depths), stagewise=True)
+    ours = drop_path_rates(rate, depths)
+    theirs = tl.calculate_drop_path_rates(rate, list(depths), stagewise=True)
+    assert [len(stage) for stage in ours] == [len(stage) for stage in theirs]
+    for our_stage, their_stage in zip(ours, theirs, strict=True):  # torch.linspace rounds some last bits differently
+        assert our_stage == pytest.approx(their_stage, rel=1e-6, abs=1e-9)
 
 
 def test_drop_path_is_identity_in_eval_and_scales_by_keep_in_train():
