@@ -91,6 +91,7 @@ def enable_compilation_cache(folder: str | os.PathLike) -> None:
     or shape simply compiles again. JAX's default skips computations that compiled in under a
     second; here everything is kept, so small models and batch shapes start fast too.
     """
+    folder = os.path.expanduser(os.fspath(folder))
     os.makedirs(folder, exist_ok=True)
-    jax.config.update('jax_compilation_cache_dir', os.fspath(folder))
+    jax.config.update('jax_compilation_cache_dir', folder)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
