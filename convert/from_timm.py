@@ -19,6 +19,7 @@ import numpy as np
 import nfnet_jax
 from convert.table import flax_rule, timm_rule
 from nfnet_jax.checkpoint import CheckpointError, check_shapes, param_shapes, save_checkpoint
+from nfnet_jax.cli import log, run_command
 from nfnet_jax.configs import model_cfgs
 from nfnet_jax.factory import resolve_name
 from nfnet_jax.model import NormFreeNet, abstract_model
@@ -217,17 +218,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        return _run(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
-        _log(f'error: {err}')
-        return 2
+    return run_command(_run, _parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -248,29 +240,29 @@ def _run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if args.checkpoint is not None:
-        _log(f'reading {args.checkpoint}')
+        log(f'reading {args.checkpoint}')
         state_dict, source = read_timm_checkpoint(args.checkpoint, use_ema=args.ema), str(args.checkpoint)
     elif tagged:
-        _log(f'fetching {cfg.hf_hub_id}')
+        log(f'fetching {cfg.hf_hub_id}')
         state_dict, source = read_timm_checkpoint(hub_checkpoint(cfg)), f'hf-hub:{cfg.hf_hub_id}'
     else:
-        _log(f"building timm's freshly initialised {architecture}")
+        log(f"building timm's freshly initialised {architecture}")
         state_dict, source = fresh_timm_state_dict(architecture, num_classes), f'timm:{architecture} (random init)'
 
-    _log(f'converting {len(state_dict)} tensors')
+    log(f'converting {len(state_dict)} tensors')
     params = convert_state_dict(state_dict, architecture, num_classes=num_classes)
     check = None
     if args.verify:
         from convert.verify import print_report, verify_checkpoint
 
         def check(tmp_path: str) -> None:
-            _log(f'verifying against timm on a random batch of 2 at {cfg.input_size[1]}x{cfg.input_size[2]}')
+            log(f'verifying against timm on a random batch of 2 at {cfg.input_size[1]}x{cfg.input_size[2]}')
             report = verify_checkpoint(state_dict, tmp_path, architecture, num_classes, cfg.input_size[1:])
             print_report(report, args.tolerance)
             if report.worst > args.tolerance:
                 raise CheckpointError(f'verification failed: relative error {report.worst:.3g} > {args.tolerance:g}')
 
-    _log(f'writing {args.output}')
+    log(f'writing {args.output}')
     save_checkpoint(
         args.output,
         params,
@@ -288,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
         check=check,
     )
     n_params = sum(v.size for v in params.values())
-    _log(f'wrote {args.output} ({n_params:,} params) in {time.perf_counter() - start:.1f}s')
+    log(f'wrote {args.output} ({n_params:,} params) in {time.perf_counter() - start:.1f}s')
     return 0
 
 

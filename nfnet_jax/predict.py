@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from nfnet_jax.checkpoint import CheckpointError, atomic_write
+from nfnet_jax.checkpoint import atomic_write
+from nfnet_jax.cli import log, run_command
 from nfnet_jax.data import create_transform, imagenet_labels, imagenet_synsets, load_image, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
 from nfnet_jax.model import NormFreeNet
@@ -120,17 +121,8 @@ def class_names(model: NormFreeNet) -> tuple[list[str], list[str]]:
     return names, ['' for _ in names]
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        return _run(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
-        _log(f'error: {err}')
-        return 2
+    return run_command(_run, _parse_args(argv))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -158,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     predict = compile_predict(model, args.embeddings is not None, topk, args.batch_size)
     labels, synsets = class_names(model)
     size = 'x'.join(str(v) for v in config['input_size'][1:])
-    _log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')
+    log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')
 
     failed: list[Path] = []
     progress = tqdm(total=len(files), unit='img', disable=len(files) <= args.batch_size, file=sys.stderr)
@@ -192,9 +184,9 @@ def _run(args: argparse.Namespace) -> int:
                 np.save(f, array)
 
         atomic_write(args.embeddings, write, force=args.force)
-        _log(f'wrote {args.embeddings}: {array.shape[0]} embeddings of {array.shape[1]} floats (rows as listed)')
+        log(f'wrote {args.embeddings}: {array.shape[0]} embeddings of {array.shape[1]} floats (rows as listed)')
     if failed:
-        _log(f'{len(failed)} of {len(files)} files could not be read: {", ".join(str(p) for p in failed)}')
+        log(f'{len(failed)} of {len(files)} files could not be read: {", ".join(str(p) for p in failed)}')
         return 1
     return 0
 
