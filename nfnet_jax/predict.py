@@ -17,13 +17,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from nfnet_jax.checkpoint import atomic_write
 from nfnet_jax.cli import log, run_command
 from nfnet_jax.data import create_transform, imagenet_labels, imagenet_synsets, load_image, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
+from nfnet_jax.inference import compile_forward
 from nfnet_jax.model import NormFreeNet
 
 Batch = tuple[list[Path], np.ndarray]
@@ -93,22 +93,21 @@ def batches(
 def compile_predict(model: NormFreeNet, embeddings: bool, topk: int, batch_size: int) -> Callable[[np.ndarray], tuple]:
     """A function of an image batch: (top-k probabilities, indices), or (pooled embeddings,).
 
-    It is jitted once for `batch_size` images: a shorter last batch is padded to that size.
+    It is compiled once for `batch_size` images: a shorter last batch is padded to that size.
     """
-    graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def predict(state: nnx.State, images: jax.Array) -> tuple:
-        model = nnx.merge(graphdef, state)
+    def predict(model: NormFreeNet, images: jax.Array) -> tuple:
         if embeddings:
             return (model.forward_head(model.forward_features(images), pre_logits=True),)
         probabilities = jax.nn.softmax(model(images).astype(jnp.float32), axis=-1)
         return jax.lax.top_k(probabilities, topk)
 
+    compiled = compile_forward(model, predict)  # the weight standardisation folded in once
+
     def run(images: np.ndarray) -> tuple:
         n = len(images)
         padded = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), images.dtype)])
-        return tuple(np.asarray(out)[:n] for out in predict(state, padded))
+        return tuple(np.asarray(out)[:n] for out in compiled(padded))
 
     return run
 
