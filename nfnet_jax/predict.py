@@ -23,7 +23,7 @@ from nfnet_jax.checkpoint import atomic_write
 from nfnet_jax.cli import log, run_command
 from nfnet_jax.data import create_transform, imagenet_labels, imagenet_synsets, load_image, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
-from nfnet_jax.inference import compile_forward
+from nfnet_jax.inference import InferenceFn, compile_forward
 from nfnet_jax.model import NormFreeNet
 
 Batch = tuple[list[Path], np.ndarray]
@@ -66,7 +66,8 @@ def batches(
 ) -> Iterator[Batch]:
     """The readable images in batches of `batch_size`; unreadable files go to `on_error` and are skipped.
 
-    Images are decoded and transformed on threads (PIL releases the GIL) while the device runs.
+    Images are decoded and transformed on threads (PIL releases the GIL) while the device runs,
+    at most a few batches ahead, so memory stays bounded however many files there are.
     """
 
     def prepare(path: Path) -> np.ndarray | str:
@@ -75,34 +76,41 @@ def batches(
         except OSError as err:
             return str(err)
 
+    read_ahead = 4 * batch_size
     paths, arrays = [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for path, result in zip(files, pool.map(prepare, files), strict=True):
-            if isinstance(result, str):
-                on_error(path, result)
-                continue
-            paths.append(path)
-            arrays.append(result)
-            if len(arrays) == batch_size:
-                yield paths, np.stack(arrays)
-                paths, arrays = [], []
+        for start in range(0, len(files), read_ahead):
+            window = files[start : start + read_ahead]
+            for path, result in zip(window, pool.map(prepare, window), strict=True):
+                if isinstance(result, str):
+                    on_error(path, result)
+                    continue
+                paths.append(path)
+                arrays.append(result)
+                if len(arrays) == batch_size:
+                    yield paths, np.stack(arrays)
+                    paths, arrays = [], []
     if arrays:
         yield paths, np.stack(arrays)
 
 
-def compile_predict(model: NormFreeNet, embeddings: bool, topk: int, batch_size: int) -> Callable[[np.ndarray], tuple]:
-    """A function of an image batch: (top-k probabilities, indices), or (pooled embeddings,).
-
-    It is compiled once for `batch_size` images: a shorter last batch is padded to that size.
-    """
+def prediction_fn(model: NormFreeNet, embeddings: bool, topk: int) -> InferenceFn:
+    """The jitted outputs of an image batch: (top-k probabilities, indices), or (pooled embeddings,)."""
 
     def predict(model: NormFreeNet, images: jax.Array) -> tuple:
         if embeddings:
             return (model.forward_head(model.forward_features(images), pre_logits=True),)
-        probabilities = jax.nn.softmax(model(images).astype(jnp.float32), axis=-1)
-        return jax.lax.top_k(probabilities, topk)
+        return top_k_probabilities(model(images), topk)
 
-    compiled = compile_forward(model, predict)  # the weight standardisation folded in once
+    return compile_forward(model, predict)  # the weight standardisation folded in once
+
+
+def compile_predict(model: NormFreeNet, embeddings: bool, topk: int, batch_size: int) -> Callable[[np.ndarray], tuple]:
+    """`prediction_fn` as a function of a numpy batch, compiled once for `batch_size` images.
+
+    A shorter last batch is padded to that size.
+    """
+    compiled = prediction_fn(model, embeddings, topk)
 
     def run(images: np.ndarray) -> tuple:
         n = len(images)
@@ -112,11 +120,16 @@ def compile_predict(model: NormFreeNet, embeddings: bool, topk: int, batch_size:
     return run
 
 
-def class_names(model: NormFreeNet) -> tuple[list[str], list[str]]:
-    """ImageNet-1k names for a 1000-class head, otherwise 'class N'."""
-    if model.num_classes == 1000:
+def top_k_probabilities(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The `k` highest softmax probabilities (float32) of each row and their class indices."""
+    return jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
+
+
+def class_names(num_classes: int) -> tuple[list[str], list[str]]:
+    """Names and WordNet ids: ImageNet-1k's for a 1000-class head, otherwise 'class N' and ''."""
+    if num_classes == 1000:
         return imagenet_labels(), imagenet_synsets()
-    names = [f'class {i}' for i in range(model.num_classes)]
+    names = [f'class {i}' for i in range(num_classes)]
     return names, ['' for _ in names]
 
 
@@ -147,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
     transform = create_transform(**config)
     topk = min(args.topk, max(model.num_classes, 1))
     predict = compile_predict(model, args.embeddings is not None, topk, args.batch_size)
-    labels, synsets = class_names(model)
+    labels, synsets = class_names(model.num_classes)
     size = 'x'.join(str(v) for v in config['input_size'][1:])
     log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')
 
@@ -170,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
                 row += 1
             else:
                 top = [(float(p), int(c)) for p, c in zip(outputs[0][i], outputs[1][i], strict=True)]
-                line = _format_topk(path, top, labels, synsets, args.json)
+                line = format_topk(path, top, labels, synsets, args.json)
             progress.write(line, file=sys.stdout)
         progress.update(len(paths))
     progress.close()
@@ -190,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_topk(path: Path, top: list[tuple[float, int]], labels: list[str], synsets: list[str], as_json: bool) -> str:
+def format_topk(path: Path, top: list[tuple[float, int]], labels: list[str], synsets: list[str], as_json: bool) -> str:
     if as_json:
         entries = [{'index': c, 'label': labels[c], 'synset': synsets[c], 'probability': round(p, 6)} for p, c in top]
         return json.dumps({'file': str(path), 'topk': entries})

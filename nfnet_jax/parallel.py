@@ -1,0 +1,307 @@
+"""Sharding NFNets over many devices and many hosts with JAX's SPMD machinery: one program, XLA partitions it.
+
+    mesh = make_mesh()                                   # every device of every process, axes ('data', 'model')
+    classify = shard_inference(classifier(model), mesh)  # batch split along 'data'
+    logits = classify(global_batch(local_images, mesh))  # each process feeds its own rows
+    mine = local_rows(logits, mesh)                      # and gets its own rows back
+
+    trainer = ShardedTrainer(state, mesh, fsdp=True)     # nfnet_jax.train's step, sharded
+    metrics = trainer.train_step(local_images, local_labels)
+
+A mesh is a 2-d grid of devices: the batch is split along 'data'; the 'model' axis (size 1
+unless `make_mesh(model_parallelism=n)`) splits big weights along their output channels, for
+models whose weights (and activations) are too big to replicate on every device. The FSDP
+option of `ShardedTrainer` also splits params and optimizer state along 'data'. No collective
+is written here: `jax.jit` gets the input and output shardings and XLA inserts the
+all-reduces of the gradients and the all-gathers of sharded weights.
+
+Multi-host (a TPU pod slice, several GPU hosts): run the same script once per host, call
+`initialize_distributed()` before anything else touches JAX, build the same model on every
+host (same seed or the same checkpoint), and feed each host's share of every batch with
+`global_batch`. Every process must make the same sequence of sharded calls with the same
+global shapes: a process that stops calling leaves the others waiting in a collective until
+the distributed runtime's heartbeat timeout ends them all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nfnet_jax.inference import InferenceFn
+from nfnet_jax.train.state import TrainState
+from nfnet_jax.train.step import Metrics, eval_step_fn, train_step_fn
+
+DATA_AXIS = 'data'
+MODEL_AXIS = 'model'
+# Tensors with fewer elements stay replicated: splitting a bias or a small kernel saves almost
+# no memory and costs a collective per use. 2**16 float32 elements are 256 KiB.
+DEFAULT_MIN_SHARD_SIZE = 2**16
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    initialization_timeout_s: int = 300,
+    heartbeat_timeout_s: int = 100,
+    shutdown_timeout_s: int = 300,
+) -> None:
+    """Join this process to a multi-process JAX run (`jax.distributed.initialize`); call it before any JAX work.
+
+    On a TPU pod slice, or under SLURM / Open MPI, leave the arguments out: JAX finds the
+    coordinator and this process's rank itself. Elsewhere pass the coordinator's `host:port`
+    (process 0's host), the number of processes and this process's rank. CPU devices use gloo
+    collectives, so the same code runs on CPU-only hosts. If a process dies, the others stop
+    (abort) after `heartbeat_timeout_s` instead of waiting forever in a collective; a process
+    that finishes waits at most `shutdown_timeout_s` for the others at exit.
+    """
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        initialization_timeout=initialization_timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+        shutdown_timeout_seconds=shutdown_timeout_s,
+    )
+
+
+def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'model') mesh over `devices` (default: every device of every process).
+
+    'model' has `model_parallelism` devices, neighbours in the device order (the same host, the
+    fastest links); 'data' has the rest. The axes are Auto: XLA propagates shardings through the
+    model, so layers need no sharding annotations.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if model_parallelism < 1 or len(devices) % model_parallelism:
+        raise ValueError(
+            f'model_parallelism={model_parallelism} must be a positive divisor of the {len(devices)} devices'
+        )
+    shape = (len(devices) // model_parallelism, model_parallelism)
+    return jax.make_mesh(shape, (DATA_AXIS, MODEL_AXIS), axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def partition_spec(shape: Sequence[int], mesh: Mesh, axes: Sequence[str], min_size: int = DEFAULT_MIN_SHARD_SIZE) -> P:
+    """How one tensor is split: each mesh axis in `axes` (of size > 1) takes its own tensor dimension.
+
+    The last dimension (output channels of HWIO conv kernels and (in, out) Linear kernels)
+    is tried first, then the others from the largest; a dimension the axis does not divide is
+    skipped, and a tensor with no such dimension or fewer than `min_size` elements is
+    replicated along that axis. The rule depends on the shape only, so a parameter, its
+    gradient, its momentum and its EMA are always split alike.
+    """
+    dims: list[str | None] = [None] * len(shape)
+    if not shape or math.prod(shape) < min_size:
+        return P()
+    order = [len(shape) - 1] + sorted(range(len(shape) - 1), key=lambda d: -shape[d])
+    for axis in axes:
+        size = mesh.shape[axis]
+        if size == 1:
+            continue
+        for d in order:
+            if dims[d] is None and shape[d] % size == 0:
+                dims[d] = axis
+                break
+    return P(*dims)
+
+
+def state_shardings(
+    state: Any, mesh: Mesh, axes: Sequence[str] = (MODEL_AXIS,), min_size: int = DEFAULT_MIN_SHARD_SIZE
+) -> Any:
+    """A NamedSharding for every array of `state` (an nnx.State or any pytree), by `partition_spec`."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, partition_spec(x.shape, mesh, axes, min_size)), state)
+
+
+def count_sharded(state: Any) -> int:
+    """How many arrays of `state` are split over devices (the rest are replicated)."""
+    return sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis split along 'data', replicated along 'model'."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: Any, mesh: Mesh) -> Any:
+    """One global array per leaf of `local` (this process's rows), split along 'data'.
+
+    Every process calls it with its own rows, all of the same shape; the global batch is the
+    processes' rows in process order. With one process it simply shards the whole batch.
+    """
+    sharding = batch_sharding(mesh)
+    local_shards = len(
+        {index[0] for index, device in np.ndenumerate(mesh.devices) if device.process_index == jax.process_index()}
+    )
+
+    def make(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % local_shards:
+            raise ValueError(
+                f'this process feeds {local_shards} data shards of the mesh, so its batch size must be a '
+                f'multiple of {local_shards}; got an array of shape {x.shape}'
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(make, local)
+
+
+def local_rows(outputs: Any, mesh: Mesh) -> Any:
+    """This process's rows of each batch-sharded output, as numpy, in the order it fed them to `global_batch`."""
+    host_local = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(DATA_AXIS))
+    return jax.tree.map(np.asarray, host_local)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """The arrays of `tree` on their shardings; every process must hold the same values (not checked).
+
+    Works for process-local arrays in a multi-process run too (each process contributes its
+    own shards). Leaves that share a buffer (a fresh EMA shares the model's arrays) get their
+    own copy, so a step that donates its state never receives one buffer twice.
+    """
+    seen: set[int] = set()
+
+    def own_buffers(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+        x = _put(x, sharding)
+        if any(shard.data.unsafe_buffer_pointer() in seen for shard in x.addressable_shards):
+            x = jax.device_put(jnp.copy(x), sharding)
+        seen.update(shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards)
+        return x
+
+    return jax.tree.map(own_buffers, tree, shardings)
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`jax.device_put`, except that process-local values for a multi-process sharding go through the host.
+
+    Each process then transfers only the shards of its own devices, and no collective compares
+    the processes' copies (`jax.device_put` would gather every array to check them).
+    """
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, sharding)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+# ------------------------------------------------------------------------------------- inference
+
+
+def shard_inference(fn: InferenceFn, mesh: Mesh, *, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> InferenceFn:
+    """`fn` (from `nfnet_jax.inference`) jitted over `mesh`: batch split along 'data', outputs likewise.
+
+    The prepared weights are replicated on every device, or, when the mesh has a 'model' axis
+    of size > 1, split along it (output channels of every kernel of at least `min_shard_size`
+    elements that it divides). Call the result with a global batch (`global_batch`); with one
+    process a numpy batch works too. Its batch size must be a multiple of the 'data' axis.
+    """
+    shardings = state_shardings(fn.state, mesh, (MODEL_AXIS,), min_shard_size)
+    outputs = batch_sharding(mesh)  # one sharding for every output: logits, embeddings or each feature map
+    apply = jax.jit(fn.apply, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=outputs)
+    return InferenceFn(apply, place(fn.state, shardings))
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+class ShardedTrainer:
+    """`nfnet_jax.train`'s train and eval steps, data-parallel over a mesh, optionally FSDP.
+
+    The state is placed on the mesh in place when the trainer is made, and stays there: each
+    step takes it with its shardings and returns it with the same ones (its buffers donated).
+    The batch is split along 'data' and XLA reduces the gradients across it. Weights are
+    replicated, or with `fsdp=True` split along 'data' too (each device keeps 1/n of every big
+    param, its gradient, momentum and EMA; XLA gathers a weight where a layer needs it), and
+    split along 'model' where the mesh has that axis. `state` may be saved and restored with
+    `TrainCheckpointer` as usual: orbax writes and reads each shard where it lives.
+    """
+
+    def __init__(
+        self,
+        state: TrainState,
+        mesh: Mesh,
+        *,
+        fsdp: bool = False,
+        label_smoothing: float = 0.0,
+        min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
+    ):
+        self.state = state
+        self.mesh = mesh
+        axes = (MODEL_AXIS, DATA_AXIS) if fsdp else (MODEL_AXIS,)
+        self.state_shardings = state_shardings(nnx.state(state), mesh, axes, min_shard_size)
+        nnx.update(state, place(nnx.state(state), self.state_shardings))
+        eval_shardings = state_shardings(nnx.state(state.eval_model), mesh, axes, min_shard_size)
+        data, metrics = batch_sharding(mesh), replicated(mesh)
+
+        def train(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array):
+            train_state = nnx.merge(graphdef, state)
+            step_metrics = train_step_fn(train_state, images, labels, label_smoothing)
+            return nnx.state(train_state), step_metrics
+
+        def evaluate(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array) -> Metrics:
+            return eval_step_fn(nnx.merge(graphdef, state), images, labels)
+
+        # The graphdef is static: switching the model between train() and eval() changes it.
+        self._train = jax.jit(
+            train,
+            static_argnums=0,
+            in_shardings=(self.state_shardings, data, data),
+            out_shardings=(self.state_shardings, metrics),
+            donate_argnums=1,
+        )
+        self._eval = jax.jit(
+            evaluate, static_argnums=0, in_shardings=(eval_shardings, data, data), out_shardings=metrics
+        )
+
+    def train_step(self, images: Any, labels: Any) -> Metrics:
+        """One optimizer step on a batch, updating `self.state` in place; metrics are replicated.
+
+        `images` and `labels` are this process's rows (numpy) or global arrays from `global_batch`.
+        """
+        graphdef, state = nnx.split(self.state)
+        new_state, metrics = self._train(graphdef, state, *self._global(images, labels))
+        nnx.update(self.state, new_state)
+        return metrics
+
+    def eval_step(self, images: Any, labels: Any) -> Metrics:
+        """`eval_step_fn` of the evaluation model (the EMA weights when there are any) on a sharded batch."""
+        graphdef, state = nnx.split(self.state.eval_model)
+        return self._eval(graphdef, state, *self._global(images, labels))
+
+    def _global(self, images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
+        if isinstance(images, jax.Array) and isinstance(labels, jax.Array):
+            return images, labels
+        return global_batch((images, labels), self.mesh)
+
+
+def create_sharded(
+    build: Callable[[], nnx.Module], mesh: Mesh, *, fsdp: bool = False, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE
+) -> nnx.Module:
+    """Build a module (a model, a TrainState) directly in its shards: no device ever holds all of it.
+
+    `build` runs under jit with the outputs sharded as `ShardedTrainer` shards them (or
+    `shard_inference`, with `fsdp=False`), e.g. for a model too big for one device:
+    `create_sharded(lambda: TrainState(create_model('nfnet_f7', rngs=nnx.Rngs(0)), tx), mesh, fsdp=True)`.
+    Random initialisation gives the same values as an unsharded build (JAX's partitionable RNG).
+    """
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+    axes = (MODEL_AXIS, DATA_AXIS) if fsdp else (MODEL_AXIS,)
+    shardings = state_shardings(abstract_state, mesh, axes, min_shard_size)
+    state = jax.jit(lambda: nnx.state(build()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,189 @@
+"""Runs the sharded computations of tests/test_parallel.py in a fresh process and saves their outputs.
+
+JAX fixes the number of devices when it starts, so each topology needs its own process:
+    python tests/parallel_worker.py devices OUT_DIR                  # 1 process, 8 host devices
+    python tests/parallel_worker.py process OUT_DIR PORT ID [--fail]  # one of 2 processes, 2 devices each
+`devices` also computes the single-device references (on its device 0). Each run writes
+`<run>.npz` files of outputs and whole train states (gathered from every process) and a
+`<run>.json` of facts about the shardings; the test compares them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + ('8' if sys.argv[1] == 'devices' else '2')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+import nfnet_jax  # noqa: E402
+from nfnet_jax import parallel  # noqa: E402
+from nfnet_jax.inference import InferenceFn, classifier, embedder, feature_extractor  # noqa: E402
+from nfnet_jax.train import TrainState, dotted_path, eval_step, is_gain, nfnet_optimizer, train_step  # noqa: E402
+
+jax.config.update('jax_default_matmul_precision', 'highest')
+
+SIZE, BATCH, CLASSES = 32, 8, 10
+TX = nfnet_optimizer(0.1)
+OUTPUTS = ('logits', 'embeddings', 'features')
+
+
+def batch() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((BATCH, SIZE, SIZE, 3)).astype(np.float32)
+    return images, rng.integers(0, CLASSES, BATCH)
+
+
+def randomize(model: nnx.Module, seed: int = 0) -> None:
+    """Random values in every param: the init's zero gains would silence each residual branch and hide errors."""
+    rng = np.random.default_rng(seed)
+
+    def draw(keypath, x):
+        if is_gain(dotted_path(keypath)):
+            return jnp.asarray(rng.uniform(0.8, 1.2, x.shape), x.dtype)
+        scale = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim > 1 else 0.1
+        return jnp.asarray(rng.standard_normal(x.shape) * scale, x.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
+
+
+def make_model() -> nfnet_jax.NormFreeNet:
+    model = nfnet_jax.create_model('test_nfnet', rngs=nnx.Rngs(0), num_classes=CLASSES)
+    randomize(model)
+    return model
+
+
+def make_state(randomized: bool = True) -> TrainState:
+    """Dropout and drop path on, EMA kept: every part of the state changes in a step."""
+    model = nfnet_jax.create_model(
+        'test_nfnet', rngs=nnx.Rngs(params=0, dropout=1), num_classes=CLASSES, drop_rate=0.3, drop_path_rate=0.3
+    )
+    if randomized:
+        randomize(model)
+    state = TrainState(model, TX, ema_decay=0.9)
+    state.model.train()
+    return state
+
+
+def arrays(tree) -> list[np.ndarray]:
+    """Every array of a state as numpy (global ones gathered from all processes), PRNG keys as their raw data."""
+    leaves = [
+        jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in jax.tree.leaves(tree)
+    ]
+    return [
+        np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)) for x in leaves
+    ]
+
+
+def inference_fns(model: nfnet_jax.NormFreeNet) -> dict[str, InferenceFn]:
+    return {'logits': classifier(model), 'embeddings': embedder(model), 'features': feature_extractor(model)}
+
+
+def flat(name: str, outputs) -> dict[str, np.ndarray]:
+    """`name.0`, `name.1`, ... for every array of an output pytree."""
+    return {f'{name}.{i}': np.asarray(x) for i, x in enumerate(jax.tree.leaves(outputs))}
+
+
+def single_device_run(images: np.ndarray, labels: np.ndarray, device: jax.Device) -> dict[str, np.ndarray]:
+    """The references: inference, and nfnet_jax.train's own jitted steps, on one device."""
+    results = {}
+    for name, fn in inference_fns(make_model()).items():
+        results |= flat(name, fn.apply(jax.device_put(fn.state, device), jax.device_put(images, device)))
+    state = make_state()
+    nnx.update(state, jax.device_put(nnx.state(state), device))
+    metrics = train_step(state, jax.device_put(images, device), jax.device_put(labels, device))
+    evaluation = eval_step(state.eval_model, jax.device_put(images, device), jax.device_put(labels, device))
+    results |= flat('state', arrays(nnx.state(state))) | {'loss': metrics['loss'], 'eval_loss': evaluation['loss_sum']}
+    return results
+
+
+def sharded_inference(mesh, images: np.ndarray, rows: slice, names=OUTPUTS) -> tuple[dict[str, np.ndarray], dict]:
+    """This process's rows of each sharded output; every divisible weight split along 'model' (min_shard_size=1)."""
+    results, facts = {}, {}
+    fns = inference_fns(make_model())
+    for name in names:
+        fn = fns[name]
+        sharded = parallel.shard_inference(fn, mesh, min_shard_size=1)
+        results |= flat(name, parallel.local_rows(sharded(parallel.global_batch(images[rows], mesh)), mesh))
+        facts['sharded_params'] = parallel.count_sharded(sharded.state)
+    return results, facts
+
+
+def sharded_train(mesh, fsdp: bool, images: np.ndarray, labels: np.ndarray, rows: slice):
+    """One ShardedTrainer step and eval step, each process feeding its rows; the whole state gathered."""
+    state = make_state()
+    trainer = parallel.ShardedTrainer(state, mesh, fsdp=fsdp, min_shard_size=1)
+    metrics = trainer.train_step(images[rows], labels[rows])
+    evaluation = trainer.eval_step(images[rows], labels[rows])
+    placed = zip(jax.tree.leaves(nnx.state(state)), jax.tree.leaves(trainer.state_shardings), strict=True)
+    facts = {
+        'step': state.step,
+        'shardings_kept': all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in placed),
+        'sharded_params': parallel.count_sharded(nnx.state(state.model, nnx.Param)),
+        'sharded_optimizer_state': parallel.count_sharded(nnx.state(state.optimizer)),
+    }
+    results = flat('state', arrays(nnx.state(state))) | {'loss': metrics['loss'], 'eval_loss': evaluation['loss_sum']}
+    return results, facts
+
+
+def save(out: Path, name: str, results: dict[str, np.ndarray], facts: dict) -> None:
+    np.savez(out / f'{name}.npz', **results)
+    (out / f'{name}.json').write_text(json.dumps(facts | {'devices': jax.device_count()}))
+
+
+def topology(mesh) -> str:
+    return f'{mesh.shape["data"]}x{mesh.shape["model"]}'
+
+
+def devices_run(out: Path) -> None:
+    images, labels = batch()
+    everything = slice(None)
+    save(out, 'single', single_device_run(images, labels, jax.devices()[0]), {})
+    mesh = parallel.make_mesh(1)  # 8x1: params replicated
+    save(out, f'inference {topology(mesh)}', *sharded_inference(mesh, images, everything, OUTPUTS[:1]))
+    mesh = parallel.make_mesh(4)  # 2x4: params split over 4 devices
+    save(out, f'inference {topology(mesh)}', *sharded_inference(mesh, images, everything))
+    for model_parallelism, fsdp in ((1, False), (2, True)):  # 8x1 data parallel; 4x2 FSDP + model axis
+        mesh = parallel.make_mesh(model_parallelism)
+        save(out, f'train {topology(mesh)}', *sharded_train(mesh, fsdp, images, labels, everything))
+    # The model's own random init traced under jit with sharded outputs, against the eager init.
+    built = parallel.create_sharded(lambda: make_state(False), parallel.make_mesh(2), fsdp=True, min_shard_size=1)
+    facts = {'sharded_params': parallel.count_sharded(nnx.state(built.model, nnx.Param))}
+    results = flat('built', arrays(nnx.state(built))) | flat('eager', arrays(nnx.state(make_state(False))))
+    save(out, 'create_sharded', results, facts)
+
+
+def process_run(out: Path, port: int, process_id: int, fail: bool) -> None:
+    # Short timeouts: a failure must end both processes within seconds. Both finish on a collective,
+    # so neither waits long for the other at the shutdown barrier in a normal run.
+    parallel.initialize_distributed(
+        f'127.0.0.1:{port}', 2, process_id, initialization_timeout_s=60, heartbeat_timeout_s=10, shutdown_timeout_s=10
+    )
+    if fail and process_id == 1:
+        raise RuntimeError('process 1 fails on purpose before the first collective')
+    images, labels = batch()
+    rows = slice(process_id * BATCH // 2, (process_id + 1) * BATCH // 2)
+    mesh = parallel.make_mesh(2)  # 2x2: data and model axes both span processes' devices
+    inference, inference_facts = sharded_inference(mesh, images, rows)
+    train, train_facts = sharded_train(mesh, True, images, labels, rows)
+    facts = {'processes': jax.process_count(), 'process': jax.process_index(), 'rows': [rows.start, rows.stop]}
+    save(out, f'process {process_id}', inference | train, facts | {'inference': inference_facts, 'train': train_facts})
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == 'devices':
+        devices_run(out)
+    else:
+        process_run(out, int(sys.argv[3]), int(sys.argv[4]), '--fail' in sys.argv)
+
+
+if __name__ == '__main__':
+    main()
