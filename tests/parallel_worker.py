@@ -22,11 +22,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
+from multihost import random_params  # noqa: E402
 
 import nfnet_jax  # noqa: E402
 from nfnet_jax import parallel  # noqa: E402
+from nfnet_jax.checkpoint import flat_params, load_flat_params  # noqa: E402
 from nfnet_jax.inference import InferenceFn, classifier, embedder, feature_extractor  # noqa: E402
-from nfnet_jax.train import TrainState, dotted_path, eval_step, is_gain, nfnet_optimizer, train_step  # noqa: E402
+from nfnet_jax.train import TrainState, eval_step, nfnet_optimizer, train_step  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -41,17 +43,8 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
     return images, rng.integers(0, CLASSES, BATCH)
 
 
-def randomize(model: nnx.Module, seed: int = 0) -> None:
-    """Random values in every param: the init's zero gains would silence each residual branch and hide errors."""
-    rng = np.random.default_rng(seed)
-
-    def draw(keypath, x):
-        if is_gain(dotted_path(keypath)):
-            return jnp.asarray(rng.uniform(0.8, 1.2, x.shape), x.dtype)
-        scale = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim > 1 else 0.1
-        return jnp.asarray(rng.standard_normal(x.shape) * scale, x.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
+def randomize(model: nnx.Module) -> None:
+    load_flat_params(model, random_params(flat_params(model)))
 
 
 def make_model() -> nfnet_jax.NormFreeNet:

@@ -1,0 +1,416 @@
+"""Classify or embed a whole image collection on every device of every host, resumably.
+
+    python -m nfnet_jax.batch_predict run IMAGES_OR_FOLDERS... --model dm_nfnet_f0.dm_in1k --output RUN_DIR
+    python -m nfnet_jax.batch_predict merge RUN_DIR predictions.jsonl
+
+The files (folders searched recursively, or `--list FILE` with one path per line) are split
+into chunks of `--chunk-size` consecutive files; chunk c belongs to process c % num_processes,
+which reads only its own chunks' images and writes each finished chunk atomically:
+
+    RUN_DIR/manifest.json       what is computed: model, outputs, top-k, chunk size, the files' hash
+    RUN_DIR/files.txt           the input files in order; a file's line number (from 0) is its index
+    RUN_DIR/chunks/000042.npz   chunk 42's outputs: `index` (file indices), `probabilities` and `classes`
+                                (top-k) or `embeddings`, `failed` and `errors` for unreadable files,
+                                `process` (who wrote it)
+
+Running the same command again resumes: finished chunks are skipped, so an interruption costs
+at most the chunks in progress. `merge` writes one file in input order once every chunk is
+there: JSON lines (the `predict --json` format, plus `{"file", "error"}` for unreadable files),
+or an (N, D) .npy of embeddings with a `.files.txt` naming each row. Unreadable files are
+reported by name and skipped; `run` exits with status 1 if it met one, 2 for bad arguments.
+
+Multi-host: run `run` once per host with `--distributed` (TPU pods, SLURM: found automatically)
+or `--coordinator HOST:PORT --num-processes N --process-id I`. Every host must see the same
+input list and the same RUN_DIR (a shared filesystem); without one, each host keeps its own
+chunks, resumes with the same process count, and the chunk folders are copied together to merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from nfnet_jax import parallel
+from nfnet_jax.checkpoint import atomic_write
+from nfnet_jax.cli import log, run_command
+from nfnet_jax.data import create_transform, resolve_model_data_config
+from nfnet_jax.factory import create_model, load_checkpoint
+from nfnet_jax.predict import batches, class_names, find_images, format_topk, prediction_fn
+
+FORMAT = 'nfnet_jax.batch_predict'
+MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'
+# Compared on resume: a run directory holds the outputs of exactly one computation.
+SETTINGS = ('model', 'checkpoint', 'output', 'topk', 'test_size', 'chunk_size', 'files', 'files_sha256')
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='python -m nfnet_jax.batch_predict',
+        description='Top-k classes or embeddings of many images, on all devices of all hosts, resumable.',
+    )
+    commands = parser.add_subparsers(dest='command', required=True)
+    run = commands.add_parser('run', help='compute (or resume computing) the outputs into a run directory')
+    run.add_argument('inputs', nargs='*', type=Path, help='image files, or folders (searched recursively)')
+    run.add_argument('--list', type=Path, help='a text file naming one image path per line (instead of inputs)')
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument('--model', help='pretrained arch.tag from the Hugging Face hub, e.g. dm_nfnet_f0.dm_in1k')
+    source.add_argument('--checkpoint', type=Path, help='a checkpoint written by python -m convert.from_timm')
+    run.add_argument('--output', type=Path, required=True, help='the run directory (created, or resumed)')
+    run.add_argument('--embeddings', action='store_true', help='pooled embeddings instead of top-k classes')
+    run.add_argument('--topk', type=int, default=5, help='classes kept per image (default 5)')
+    run.add_argument('--batch-size', type=int, help='images per step over all devices (default 8 per data shard)')
+    run.add_argument('--chunk-size', type=int, default=512, help='files per output chunk (default 512)')
+    run.add_argument('--model-parallelism', type=int, default=1, help='devices splitting the weights (default 1)')
+    run.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
+    run.add_argument('--distributed', action='store_true', help='join a multi-host run found from the environment')
+    run.add_argument('--coordinator', help='HOST:PORT of process 0, for a multi-host run without auto-detection')
+    run.add_argument('--num-processes', type=int, help='with --coordinator: how many processes (hosts)')
+    run.add_argument('--process-id', type=int, help='with --coordinator: this process, 0 .. num-processes - 1')
+    merge = commands.add_parser('merge', help='write one file with every output, in input order')
+    merge.add_argument('run_dir', type=Path, help='a run directory whose chunks are all finished')
+    merge.add_argument('out', type=Path, help='predictions .jsonl, or embeddings .npy (plus OUT.files.txt)')
+    merge.add_argument('--force', action='store_true', help='overwrite OUT if it exists')
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    return run_command(_run if args.command == 'run' else _merge, args)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def read_file_list(path: Path) -> list[Path]:
+    """The non-empty lines of a list file as paths (relative ones are relative to the working directory)."""
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such list file')
+    return [Path(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+
+
+def input_files(args: argparse.Namespace) -> list[Path]:
+    if bool(args.inputs) == bool(args.list):
+        raise ValueError('name the images either as inputs (files or folders) or with --list FILE, not both')
+    files = read_file_list(args.list) if args.list else find_images(args.inputs)
+    if not files:
+        raise FileNotFoundError('no image files to process')
+    seen: set[Path] = set()
+    repeated = [path for path in files if path in seen or seen.add(path)]
+    if repeated:
+        raise ValueError(f'{len(repeated)} files are listed more than once (e.g. {repeated[0]}); list each once')
+    return files
+
+
+def chunk_range(chunk: int, chunk_size: int, num_files: int) -> range:
+    return range(chunk * chunk_size, min((chunk + 1) * chunk_size, num_files))
+
+
+def chunk_path(run_dir: Path, chunk: int) -> Path:
+    return run_dir / CHUNKS / f'{chunk:06d}.npz'
+
+
+def file_list_text(files: Sequence[Path]) -> str:
+    return ''.join(f'{path}\n' for path in files)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text(encoding='utf-8'))
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(
+            f'{run_dir} is not a batch_predict run directory (no readable {MANIFEST}): {err}'
+        ) from None
+    if manifest.get('format') != FORMAT:
+        raise ValueError(f'{run_dir / MANIFEST} was not written by {FORMAT}')
+    return manifest
+
+
+def open_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path]) -> None:
+    """Create the run directory, or check that the one there is the same computation (then it resumes).
+
+    Process 0 goes first; the others then find its manifest on a shared filesystem, or create
+    their own (each host keeping its own chunks).
+    """
+    if jax.process_index() == 0:
+        _create_or_check(run_dir, settings, files)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('batch_predict: run directory ready')
+    if jax.process_index() != 0:
+        _create_or_check(run_dir, settings, files)
+
+
+def _create_or_check(run_dir: Path, settings: dict[str, Any], files: Sequence[Path]) -> None:
+    if check_run_dir(run_dir, settings):
+        return
+    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_text(file_list_text(files), encoding='utf-8'))
+    manifest = json.dumps({'format': FORMAT, **settings}, indent=1)
+    atomic_write(run_dir / MANIFEST, lambda tmp: Path(tmp).write_text(manifest, encoding='utf-8'))
+
+
+def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> bool:
+    """True if `run_dir` holds this computation (to resume), False if it is new or empty; else an error."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f'{run_dir} exists and is not a directory')
+    if (run_dir / MANIFEST).exists():
+        check_settings(run_dir, settings)
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f'{run_dir} is not empty and has no {MANIFEST}: choose an empty or new --output')
+    return False
+
+
+def check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse a run directory that holds the outputs of another computation."""
+    saved = read_manifest(run_dir)
+    changed = [key for key in SETTINGS if saved.get(key) != settings[key]]
+    if changed:
+        details = ', '.join(f'{key}: {saved.get(key)!r} there, {settings[key]!r} now' for key in changed)
+        raise ValueError(
+            f'{run_dir} holds another computation ({details}); resume it with the same inputs and options, '
+            'or choose a new --output'
+        )
+
+
+def _run(args: argparse.Namespace) -> int:
+    _join_processes(args)  # before any JAX computation
+    if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
+        raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')
+    files = input_files(args)
+    mesh = parallel.make_mesh(args.model_parallelism)
+    data_shards, processes, process = mesh.shape[parallel.DATA_AXIS], jax.process_count(), jax.process_index()
+    batch_size = args.batch_size or 8 * data_shards
+    if data_shards % processes:
+        raise ValueError(
+            f'--model-parallelism {args.model_parallelism} spans hosts ({mesh.devices.size} devices, {processes} '
+            'processes): keep it to the devices of one host'
+        )
+    if batch_size % data_shards:
+        raise ValueError(f'--batch-size {batch_size} must be a multiple of the {data_shards} data shards of the mesh')
+    process_batch = batch_size // processes
+    settings = {
+        'model': args.model,
+        'checkpoint': None if args.checkpoint is None else str(args.checkpoint),
+        'output': 'embeddings' if args.embeddings else 'topk',
+        'topk': None if args.embeddings else args.topk,
+        'test_size': args.test_size,
+        'chunk_size': args.chunk_size,
+        'files': len(files),
+        'files_sha256': hashlib.sha256(file_list_text(files).encode()).hexdigest(),
+    }
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f'{args.checkpoint}: no such checkpoint')
+    # Refused before the model loads. Only process 0 may find the folder half-made by itself; the
+    # others check a manifest only once it is there (it is written atomically).
+    if process == 0 or (args.output / MANIFEST).exists():
+        check_run_dir(args.output, settings)
+
+    model = (
+        load_checkpoint(args.checkpoint) if args.checkpoint is not None else create_model(args.model, pretrained=True)
+    )
+    if not args.embeddings and model.num_classes == 0:
+        raise ValueError('this model has no classifier (num_classes=0): use --embeddings')
+    config = resolve_model_data_config(model, use_test_size=args.test_size)
+    settings |= {'architecture': model.pretrained_cfg.architecture, 'num_classes': model.num_classes}
+    settings |= {'input_size': list(config['input_size'])}
+    open_run_dir(args.output, settings, files)
+    transform = create_transform(**config)
+    topk = min(args.topk, max(model.num_classes, 1))
+    predict = parallel.shard_inference(prediction_fn(model, args.embeddings, topk), mesh)
+
+    num_chunks = -(-len(files) // args.chunk_size)
+    mine = [c for c in range(process, num_chunks, processes)]
+    pending = [c for c in mine if not chunk_path(args.output, c).exists()]
+    # Every process makes the same number of sharded calls: those with less work left pad with empty batches.
+    my_steps = sum(-(-len(chunk_range(c, args.chunk_size, len(files))) // process_batch) for c in pending)
+    steps = _max_over_processes(my_steps)
+    log(
+        f'process {process}/{processes}: {len(mine) - len(pending)} of {len(mine)} chunks done, {len(pending)} to do; '
+        f'{mesh.devices.size} devices (mesh {dict(mesh.shape)}), batches of {batch_size} ({process_batch} per process)'
+    )
+
+    empty = np.zeros((process_batch, *config['input_size'][1:], config['input_size'][0]), np.float32)
+
+    def infer(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        padded = np.concatenate([images, empty[len(images) :]])
+        return parallel.local_rows(predict(parallel.global_batch(padded, mesh)), mesh)
+
+    todo = sum(len(chunk_range(c, args.chunk_size, len(files))) for c in pending)
+    progress = tqdm_for(todo, process, processes)
+    failures = 0
+    for chunk in pending:
+        indices = chunk_range(chunk, args.chunk_size, len(files))
+        done, outputs, failed = predict_chunk(files, indices, transform, process_batch, infer, progress)
+        steps -= len(outputs)
+        write_chunk(args.output, chunk, done, outputs, failed, args.embeddings, process)
+        failures += len(failed)
+    for _ in range(steps):
+        infer(empty[:0])
+    progress.close()
+    log(f'process {process}: {todo} files of {len(pending)} chunks written to {args.output / CHUNKS}')
+    return 1 if failures else 0
+
+
+def predict_chunk(
+    files: Sequence[Path],
+    indices: range,
+    transform: Callable[[Any], np.ndarray],
+    batch_size: int,
+    infer: Callable[[np.ndarray], tuple[np.ndarray, ...]],
+    progress: tqdm,
+) -> tuple[list[int], list[tuple[np.ndarray, ...]], dict[int, str]]:
+    """One chunk's (file indices, output tuple per batch, {index: error} of unreadable files)."""
+    index_of = {files[i]: i for i in indices}
+    failed: dict[int, str] = {}
+
+    def on_error(path: Path, message: str) -> None:
+        failed[index_of[path]] = message
+        progress.write(f'error: {message}', file=sys.stderr)
+        progress.update()
+
+    done, outputs = [], []
+    for paths, images in batches([files[i] for i in indices], transform, batch_size, on_error):
+        outputs.append(tuple(out[: len(paths)] for out in infer(images)))
+        done += [index_of[path] for path in paths]
+        progress.update(len(paths))
+    return done, outputs, failed
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in explicit) and None in explicit:
+        raise ValueError('--coordinator, --num-processes and --process-id go together')
+    if args.distributed or args.coordinator is not None:
+        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
+def _max_over_processes(value: int) -> int:
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int64))))
+
+
+def tqdm_for(total: int, process: int, processes: int) -> tqdm:
+    return tqdm(total=total, unit='img', desc=f'process {process}' if processes > 1 else None, file=sys.stderr)
+
+
+def write_chunk(
+    run_dir: Path,
+    chunk: int,
+    done: list[int],
+    outputs: list[tuple[np.ndarray, ...]],
+    failed: dict[int, str],
+    embeddings: bool,
+    process: int,
+) -> None:
+    """One finished chunk, atomically: present means complete."""
+    columns = [np.concatenate(column) for column in zip(*outputs, strict=True)] if outputs else None
+    arrays: dict[str, np.ndarray] = {
+        'index': np.asarray(done, np.int64),
+        'failed': np.asarray(sorted(failed), np.int64),
+        'errors': np.asarray([failed[i] for i in sorted(failed)], dtype=str),
+        'process': np.asarray(process),
+    }
+    if embeddings:
+        arrays['embeddings'] = columns[0].astype(np.float32) if columns else np.zeros((0, 0), np.float32)
+    else:
+        arrays['probabilities'] = columns[0] if columns else np.zeros((0, 0), np.float32)
+        arrays['classes'] = columns[1].astype(np.int32) if columns else np.zeros((0, 0), np.int32)
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+
+    atomic_write(chunk_path(run_dir, chunk), write)
+
+
+# ---------------------------------------------------------------------------------------- merge
+
+
+def _merge(args: argparse.Namespace) -> int:
+    manifest = read_manifest(args.run_dir)
+    files_text = (args.run_dir / FILE_LIST).read_text(encoding='utf-8')
+    if hashlib.sha256(files_text.encode()).hexdigest() != manifest['files_sha256']:
+        raise ValueError(f'{args.run_dir / FILE_LIST} does not match its manifest: the run directory was altered')
+    files = files_text.splitlines()
+    embeddings = manifest['output'] == 'embeddings'
+    suffix = '.npy' if embeddings else '.jsonl'
+    if args.out.suffix != suffix:
+        raise ValueError(f'{args.out}: this run holds {manifest["output"]}, merged into a {suffix} file')
+    row_files = args.out.with_suffix('.files.txt')
+    for out in (args.out, row_files) if embeddings else (args.out,):
+        if out.exists() and not args.force:
+            raise FileExistsError(f'{out} already exists; pass --force to overwrite it')
+    num_chunks = -(-len(files) // manifest['chunk_size'])
+    missing = [c for c in range(num_chunks) if not chunk_path(args.run_dir, c).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f'{len(missing)} of {num_chunks} chunks are not finished (first: {missing[0]}); '
+            'run the same `run` command again to finish them, then merge'
+        )
+    chunks = [np.load(chunk_path(args.run_dir, c)) for c in range(num_chunks)]
+    failed = {int(i): str(e) for chunk in chunks for i, e in zip(chunk['failed'], chunk['errors'], strict=True)}
+    if embeddings:
+        rows = _merge_embeddings(chunks, files, args.out, row_files, args.force)
+    else:
+        rows = _merge_predictions(chunks, files, failed, manifest['num_classes'], args.out, args.force)
+    log(f'wrote {args.out}: {rows} of {len(files)} files' + (f'; {len(failed)} unreadable' if failed else ''))
+    return 0
+
+
+def _merge_predictions(
+    chunks: list, files: list[str], failed: dict[int, str], num_classes: int, out: Path, force: bool
+) -> int:
+    labels, synsets = class_names(num_classes)
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            for chunk in chunks:  # chunks are in file order, and so are the rows of each
+                rows = {int(i): row for row, i in enumerate(chunk['index'])}
+                for i in sorted(rows.keys() | set(int(j) for j in chunk['failed'])):
+                    if i in failed:
+                        f.write(json.dumps({'file': files[i], 'error': failed[i]}) + '\n')
+                        continue
+                    row = rows[i]
+                    top = [
+                        (float(p), int(c))
+                        for p, c in zip(chunk['probabilities'][row], chunk['classes'][row], strict=True)
+                    ]
+                    f.write(format_topk(Path(files[i]), top, labels, synsets, as_json=True) + '\n')
+
+    atomic_write(out, write, force=force)
+    return sum(len(chunk['index']) for chunk in chunks)
+
+
+def _merge_embeddings(chunks: list, files: list[str], out: Path, row_files: Path, force: bool) -> int:
+    """An (N, D) float32 .npy written chunk by chunk (never all in memory) and the file of each row."""
+    rows = sum(len(chunk['index']) for chunk in chunks)
+    width = next((chunk['embeddings'].shape[1] for chunk in chunks if len(chunk['index'])), 0)
+
+    def write(tmp: str) -> None:
+        array = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=(rows, width))
+        start = 0
+        for chunk in chunks:
+            block = chunk['embeddings']
+            array[start : start + len(block)] = block
+            start += len(block)
+        array.flush()
+        del array
+
+    atomic_write(out, write, force=force)
+    names = ''.join(f'{files[int(i)]}\n' for chunk in chunks for i in chunk['index'])
+    atomic_write(row_files, lambda tmp: Path(tmp).write_text(names, encoding='utf-8'), force=force)
+    return rows
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""`python -m nfnet_jax.batch_predict`: equal to predict's outputs, resumable, on one and on two processes.
+
+A randomised test_nfnet checkpoint (10 classes, 160x160) on a folder of small images with one
+unreadable file. The reference is `nfnet_jax.predict.compile_predict` on one device over all
+readable images in one batch; figures are relative errors max|ours - ref| / max|ref|.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import relative_error
+from flax import nnx
+from multihost import free_port, random_params, run_processes
+from PIL import Image
+
+from nfnet_jax import batch_predict
+from nfnet_jax.checkpoint import flat_params, save_checkpoint
+from nfnet_jax.data import create_transform, load_batch, resolve_model_data_config
+from nfnet_jax.factory import create_model, load_checkpoint
+from nfnet_jax.predict import compile_predict, find_images
+
+RTOL = 1e-5
+TOPK = 3
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp('model') / 'test_nfnet.safetensors'
+    model = create_model('test_nfnet', rngs=nnx.Rngs(0), num_classes=10)
+    save_checkpoint(
+        path, random_params(flat_params(model)), architecture='test_nfnet', num_classes=10, global_pool='avg'
+    )
+    return path
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp('images')
+    (folder / 'more').mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        pixels = rng.integers(0, 256, (30 + 7 * i, 50, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / ('more' if i % 3 else '.') / f'image{i}.png')
+    (folder / 'image5b.jpg').write_bytes(b'not an image')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def reference(checkpoint, images) -> dict:
+    model = load_checkpoint(checkpoint)
+    files = [path for path in find_images([images]) if path.suffix == '.png']
+    batch = load_batch(files, create_transform(**resolve_model_data_config(model)))
+    probabilities, classes = compile_predict(model, False, TOPK, len(batch))(batch)
+    [embeddings] = compile_predict(model, True, TOPK, len(batch))(batch)
+    return {
+        'files': [str(f) for f in files],
+        'probabilities': probabilities,
+        'classes': classes,
+        'embeddings': embeddings,
+    }
+
+
+def run(images: Path, checkpoint: Path, out: Path, *options: str) -> int:
+    return batch_predict.main(['run', str(images), '--checkpoint', str(checkpoint), '--output', str(out), *options])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_embeddings(merged: Path, reference: dict) -> None:
+    assert merged.with_suffix('.files.txt').read_text().splitlines() == reference['files']
+    assert relative_error(np.load(merged), reference['embeddings']) < RTOL
+
+
+def test_top_k_of_a_folder_in_chunks_equals_predict(images, checkpoint, reference, tmp_path):
+    # 11 files in chunks of 4, batches of 3: padded batches and a short last chunk.
+    assert run(images, checkpoint, tmp_path / 'run', '--topk', str(TOPK), '--chunk-size', '4', '--batch-size', '3') == 1
+    assert sorted(p.name for p in (tmp_path / 'run' / 'chunks').iterdir()) == ['000000.npz', '000001.npz', '000002.npz']
+    assert batch_predict.main(['merge', str(tmp_path / 'run'), str(tmp_path / 'top.jsonl')]) == 0
+    lines = read_jsonl(tmp_path / 'top.jsonl')
+    assert [line['file'] for line in lines] == [str(p) for p in find_images([images])]  # input order
+    [broken] = [line for line in lines if 'error' in line]
+    assert broken['file'].endswith('image5b.jpg') and 'not a readable image' in broken['error']
+    predicted = [line for line in lines if 'topk' in line]
+    classes = np.array([[entry['index'] for entry in line['topk']] for line in predicted])
+    probabilities = np.array([[entry['probability'] for entry in line['topk']] for line in predicted])
+    np.testing.assert_array_equal(classes, reference['classes'])
+    assert relative_error(probabilities, reference['probabilities']) < RTOL
+    assert predicted[0]['topk'][0]['label'] == f'class {classes[0, 0]}'
+
+
+def test_an_interrupted_run_resumes_without_redoing_chunks(images, checkpoint, reference, tmp_path, monkeypatch):
+    out, list_file = tmp_path / 'run', tmp_path / 'files.txt'
+    list_file.write_text(''.join(f'{path}\n' for path in find_images([images])))
+    options = ('--embeddings', '--chunk-size', '3', '--batch-size', '2')
+    write_chunk, written = batch_predict.write_chunk, []
+
+    def interrupted_after_two(run_dir, chunk, *args) -> None:
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C or a preemption between two chunks
+        write_chunk(run_dir, chunk, *args)
+        written.append(chunk)
+
+    monkeypatch.setattr(batch_predict, 'write_chunk', interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        batch_predict.main(
+            ['run', '--list', str(list_file), '--checkpoint', str(checkpoint), '--output', str(out), *options]
+        )
+    finished = {path.name: path.stat().st_mtime_ns for path in (out / 'chunks').glob('*.npz')}
+    assert sorted(finished) == ['000000.npz', '000001.npz'] and not list((out / 'chunks').glob('000002*'))
+    assert batch_predict.main(['merge', str(out), str(tmp_path / 'early.npy')]) == 2  # refuses a partial run
+
+    monkeypatch.setattr(batch_predict, 'write_chunk', write_chunk)
+    computed = []
+    predict_chunk = batch_predict.predict_chunk
+    monkeypatch.setattr(batch_predict, 'predict_chunk', lambda f, i, *a: computed.append(i) or predict_chunk(f, i, *a))
+    assert (
+        batch_predict.main(
+            ['run', '--list', str(list_file), '--checkpoint', str(checkpoint), '--output', str(out), *options]
+        )
+        == 0  # the unreadable file was in a finished chunk: this invocation read none
+    )
+    assert computed == [range(6, 9), range(9, 11)]  # only the unfinished chunks
+    assert {name: (out / 'chunks' / name).stat().st_mtime_ns for name in finished} == finished  # untouched
+    assert batch_predict.main(['merge', str(out), str(tmp_path / 'embeddings.npy')]) == 0
+    check_embeddings(tmp_path / 'embeddings.npy', reference)
+
+
+def test_two_processes_embed_like_one(images, checkpoint, reference, tmp_path):
+    """2 processes x 2 devices on loopback (gloo), each reading only its own chunks."""
+    out, port = tmp_path / 'run', free_port()
+    command = ['python', '-m', 'nfnet_jax.batch_predict', 'run', str(images), '--checkpoint', str(checkpoint)]
+    command += ['--output', str(out), '--embeddings', '--chunk-size', '3', '--coordinator', f'127.0.0.1:{port}']
+    runs = run_processes([[*command, '--num-processes', '2', '--process-id', str(i)] for i in range(2)], 2, 180)
+    # Exit status 1 for the process whose chunk held the unreadable file, 0 for the other.
+    assert sorted(r.returncode for r in runs) == [0, 1], [r.output[-2000:] for r in runs]
+    writers = [int(np.load(path)['process']) for path in sorted((out / 'chunks').glob('*.npz'))]
+    assert writers == [0, 1, 0, 1]  # chunk c by process c % 2
+    assert batch_predict.main(['merge', str(out), str(tmp_path / 'embeddings.npy')]) == 0
+    check_embeddings(tmp_path / 'embeddings.npy', reference)
+
+
+@pytest.mark.parametrize(
+    ('prepare', 'options', 'message'),
+    [
+        (lambda out: None, ['--batch-size', '0'], 'must be at least 1'),
+        (lambda out: (out / 'notes.txt').write_text('mine'), [], 'is not empty and has no manifest.json'),
+        (lambda out: None, ['--list', 'files.txt'], 'either as inputs'),
+    ],
+)
+def test_bad_runs_are_refused_before_any_work(images, checkpoint, tmp_path, capsys, prepare, options, message):
+    out = tmp_path / 'run'
+    out.mkdir()
+    prepare(out)
+    assert run(images, checkpoint, out, *options) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / 'chunks').exists()
+
+
+def test_a_run_directory_holds_one_computation(images, checkpoint, tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert run(images, checkpoint, out, '--embeddings', '--chunk-size', '20') == 1
+    before = sorted(p.name for p in (out / 'chunks').iterdir())
+    assert run(images, checkpoint, out, '--chunk-size', '20') == 2
+    assert "holds another computation (output: 'embeddings' there, 'topk' now" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / 'chunks').iterdir()) == before
+    (tmp_path / 'dup.txt').write_text(f'{images / "image0.png"}\n{images / "image0.png"}\n')
+    assert (
+        batch_predict.main(
+            [
+                'run',
+                '--list',
+                str(tmp_path / 'dup.txt'),
+                '--checkpoint',
+                str(checkpoint),
+                '--output',
+                str(tmp_path / 'other'),
+            ]
+        )
+        == 2
+    )
+    assert 'listed more than once' in capsys.readouterr().err
+    assert batch_predict.main(['merge', str(out), str(tmp_path / 'out.jsonl')]) == 2
+    assert 'merged into a .npy file' in capsys.readouterr().err
+    (tmp_path / 'taken.npy').write_bytes(b'keep')
+    assert batch_predict.main(['merge', str(out), str(tmp_path / 'taken.npy')]) == 2
+    assert (tmp_path / 'taken.npy').read_bytes() == b'keep'
