@@ -15,7 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + ('8' if sys.argv[1] == 'devices' else '2')
+# Compiling dominates these runs (a dozen train and eval steps of every layout); LLVM's -O0 halves
+# it. Every figure compares outputs made with the same flags.
+os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=' + (
+    '8' if sys.argv[1] == 'devices' else '2'
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

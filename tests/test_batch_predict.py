@@ -136,7 +136,7 @@ def test_two_processes_embed_like_one(images, checkpoint, reference, tmp_path):
     out, port = tmp_path / 'run', free_port()
     command = ['python', '-m', 'nfnet_jax.batch_predict', 'run', str(images), '--checkpoint', str(checkpoint)]
     command += ['--output', str(out), '--embeddings', '--chunk-size', '3', '--coordinator', f'127.0.0.1:{port}']
-    runs = run_processes([[*command, '--num-processes', '2', '--process-id', str(i)] for i in range(2)], 2, 180)
+    runs = run_processes([[*command, '--num-processes', '2', '--process-id', str(i)] for i in range(2)], 2, 400)
     # Exit status 1 for the process whose chunk held the unreadable file, 0 for the other.
     assert sorted(r.returncode for r in runs) == [0, 1], [r.output[-2000:] for r in runs]
     writers = [int(np.load(path)['process']) for path in sorted((out / 'chunks').glob('*.npz'))]
