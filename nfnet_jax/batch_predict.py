@@ -72,10 +72,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument('--chunk-size', type=int, default=512, help='files per output chunk (default 512)')
     run.add_argument('--model-parallelism', type=int, default=1, help='devices splitting the weights (default 1)')
     run.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
-    run.add_argument('--distributed', action='store_true', help='join a multi-host run found from the environment')
-    run.add_argument('--coordinator', help='HOST:PORT of process 0, for a multi-host run without auto-detection')
-    run.add_argument('--num-processes', type=int, help='with --coordinator: how many processes (hosts)')
-    run.add_argument('--process-id', type=int, help='with --coordinator: this process, 0 .. num-processes - 1')
+    parallel.add_distributed_arguments(run)
     merge = commands.add_parser('merge', help='write one file with every output, in input order')
     merge.add_argument('run_dir', type=Path, help='a run directory whose chunks are all finished')
     merge.add_argument('out', type=Path, help='predictions .jsonl, or embeddings .npy (plus OUT.files.txt)')
@@ -182,7 +179,7 @@ def check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    _join_processes(args)  # before any JAX computation
+    parallel.initialize_from_args(args)  # before any JAX computation
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')
     files = input_files(args)
@@ -283,14 +280,6 @@ def predict_chunk(
         done += [index_of[path] for path in paths]
         progress.update(len(paths))
     return done, outputs, failed
-
-
-def _join_processes(args: argparse.Namespace) -> None:
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(value is not None for value in explicit) and None in explicit:
-        raise ValueError('--coordinator, --num-processes and --process-id go together')
-    if args.distributed or args.coordinator is not None:
-        parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def _max_over_processes(value: int) -> int:

@@ -25,6 +25,7 @@ the distributed runtime's heartbeat timeout ends them all.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -75,6 +76,24 @@ def initialize_distributed(
         heartbeat_timeout_seconds=heartbeat_timeout_s,
         shutdown_timeout_seconds=shutdown_timeout_s,
     )
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """A command's flags for joining a multi-host run (read by `initialize_from_args`)."""
+    group = parser.add_argument_group('multi-host (one process per host)')
+    group.add_argument('--distributed', action='store_true', help='join a run found from the environment (TPU, SLURM)')
+    group.add_argument('--coordinator', help='HOST:PORT of process 0, for a multi-host run without auto-detection')
+    group.add_argument('--num-processes', type=int, help='with --coordinator: how many processes (hosts)')
+    group.add_argument('--process-id', type=int, help='with --coordinator: this process, 0 .. num-processes - 1')
+
+
+def initialize_from_args(args: argparse.Namespace) -> None:
+    """`initialize_distributed` as `add_distributed_arguments`'s flags ask; nothing without them."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in explicit) and None in explicit:
+        raise ValueError('--coordinator, --num-processes and --process-id go together')
+    if args.distributed or args.coordinator is not None:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -279,9 +298,10 @@ class ShardedTrainer:
         nnx.update(self.state, new_state)
         return metrics
 
-    def eval_step(self, images: Any, labels: Any) -> Metrics:
-        """`eval_step_fn` of the evaluation model (the EMA weights when there are any) on a sharded batch."""
-        graphdef, state = nnx.split(self.state.eval_model)
+    def eval_step(self, images: Any, labels: Any, model: nnx.Module | None = None) -> Metrics:
+        """`eval_step_fn` on a sharded batch, of `model`: `state.eval_model` (the EMA weights when
+        there are any) by default, or `state.model`, which is sharded alike."""
+        graphdef, state = nnx.split(self.state.eval_model if model is None else model)
         return self._eval(graphdef, state, *self._global(images, labels))
 
     def _global(self, images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
