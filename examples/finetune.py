@@ -3,6 +3,7 @@
     python examples/finetune.py --model dm_nfnet_f0 --checkpoint dm_nfnet_f0.safetensors --output-dir runs/f0
     python examples/finetune.py --model test_nfnet --steps 300 --output-dir runs/digits
     python examples/finetune.py ... --resume          # continue the run saved in --output-dir
+    python examples/finetune.py ... --fsdp --distributed  # on every host of a TPU pod slice
 
 The digits (1,797 8x8 grayscale images, 10 classes, shipped with scikit-learn, no download) are
 upsampled to --image-size, made RGB and normalised with the model's mean and std. The classifier
@@ -11,8 +12,11 @@ AGC, warmup + cosine, weight decay off gains and biases, label smoothing, an EMA
 weights). Every --eval-every steps the model and its EMA are evaluated on the held-out fifth and
 the whole training state is checkpointed, so --resume continues exactly where a run stopped.
 
-The batch is sharded over every local device (one CPU, GPUs, TPU cores) and the state
-replicated, so the same command runs on a GPU or TPU host unchanged.
+Training runs on `nfnet_jax.parallel.ShardedTrainer` over a mesh of every device of every
+process: each batch split along 'data' (each process feeds its own rows), the state replicated,
+or with --fsdp split too, so the same command runs on one CPU, a multi-GPU host or (once per
+host, with --distributed) a TPU pod slice. --output-dir must then be on a filesystem that every
+host sees.
 """
 
 from __future__ import annotations
@@ -28,20 +32,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import nfnet_jax
+from nfnet_jax import parallel
 from nfnet_jax.checkpoint import CheckpointError
 from nfnet_jax.factory import resolve_name
 from nfnet_jax.model import NormFreeNet
 from nfnet_jax.train import (
     TrainCheckpointer,
     TrainState,
-    eval_step,
     nfnet_optimizer,
-    train_step,
     warmup_cosine_schedule,
 )
 
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--eval-every', type=int, default=100)
     parser.add_argument('--keep', type=int, default=2, help='checkpoints to keep')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--fsdp', action='store_true', help='split params and optimizer state over the devices too')
+    parser.add_argument('--model-parallelism', type=int, default=1, help='devices splitting each big weight')
+    parallel.add_distributed_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -143,14 +147,24 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> n
     return order[offset : offset + batch_size]
 
 
-def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int, put) -> dict[str, float]:
+def process_rows(batch_size: int) -> slice:
+    """This process's share of every global batch: the processes' rows in process order."""
+    rows = batch_size // jax.process_count()
+    return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
+
+def evaluate(
+    trainer: parallel.ShardedTrainer, model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> dict[str, float]:
     """Accuracy and mean loss over a whole split, in padded batches of one shape."""
     pad = -len(images) % batch_size
     images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
     labels = np.concatenate([labels, np.full(pad, -1, labels.dtype)])
     totals = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
+    mine = process_rows(batch_size)
     for start in range(0, len(images), batch_size):
-        metrics = eval_step(model, put(images[start : start + batch_size]), put(labels[start : start + batch_size]))
+        batch = slice(start, start + batch_size)
+        metrics = trainer.eval_step(images[batch][mine], labels[batch][mine], model)
         for key in totals:
             totals[key] += metrics[key].item()
     return {'accuracy': totals['correct'] / totals['count'], 'loss': totals['loss_sum'] / totals['count']}
@@ -159,6 +173,7 @@ def evaluate(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_si
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the history (train losses, evaluations, final accuracies)."""
     args = parse_args(argv)
+    parallel.initialize_from_args(args)  # before any other JAX work
     check_args(args)
     start_time = time.perf_counter()
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
@@ -170,13 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tx = nfnet_optimizer(schedule, weight_decay=args.weight_decay, clip_factor=args.clip_factor or None)
     state = TrainState(model, tx, ema_decay=args.ema_decay)
 
-    # Data parallel over every local device: batches split along 'data', the state replicated.
-    mesh = jax.make_mesh((jax.device_count(),), ('data',))
-    data_sharding, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-    nnx.update(state, jax.device_put(nnx.state(state), replicated))
-
-    def put(array: np.ndarray) -> jax.Array:
-        return jax.device_put(array, data_sharding)
+    mesh = parallel.make_mesh(args.model_parallelism)
+    trainer = parallel.ShardedTrainer(state, mesh, fsdp=args.fsdp, label_smoothing=args.label_smoothing)
+    mine = process_rows(args.batch_size)
+    leader = jax.process_index() == 0  # the one process that reports
 
     history: dict[str, Any] = {'train_loss': [], 'evals': []}
     with TrainCheckpointer(args.output_dir, max_to_keep=args.keep) as checkpointer:
@@ -188,26 +200,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result = {'step': step}
             for label, eval_model in (('model', state.model), ('ema', state.eval_model)):
                 eval_model.eval()
-                result[label] = evaluate(eval_model, data.test_images, data.test_labels, args.batch_size, put)
+                result[label] = evaluate(trainer, eval_model, data.test_images, data.test_labels, args.batch_size)
             state.model.train()
             history['evals'].append(result)
-            tqdm.write(
-                f'step {step}: test accuracy {result["model"]["accuracy"]:.3f} (EMA {result["ema"]["accuracy"]:.3f}), '
-                f'test loss {result["model"]["loss"]:.3f}'
-            )
+            if leader:
+                tqdm.write(
+                    f'step {step}: test accuracy {result["model"]["accuracy"]:.3f} '
+                    f'(EMA {result["ema"]["accuracy"]:.3f}), test loss {result["model"]["loss"]:.3f}'
+                )
             if step not in checkpointer.steps():
                 checkpointer.save(state)
 
         state.model.train()
-        progress = tqdm(range(state.step, args.steps), desc=f'fine-tuning {args.model}', unit='step')
+        progress = tqdm(
+            range(state.step, args.steps), desc=f'fine-tuning {args.model}', unit='step', disable=not leader
+        )
         for step in progress:
-            batch = batch_indices(step, len(data.train_images), args.batch_size, args.seed)
-            metrics = train_step(
-                state,
-                put(data.train_images[batch]),
-                put(data.train_labels[batch]),
-                label_smoothing=args.label_smoothing,
-            )
+            batch = batch_indices(step, len(data.train_images), args.batch_size, args.seed)[mine]
+            metrics = trainer.train_step(data.train_images[batch], data.train_labels[batch])
             loss = metrics['loss'].item()
             history['train_loss'].append(loss)
             progress.set_postfix(loss=f'{loss:.3f}', lr=f'{float(schedule(step)):.3g}')
@@ -220,11 +230,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final = history['evals'][-1]
     history |= {'final_accuracy': final['model']['accuracy'], 'final_ema_accuracy': final['ema']['accuracy']}
     history['seconds'] = time.perf_counter() - start_time
-    print(
-        f'final test accuracy {final["model"]["accuracy"]:.4f} (EMA {final["ema"]["accuracy"]:.4f}) '
-        f'on {len(data.test_labels)} held-out digits after {state.step} steps, {history["seconds"]:.0f} s',
-        file=sys.stderr,
-    )
+    if leader:
+        print(
+            f'final test accuracy {final["model"]["accuracy"]:.4f} (EMA {final["ema"]["accuracy"]:.4f}) '
+            f'on {len(data.test_labels)} held-out digits after {state.step} steps, {history["seconds"]:.0f} s',
+            file=sys.stderr,
+        )
     return history
 
 
