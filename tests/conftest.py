@@ -100,7 +100,8 @@ def offline_hub(hub_cache, monkeypatch) -> Path:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Print the worst parity error per family, so every CI log shows the figures, not only a pass."""
+    """Print the worst parity error per family and the figures tests record as `('figure', (label, value))`,
+    so every CI log shows the figures, not only a pass."""
     worst: dict[str, tuple[float, str]] = {}
     for report in terminalreporter.stats.get('passed', []):
         for name, value in report.user_properties:
@@ -113,3 +114,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_sep('-', 'worst fp32 parity error per family (max|ours - timm| / max|timm|)')
         for family, (error, where) in sorted(worst.items()):
             terminalreporter.write_line(f'{family:<14} {error:.2e}  ({where})')
+    figures = [
+        value
+        for report in terminalreporter.stats.get('passed', [])
+        for name, value in report.user_properties
+        if name == 'figure'
+    ]
+    if figures:
+        terminalreporter.write_sep('-', 'other measured figures (relative errors: max|ours - ref| / max|ref|)')
+        for label, error in figures:
+            terminalreporter.write_line(f'{error:.2e}  {label}')

@@ -63,9 +63,13 @@ def two_processes(tmp_path_factory) -> Path:
     return out
 
 
-def check_train_step(ours: dict[str, np.ndarray], facts: dict, reference: dict[str, np.ndarray], fsdp: bool) -> None:
+def check_train_step(
+    ours: dict[str, np.ndarray], facts: dict, reference: dict[str, np.ndarray], fsdp: bool, record, label: str
+) -> None:
     assert facts['step'] == 1
-    assert worst(ours, reference, 'state') < STATE_RTOL
+    state_error = worst(ours, reference, 'state')
+    record('figure', (f'{label}: whole train state after one step vs one device', state_error))
+    assert state_error < STATE_RTOL
     assert relative_error(ours['loss'], reference['loss']) < LOSS_RTOL
     assert relative_error(ours['eval_loss'], reference['eval_loss']) < LOSS_RTOL
     assert facts['shardings_kept']  # the step returns the state with the shardings it was given
@@ -73,20 +77,22 @@ def check_train_step(ours: dict[str, np.ndarray], facts: dict, reference: dict[s
     assert (facts['sharded_optimizer_state'] > 0) == fsdp
 
 
-def test_sharded_inference_on_8_devices_equals_one_device(one_process):
+def test_sharded_inference_on_8_devices_equals_one_device(one_process, record_property):
     reference, _ = load(one_process, 'single')
     for topology, split in (('8x1', False), ('2x4', True)):
         ours, facts = load(one_process, f'inference {topology}')
         assert facts['devices'] == 8
         assert (facts['sharded_params'] > 0) == split  # 2x4: kernels split over the 4 'model' devices
         for name in OUTPUTS if split else OUTPUTS[:1]:
-            assert worst(ours, reference, name) < INFERENCE_RTOL, (topology, name)
+            error = worst(ours, reference, name)
+            record_property('figure', (f'1 process x 8 devices, mesh {topology}: {name} vs one device', error))
+            assert error < INFERENCE_RTOL, (topology, name)
 
 
-def test_data_parallel_and_fsdp_steps_on_8_devices_equal_one_device(one_process):
+def test_data_parallel_and_fsdp_steps_on_8_devices_equal_one_device(one_process, record_property):
     reference, _ = load(one_process, 'single')
-    check_train_step(*load(one_process, 'train 8x1'), reference, fsdp=False)
-    check_train_step(*load(one_process, 'train 4x2'), reference, fsdp=True)
+    check_train_step(*load(one_process, 'train 8x1'), reference, False, record_property, 'data parallel, mesh 8x1')
+    check_train_step(*load(one_process, 'train 4x2'), reference, True, record_property, 'FSDP, mesh 4x2')
 
 
 def test_create_sharded_builds_the_same_state_in_shards(one_process):
@@ -97,7 +103,7 @@ def test_create_sharded_builds_the_same_state_in_shards(one_process):
     assert worst(built, eager, 'state') < LOSS_RTOL
 
 
-def test_two_processes_equal_one_device(one_process, two_processes):
+def test_two_processes_equal_one_device(one_process, two_processes, record_property):
     """Each process fed half the batch: its rows of every output, and the whole state after the step."""
     reference, _ = load(one_process, 'single')
     for rank in range(2):
@@ -106,8 +112,11 @@ def test_two_processes_equal_one_device(one_process, two_processes):
         rows = slice(*facts['rows'])
         assert facts['inference']['sharded_params'] > 0
         for name in OUTPUTS:
-            assert worst(ours, reference, name, rows) < INFERENCE_RTOL, (rank, name)
-        check_train_step(ours, facts['train'], reference, fsdp=True)
+            error = worst(ours, reference, name, rows)
+            record_property('figure', (f'2 processes x 2 devices, process {rank}: {name} vs one device', error))
+            assert error < INFERENCE_RTOL, (rank, name)
+        label = f'2 processes x 2 devices, FSDP, process {rank}'
+        check_train_step(ours, facts['train'], reference, True, record_property, label)
 
 
 def test_a_failing_process_ends_both_processes(tmp_path):
