@@ -147,12 +147,6 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> n
     return order[offset : offset + batch_size]
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's share of every global batch: the processes' rows in process order."""
-    rows = batch_size // jax.process_count()
-    return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-
-
 def evaluate(
     trainer: parallel.ShardedTrainer, model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> dict[str, float]:
@@ -161,7 +155,7 @@ def evaluate(
     images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
     labels = np.concatenate([labels, np.full(pad, -1, labels.dtype)])
     totals = {'loss_sum': 0.0, 'correct': 0, 'count': 0}
-    mine = process_rows(batch_size)
+    mine = parallel.process_rows(batch_size)
     for start in range(0, len(images), batch_size):
         batch = slice(start, start + batch_size)
         metrics = trainer.eval_step(images[batch][mine], labels[batch][mine], model)
@@ -187,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     mesh = parallel.make_mesh(args.model_parallelism)
     trainer = parallel.ShardedTrainer(state, mesh, fsdp=args.fsdp, label_smoothing=args.label_smoothing)
-    mine = process_rows(args.batch_size)
+    mine = parallel.process_rows(args.batch_size)
     leader = jax.process_index() == 0  # the one process that reports
 
     history: dict[str, Any] = {'train_loss': [], 'evals': []}

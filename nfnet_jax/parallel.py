@@ -180,6 +180,12 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     return jax.tree.map(make, local)
 
 
+def process_rows(global_batch_size: int) -> slice:
+    """This process's rows of a global batch of `global_batch_size`, as `global_batch` puts them together."""
+    rows = global_batch_size // jax.process_count()
+    return slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+
+
 def local_rows(outputs: Any, mesh: Mesh) -> Any:
     """This process's rows of each batch-sharded output, as numpy, in the order it fed them to `global_batch`."""
     host_local = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(DATA_AXIS))

@@ -103,6 +103,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     """Print the worst parity error per family and the figures tests record as `('figure', (label, value))`,
     so every CI log shows the figures, not only a pass."""
     worst: dict[str, tuple[float, str]] = {}
+    figures: list[tuple[str, float]] = []
     for report in terminalreporter.stats.get('passed', []):
         for name, value in report.user_properties:
             if name == 'parity':
@@ -110,16 +111,12 @@ def pytest_terminal_summary(terminalreporter) -> None:
                 family = architecture.rstrip('0123456789')  # dm_nfnet_f, nfnet_l, nf_regnet_b, ...
                 if error >= worst.get(family, (-1.0, ''))[0]:
                     worst[family] = (error, f'{architecture} at {size[0]}x{size[1]}')
+            elif name == 'figure':
+                figures.append(value)
     if worst:
         terminalreporter.write_sep('-', 'worst fp32 parity error per family (max|ours - timm| / max|timm|)')
         for family, (error, where) in sorted(worst.items()):
             terminalreporter.write_line(f'{family:<14} {error:.2e}  ({where})')
-    figures = [
-        value
-        for report in terminalreporter.stats.get('passed', [])
-        for name, value in report.user_properties
-        if name == 'figure'
-    ]
     if figures:
         terminalreporter.write_sep('-', 'other measured figures (relative errors: max|ours - ref| / max|ref|)')
         for label, error in figures:

@@ -166,7 +166,7 @@ def process_run(out: Path, port: int, process_id: int, fail: bool) -> None:
     if fail and process_id == 1:
         raise RuntimeError('process 1 fails on purpose before the first collective')
     images, labels = batch()
-    rows = slice(process_id * BATCH // 2, (process_id + 1) * BATCH // 2)
+    rows = parallel.process_rows(BATCH)
     mesh = parallel.make_mesh(2)  # 2x2: data and model axes both span processes' devices
     inference, inference_facts = sharded_inference(mesh, images, rows)
     train, train_facts = sharded_train(mesh, True, images, labels, rows)
