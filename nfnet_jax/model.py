@@ -157,12 +157,12 @@ class NormFreeBlock(nnx.Module):
         out = self.act1(x) * self.beta
         shortcut = self.downsample(out) if self.downsample is not None else x
         out = self.conv1(out)
-        out = self.conv2(self.act2(out))
+        out = self.conv2(out, self.act2)
         if self.conv2b is not None:
-            out = self.conv2b(self.act2b(out))
+            out = self.conv2b(out, self.act2b)
         if self.attn is not None:
             out = self.attn_gain * self.attn(out)
-        out = self.conv3(self.act3(out))
+        out = self.conv3(out, self.act3)
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
         if self.drop_path is not None:

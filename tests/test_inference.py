@@ -99,6 +99,36 @@ def test_convs_are_lowered_per_platform(kernel_size, groups, cpu_ops):
     assert relative_error(conv(x, k), native) <= FP32_RTOL
 
 
+@pytest.mark.parametrize('kernel_size,groups', [(3, 4), (1, 1), (3, 1)])
+def test_conv_activation_and_bias_per_group_on_cpu(kernel_size, groups):
+    """conv2d's pre_act and bias: the same values as act-then-conv-then-bias, the activation applied per group on CPU.
+
+    One activation per group slice is what lets XLA:CPU fuse it with the slicing (see conv2d).
+    """
+    x = np.random.default_rng(1).standard_normal((2, 8, 8, 16)).astype(np.float32)
+    k = np.random.default_rng(2).standard_normal((kernel_size, kernel_size, 16 // groups, 16)).astype(np.float32)
+    b = np.random.default_rng(3).standard_normal(16).astype(np.float32)
+
+    def conv(x, k, b):
+        return layers.conv2d(x, k, groups, bias=b, pre_act=layers.gelu, window_strides=(1, 1), padding='SAME')
+
+    def erf_count(platform: str) -> int:
+        return (
+            export.export(jax.jit(conv), platforms=[platform])(x, k, b)
+            .mlir_module()
+            .count('stablehlo.composite "chlo.erf"')
+        )
+
+    assert erf_count('cpu') == groups
+    assert erf_count('cuda') == erf_count('tpu') == 1
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    gelu_x = np.asarray(torch.nn.functional.gelu(torch.from_numpy(x)))
+    expected = jax.lax.conv_general_dilated(
+        gelu_x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups, precision='highest'
+    )
+    assert relative_error(jax.jit(conv)(x, k, b), expected + b) <= FP32_RTOL
+
+
 def test_bfloat16_compute_from_float32_params():
     """bfloat16 activations, float32 parameters and folded kernels; logits close to float32 on random weights."""
     torch.manual_seed(0)
