@@ -126,7 +126,7 @@ def conv2d(
     (erf) to memory once and reads it back per group, while an activation of each group's
     slice fuses into one pass with the slicing; and adding each group's bias before the
     concat lets the next grouped conv take its slices straight from the group outputs.
-    Together ~15% of dm_nfnet_f0's CPU inference. cuDNN and TPUs keep the convolution as
+    Together ~18% of dm_nfnet_f0's CPU inference time. cuDNN and TPUs keep the convolution as
     written (native grouped kernels). The choice is made when the computation is lowered for
     its platform (`jax.lax.platform_dependent`), not from the default backend, so a jit
     placed on a GPU by a CPU-default process still gets cuDNN's kernels.
