@@ -136,8 +136,12 @@ def conv2d(
     biased = (lambda y, _: y) if bias is None else (lambda y, b: y + b)
     pointwise = kernel.shape[:2] == (1, 1) and set(conv_kwargs.get('window_strides', (1, 1))) == {1}
     pointwise = pointwise and conv_kwargs.get('padding', 'SAME') in ('SAME', ((0, 0), (0, 0)))
+
+    def native_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
+        return biased(conv(act(x), kernel, feature_group_count=groups), bias)
+
     if groups == 1 and not pointwise:
-        return biased(conv(act(x), kernel), bias)
+        return native_conv(x, kernel, bias)
 
     def cpu_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
         if groups == 1:  # pointwise
@@ -145,9 +149,6 @@ def conv2d(
         biases = [None] * groups if bias is None else jnp.split(bias, groups)
         parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1), biases, strict=True)
         return jnp.concatenate([biased(conv(act(x_g), kernel_g), bias_g) for x_g, kernel_g, bias_g in parts], axis=-1)
-
-    def native_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
-        return biased(conv(act(x), kernel, feature_group_count=groups), bias)
 
     return jax.lax.platform_dependent(x, kernel, bias, cpu=cpu_conv, default=native_conv)
 
