@@ -2,6 +2,7 @@
 
 from nfnet_jax import data
 from nfnet_jax.checkpoint import CheckpointError, StateMismatchError, read_checkpoint, save_checkpoint
+from nfnet_jax.compile_options import compiler_options
 from nfnet_jax.configs import NfCfg, model_cfgs
 from nfnet_jax.factory import create_model, list_models, load_checkpoint
 from nfnet_jax.features import FeatureInfo, FeatureListNet
@@ -20,6 +21,7 @@ __all__ = [
     'PretrainedCfg',
     'StateMismatchError',
     'Stem',
+    'compiler_options',
     'count_params',
     'data',
     'create_model',

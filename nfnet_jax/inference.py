@@ -5,7 +5,8 @@
 
 Each builder returns an `InferenceFn`: `fn(images)` is a jitted call and nothing else, and
 `fn.apply(fn.state, images)` is the same pure function for code that manages the state itself
-(placing it on devices, sharding it, exporting with `jax.export`). The state is prepared once:
+(placing it on devices, sharding it, exporting with `jax.export`), jitted with XLA's default
+options where `fn(images)` has those of `compile_options` (faster convolutions on CPU). The state is prepared once:
 the model is copied into eval mode and every weight-standardised conv gets its standardised
 kernel folded in (`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model
 passed in is untouched and keeps training with the usual per-call standardisation.
@@ -28,19 +29,34 @@ from typing import Any
 import jax
 from flax import nnx
 
+from nfnet_jax.compile_options import compiler_options, platform_of
 from nfnet_jax.layers import Array, ScaledStdConv2d
 from nfnet_jax.model import NormFreeNet
 
 
 @dataclass(frozen=True)
 class InferenceFn:
-    """A jitted pure function of (state, images) bound to its prepared state."""
+    """A jitted pure function of (state, images) bound to its prepared state.
+
+    `apply` is jitted with XLA's default options, so it can be nested in other jits and
+    exported; `compiled` is the same function jitted with the compiler options of the state's
+    platform (`compile_options`), which only a top-level jit may take. A call runs `compiled`,
+    or `apply` when it is traced inside another jit.
+    """
 
     apply: Callable[[nnx.State, Array], Any]
     state: nnx.State
+    compiled: Callable[[nnx.State, Array], Any]
 
     def __call__(self, images: Array) -> Any:
-        return self.apply(self.state, images)
+        run = self.apply if isinstance(images, jax.core.Tracer) else self.compiled
+        return run(self.state, images)
+
+
+def jit_inference(pure: Callable[[nnx.State, Array], Any], state: nnx.State, **jit_kwargs: Any) -> InferenceFn:
+    """`pure` jitted twice (see `InferenceFn`), with `jit_kwargs` (shardings) for both, bound to `state`."""
+    options = compiler_options(platform_of(state))
+    return InferenceFn(jax.jit(pure, **jit_kwargs), state, jax.jit(pure, compiler_options=options, **jit_kwargs))
 
 
 def inference_model(model: NormFreeNet) -> NormFreeNet:
@@ -60,7 +76,7 @@ def compile_forward(model: NormFreeNet, forward: Callable[[NormFreeNet, Array], 
     def apply(state: nnx.State, images: Array) -> Any:
         return forward(nnx.merge(graphdef, state), images)
 
-    return InferenceFn(jax.jit(apply), state)
+    return jit_inference(apply, state)
 
 
 def classifier(model: NormFreeNet) -> InferenceFn:

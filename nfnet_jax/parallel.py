@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -38,9 +39,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nfnet_jax.inference import InferenceFn
+from nfnet_jax.compile_options import compiler_options, platform_of
+from nfnet_jax.inference import InferenceFn, jit_inference
 from nfnet_jax.train.state import TrainState
-from nfnet_jax.train.step import Metrics, eval_step_fn, train_step_fn
+from nfnet_jax.train.step import Metrics, pure_eval_step, pure_train_step
 
 DATA_AXIS = 'data'
 MODEL_AXIS = 'model'
@@ -238,8 +240,8 @@ def shard_inference(fn: InferenceFn, mesh: Mesh, *, min_shard_size: int = DEFAUL
     """
     shardings = state_shardings(fn.state, mesh, (MODEL_AXIS,), min_shard_size)
     outputs = batch_sharding(mesh)  # one sharding for every output: logits, embeddings or each feature map
-    apply = jax.jit(fn.apply, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=outputs)
-    return InferenceFn(apply, place(fn.state, shardings))
+    state = place(fn.state, shardings)
+    return jit_inference(fn.apply, state, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=outputs)
 
 
 # -------------------------------------------------------------------------------------- training
@@ -274,24 +276,21 @@ class ShardedTrainer:
         eval_shardings = state_shardings(nnx.state(state.eval_model), mesh, axes, min_shard_size)
         data, metrics = batch_sharding(mesh), replicated(mesh)
 
-        def train(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array):
-            train_state = nnx.merge(graphdef, state)
-            step_metrics = train_step_fn(train_state, images, labels, label_smoothing)
-            return nnx.state(train_state), step_metrics
-
-        def evaluate(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array) -> Metrics:
-            return eval_step_fn(nnx.merge(graphdef, state), images, labels)
-
-        # The graphdef is static: switching the model between train() and eval() changes it.
+        options = compiler_options(platform_of(nnx.state(state)))
         self._train = jax.jit(
-            train,
+            partial(pure_train_step, label_smoothing=label_smoothing),
             static_argnums=0,
             in_shardings=(self.state_shardings, data, data),
             out_shardings=(self.state_shardings, metrics),
             donate_argnums=1,
+            compiler_options=options,
         )
         self._eval = jax.jit(
-            evaluate, static_argnums=0, in_shardings=(eval_shardings, data, data), out_shardings=metrics
+            pure_eval_step,
+            static_argnums=0,
+            in_shardings=(eval_shardings, data, data),
+            out_shardings=metrics,
+            compiler_options=options,
         )
 
     def train_step(self, images: Any, labels: Any) -> Metrics:

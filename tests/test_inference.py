@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,6 +128,59 @@ def test_conv_activation_and_bias_per_group_on_cpu(kernel_size, groups):
         gelu_x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups, precision='highest'
     )
     assert relative_error(jax.jit(conv)(x, k, b), expected + b) <= FP32_RTOL
+
+
+OPTIONS_WORKER = """
+import jax
+import numpy as np
+import nfnet_jax
+from nfnet_jax import inference, parallel
+from nfnet_jax.train import TrainState, eval_step, nfnet_optimizer, train_step
+
+images, labels = np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int32)
+model = nfnet_jax.create_model('test_nfnet', num_classes=10)
+classify = inference.classifier(model)
+classify(images)
+
+
+def users_jit(x):
+    return classify(x) + 1
+
+
+jax.jit(users_jit)(images)
+state = TrainState(model, nfnet_optimizer(0.1))
+train_step(state, images, labels)
+eval_step(state.model, images, labels)
+mesh = parallel.make_mesh()
+parallel.shard_inference(inference.embedder(model), mesh)(images)
+trainer = parallel.ShardedTrainer(state, mesh)
+trainer.train_step(images, labels)
+trainer.eval_step(images, labels)
+"""
+
+
+def test_every_top_level_jit_compiles_with_the_platform_options(tmp_path):
+    """XLA dumps each compiled program's non-default options: every jit of ours carries compile_options' CPU list.
+
+    The inference functions, the train and eval steps and their sharded forms; a classifier
+    called inside a user's jit runs too (a nested jit may take no options), under that jit's.
+    """
+    assert nfnet_jax.compiler_options('gpu') is None and nfnet_jax.compiler_options('tpu') is None
+    worker = tmp_path / 'worker.py'
+    worker.write_text(OPTIONS_WORKER)
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_dump_to={tmp_path / "dump"}'}
+    subprocess.run([sys.executable, str(worker)], check=True, cwd=REPO, env=env, timeout=600)
+    fusion_types: dict[str, list[list[str]]] = {}
+    for path in (tmp_path / 'dump').glob('*.debug_options'):
+        name = path.name.split('.')[1]
+        fusion_types.setdefault(name, []).append(
+            re.findall(r'xla_cpu_experimental_ynn_fusion_type: (\w+)', path.read_text(errors='replace'))
+        )
+    ours = ['LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT', 'LIBRARY_FUSION_TYPE_REDUCE']
+    assert ours == nfnet_jax.compiler_options('cpu')['xla_cpu_experimental_ynn_fusion_type'].split(',')
+    for name in ('jit_apply', 'jit_pure_train_step', 'jit_pure_eval_step'):  # plain and sharded, each
+        assert fusion_types.get(name) == [ours, ours], name
+    assert fusion_types.get('jit_users_jit') == [[]]
 
 
 def test_bfloat16_compute_from_float32_params():

@@ -7,10 +7,14 @@ while its params, their gradients, the optimizer state and the EMA stay float32 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nfnet_jax.compile_options import compiler_options, platform_of
 from nfnet_jax.train.optim import cross_entropy_loss
 from nfnet_jax.train.state import TrainState
 
@@ -49,5 +53,45 @@ def eval_step_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Met
     return {'loss_sum': jnp.sum(jnp.where(valid, losses, 0.0)), 'correct': jnp.sum(correct), 'count': jnp.sum(valid)}
 
 
-train_step = nnx.jit(train_step_fn, static_argnames='label_smoothing')
-eval_step = nnx.jit(eval_step_fn)
+def pure_train_step(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> tuple[nnx.State, Metrics]:
+    """`train_step_fn` as a pure function of the split train state: (new state, metrics).
+
+    This is the form `jax.jit` takes with shardings or compiler options. Keep `graphdef`
+    static: switching the model between train() and eval() changes it.
+    """
+    train_state = nnx.merge(graphdef, state)
+    metrics = train_step_fn(train_state, images, labels, label_smoothing)
+    return nnx.state(train_state), metrics
+
+
+def pure_eval_step(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array) -> Metrics:
+    """`eval_step_fn` as a pure function of the split model."""
+    return eval_step_fn(nnx.merge(graphdef, state), images, labels)
+
+
+@functools.cache
+def compiled_steps(platform: str | None) -> tuple[Callable[..., tuple[nnx.State, Metrics]], Callable[..., Metrics]]:
+    """The jitted (pure_train_step, pure_eval_step) with `platform`'s compiler options (None: XLA's defaults)."""
+    options = compiler_options(platform)
+    return (
+        jax.jit(pure_train_step, static_argnums=(0, 4), compiler_options=options),
+        jax.jit(pure_eval_step, static_argnums=0, compiler_options=options),
+    )
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> Metrics:
+    """`train_step_fn`, jitted with the compiler options of the state's platform; updates `state` in place."""
+    graphdef, arrays = nnx.split(state)
+    train = compiled_steps(platform_of((arrays, images, labels)))[0]
+    new_state, metrics = train(graphdef, arrays, images, labels, label_smoothing)
+    nnx.update(state, new_state)
+    return metrics
+
+
+def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
+    """`eval_step_fn`, jitted with the compiler options of the model's platform."""
+    graphdef, arrays = nnx.split(model)
+    evaluate = compiled_steps(platform_of((arrays, images, labels)))[1]
+    return evaluate(graphdef, arrays, images, labels)
