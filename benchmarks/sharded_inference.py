@@ -66,7 +66,7 @@ def main() -> None:
         'devices': jax.device_count(),
         'platform': device.platform,
         'one device': images_per_second(
-            lambda: fn.apply(single_state, single_images), args.batch, args.runs, '1 device'
+            lambda: fn.compiled(single_state, single_images), args.batch, args.runs, '1 device'
         ),
         f'mesh {dict(mesh.shape)}': images_per_second(
             lambda: sharded(sharded_images), args.batch, args.runs, f'{mesh.devices.size} devices'
