@@ -5,11 +5,12 @@
 
 Each builder returns an `InferenceFn`: `fn(images)` is a jitted call and nothing else, and
 `fn.apply(fn.state, images)` is the same pure function for code that manages the state itself
-(placing it on devices, sharding it, exporting with `jax.export`), jitted with XLA's default
-options where `fn(images)` has those of `compile_options` (faster convolutions on CPU). The state is prepared once:
-the model is copied into eval mode and every weight-standardised conv gets its standardised
-kernel folded in (`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model
-passed in is untouched and keeps training with the usual per-call standardisation.
+(placing it on devices, sharding it, nesting it in its own jit, exporting with `jax.export`),
+jitted with XLA's default options, where `fn(images)` compiles with those of `compile_options`
+(faster convolutions on CPU). The state is prepared once: the model is copied into eval mode
+and every weight-standardised conv gets its standardised kernel folded in
+(`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model passed in is
+untouched and keeps training with the usual per-call standardisation.
 
 Mixed precision is the model's own `dtype`: build it with `create_model(name, dtype=jnp.bfloat16)`
 to compute in bfloat16 from float32 parameters (standardisation and pooling stay float32).
