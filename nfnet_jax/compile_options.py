@@ -1,7 +1,7 @@
 """XLA compiler options for NFNet programs, chosen per platform.
 
-Every jit in nfnet_jax (the inference functions, the train and eval steps, the sharded ones)
-passes `compiler_options(platform_of(state))`. Code that jits the model itself can do the same:
+Every jit in nfnet_jax that runs the model (the inference functions, the train and eval steps,
+the sharded ones) passes `compiler_options(platform_of(state))`. Code that jits the model itself can do the same:
 
     forward = jax.jit(apply, compiler_options=nfnet_jax.compiler_options('cpu'))
 

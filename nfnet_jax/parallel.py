@@ -239,9 +239,8 @@ def shard_inference(fn: InferenceFn, mesh: Mesh, *, min_shard_size: int = DEFAUL
     process a numpy batch works too. Its batch size must be a multiple of the 'data' axis.
     """
     shardings = state_shardings(fn.state, mesh, (MODEL_AXIS,), min_shard_size)
-    outputs = batch_sharding(mesh)  # one sharding for every output: logits, embeddings or each feature map
-    state = place(fn.state, shardings)
-    return jit_inference(fn.apply, state, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=outputs)
+    batch = batch_sharding(mesh)  # the images, and every output: logits, embeddings or each feature map
+    return jit_inference(fn.apply, place(fn.state, shardings), in_shardings=(shardings, batch), out_shardings=batch)
 
 
 # -------------------------------------------------------------------------------------- training
