@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 
@@ -68,9 +66,11 @@ def run_child(model_name: str, batch: int, size: int, cache: Path | None) -> dic
 
 def measure(model_name: str, batch: int, size: int, cache: Path) -> dict[str, dict[str, Any]]:
     """The three cold starts: no cache, writing an empty cache, reading it."""
+    from nfnet_jax.cli import progress  # here, not at the top: a child process times its own import of nfnet_jax
+
     runs = {'no cache': None, 'cache, first process (writes)': cache, 'cache, second process (reads)': cache}
     results = {}
-    for name, folder in tqdm(runs.items(), desc='cold starts', unit='process'):
+    for name, folder in progress(runs.items(), desc='cold starts', unit='process'):
         results[name] = run_child(model_name, batch, size, folder)
         if folder is not None:
             results[name]['cache_files'] = sum(1 for p in folder.rglob('*') if p.is_file())
@@ -99,10 +99,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     if args.child:
         print(json.dumps(child(args.model, args.batch, args.size, args.cache)))
         return {}
-    if args.json is not None and args.json.exists() and not args.force:
-        parser.error(f'{args.json} already exists; pass --force to replace it')
+    from nfnet_jax.files import atomic_write, refuse_existing
 
-    from nfnet_jax.checkpoint import atomic_write
+    if args.json is not None:
+        refuse_existing(args.json, args.force)
 
     with tempfile.TemporaryDirectory(prefix='nfnet_jax_cache_') as cache:
         results = measure(args.model, args.batch, args.size, Path(cache))

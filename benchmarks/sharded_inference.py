@@ -19,10 +19,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 import nfnet_jax
 from nfnet_jax import parallel
+from nfnet_jax.cli import progress
 from nfnet_jax.inference import classifier
 
 
@@ -31,7 +31,7 @@ def images_per_second(call: Callable[[], jax.Array], batch: int, runs: int, labe
     call().block_until_ready()
     first = time.perf_counter() - begin
     seconds = []
-    for _ in tqdm(range(runs), desc=label, unit='run'):
+    for _ in progress(range(runs), desc=label, unit='run'):
         begin = time.perf_counter()
         call().block_until_ready()
         seconds.append(time.perf_counter() - begin)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
+
+from nfnet_jax.cli import progress
 
 
 def timm_step(model, channels_last: bool, images: np.ndarray, labels: np.ndarray) -> Callable[[], None]:
@@ -45,7 +46,7 @@ def timm_step(model, channels_last: bool, images: np.ndarray, labels: np.ndarray
 
 
 def jax_step(timm_model, images: np.ndarray, labels: np.ndarray) -> Callable[[], None]:
-    from convert.from_timm import from_timm
+    from nfnet_jax.factory import from_timm
     from nfnet_jax.train import TrainState, nfnet_optimizer, train_step
 
     state = TrainState(from_timm(timm_model), nfnet_optimizer(0.1))
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> None:
         f'nfnet_jax jit ({jax.default_backend()})': jax_step(reference, images, labels),
     }
     first, times = {}, {name: [] for name in steps}
-    for name, step in tqdm(steps.items(), desc='first steps (compiling)'):
+    for name, step in progress(steps.items(), desc='first steps (compiling)'):
         start = time.perf_counter()
         step()
         first[name] = time.perf_counter() - start
-    for _ in tqdm(range(args.steps), desc='timed rounds'):
+    for _ in progress(range(args.steps), desc='timed rounds'):
         for name, step in steps.items():
             start = time.perf_counter()
             step()

@@ -178,10 +178,6 @@ def measure(
     return results, logits
 
 
-def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.max(np.abs(ours - reference)) / max(float(np.max(np.abs(reference))), 1e-30))
-
-
 def ratios(results: dict[str, Result]) -> dict[str, float]:
     """nfnet_jax images/s over each timm configuration's, and over the best of them."""
     ours = results[JAX_CONFIG].images_per_s
@@ -275,11 +271,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
     args = parser.parse_args(argv)
+    from nfnet_jax.files import refuse_existing
+
     if args.batch < 1 or args.size < 32 or args.repeats < 1:
         parser.error('--batch and --repeats must be at least 1 and --size at least 32')
     for path in (args.json, args.plot if args.sweep else None):  # checked now, not after minutes of work
-        if path is not None and path.exists() and not args.force:
-            parser.error(f'{path} already exists; pass --force to replace it')
+        if path is not None:
+            refuse_existing(path, args.force)
         if path is not None and not path.parent.is_dir():
             parser.error(f'cannot write {path}: {path.parent} is not a directory')
     return args
@@ -292,8 +290,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     import nfnet_jax
-    from convert.from_timm import convert_state_dict
-    from nfnet_jax.checkpoint import atomic_write
+    from nfnet_jax.cli import progress
+    from nfnet_jax.files import atomic_write
+    from nfnet_jax.numerics import relative_error
+    from nfnet_jax.weights import convert_state_dict
 
     gpu = torch.cuda.is_available()
     dtype = args.dtype or ('bfloat16' if gpu else 'float32')
@@ -308,10 +308,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = dict(model=args.model, repeats=args.repeats, **environment(dtype, gpu), runs=[])
     calls_per_shape = len(TIMM_CONFIGS) + 1 - args.skip_compile
-    with tqdm(total=len(shapes) * calls_per_shape * (args.repeats + 1), desc='benchmark', unit='call') as progress:
+    with progress(total=len(shapes) * calls_per_shape * (args.repeats + 1), desc='benchmark', unit='call') as bar:
         for batch, size in shapes:
             runners = build_runners(batch, size, dtype, gpu, timm_model, jax_model, not args.skip_compile)
-            results, logits = measure(runners, batch, size, args.repeats, gpu, progress)
+            results, logits = measure(runners, batch, size, args.repeats, gpu, bar)
             run = dict(
                 batch=batch,
                 size=size,

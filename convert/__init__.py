@@ -1,5 +1,5 @@
-"""Weight conversion between timm (PyTorch) and nfnet_jax (Flax).
+"""Weight conversion between timm (PyTorch) and nfnet_jax (Flax): the `python -m convert.from_timm` command.
 
-`convert.from_timm` (library and command) goes from timm to Flax, `convert.to_timm` back;
-`convert.table` is the one mapping both use.
+The conversion itself lives in `nfnet_jax.weights`; `convert.from_timm` and `convert.to_timm`
+re-export it for code written against them.
 """

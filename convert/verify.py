@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import nfnet_jax
+from nfnet_jax.numerics import relative_error
 
 
 def require_timm() -> None:
@@ -17,13 +18,6 @@ def require_timm() -> None:
         import torch  # noqa: F401
     except ImportError:
         raise nfnet_jax.CheckpointError('--verify needs torch and timm: pip install "nfnet-jax[timm]"') from None
-
-
-def relative_error(ours: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max absolute error, max absolute error / max |reference|): the metric of every parity check here."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    max_abs = float(np.max(np.abs(ours - reference)))
-    return max_abs, max_abs / max(float(np.max(np.abs(reference))), 1e-30)
 
 
 @dataclass
@@ -64,9 +58,11 @@ def verify_checkpoint(
 
     ours_final, ours_taps = model.forward_intermediates(x)
     ours = [np.asarray(model.forward_head(ours_final))] + [np.asarray(tap) for tap in ours_taps]
-    return Report(
-        [(name, ref.shape, *relative_error(out, ref)) for (name, ref), out in zip(reference, ours, strict=True)]
-    )
+    rows = []
+    for (name, ref), out in zip(reference, ours, strict=True):
+        max_abs = float(np.max(np.abs(np.asarray(out, np.float64) - ref)))
+        rows.append((name, ref.shape, max_abs, relative_error(out, ref)))
+    return Report(rows)
 
 
 def print_report(report: Report, tolerance: float) -> None:

@@ -12,7 +12,7 @@ AGC, warmup + cosine, weight decay off gains and biases, label smoothing, an EMA
 weights). Every --eval-every steps the model and its EMA are evaluated on the held-out fifth and
 the whole training state is checkpointed, so --resume continues exactly where a run stopped.
 
-Training runs on `nfnet_jax.parallel.ShardedTrainer` over a mesh of every device of every
+Training runs on `nfnet_jax.parallel.train.ShardedTrainer` over a mesh of every device of every
 process: each batch split along 'data' (each process feeds its own rows), the state replicated,
 or with --fsdp split too, so the same command runs on one CPU, a multi-GPU host or (once per
 host, with --distributed) a TPU pod slice. --output-dir must then be on a filesystem that every
@@ -32,19 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 import nfnet_jax
 from nfnet_jax import parallel
-from nfnet_jax.checkpoint import CheckpointError
-from nfnet_jax.factory import resolve_name
+from nfnet_jax.cli import USER_ERRORS, add_distributed_arguments, initialize_from_args, progress
 from nfnet_jax.model import NormFreeNet
+from nfnet_jax.parallel.train import ShardedTrainer
+from nfnet_jax.pretrained import resolve_name
 from nfnet_jax.train import (
     TrainCheckpointer,
     TrainState,
     nfnet_optimizer,
     warmup_cosine_schedule,
 )
+from nfnet_jax.weights import CheckpointError
 
 NUM_CLASSES = 10
 
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--fsdp', action='store_true', help='split params and optimizer state over the devices too')
     parser.add_argument('--model-parallelism', type=int, default=1, help='devices splitting each big weight')
-    parallel.add_distributed_arguments(parser)
+    add_distributed_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -148,7 +149,7 @@ def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> n
 
 
 def evaluate(
-    trainer: parallel.ShardedTrainer, model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int
+    trainer: ShardedTrainer, model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> dict[str, float]:
     """Accuracy and mean loss over a whole split, in padded batches of one shape."""
     pad = -len(images) % batch_size
@@ -167,7 +168,7 @@ def evaluate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the history (train losses, evaluations, final accuracies)."""
     args = parse_args(argv)
-    parallel.initialize_from_args(args)  # before any other JAX work
+    initialize_from_args(args)  # before any other JAX work
     check_args(args)
     start_time = time.perf_counter()
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = TrainState(model, tx, ema_decay=args.ema_decay)
 
     mesh = parallel.make_mesh(args.model_parallelism)
-    trainer = parallel.ShardedTrainer(state, mesh, fsdp=args.fsdp, label_smoothing=args.label_smoothing)
+    trainer = ShardedTrainer(state, mesh, fsdp=args.fsdp, label_smoothing=args.label_smoothing)
     mine = parallel.process_rows(args.batch_size)
     leader = jax.process_index() == 0  # the one process that reports
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             state.model.train()
             history['evals'].append(result)
             if leader:
-                tqdm.write(
+                bar.write(
                     f'step {step}: test accuracy {result["model"]["accuracy"]:.3f} '
                     f'(EMA {result["ema"]["accuracy"]:.3f}), test loss {result["model"]["loss"]:.3f}'
                 )
@@ -206,15 +207,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 checkpointer.save(state)
 
         state.model.train()
-        progress = tqdm(
-            range(state.step, args.steps), desc=f'fine-tuning {args.model}', unit='step', disable=not leader
-        )
-        for step in progress:
+        bar = progress(range(state.step, args.steps), desc=f'fine-tuning {args.model}', unit='step', disable=not leader)
+        for step in bar:
             batch = batch_indices(step, len(data.train_images), args.batch_size, args.seed)[mine]
             metrics = trainer.train_step(data.train_images[batch], data.train_labels[batch])
             loss = metrics['loss'].item()
             history['train_loss'].append(loss)
-            progress.set_postfix(loss=f'{loss:.3f}', lr=f'{float(schedule(step)):.3g}')
+            bar.set_postfix(loss=f'{loss:.3f}', lr=f'{float(schedule(step)):.3g}')
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
                 evaluate_and_save()
         if not history['evals']:  # resumed at the last step: nothing left to train
@@ -236,6 +235,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == '__main__':
     try:
         main()
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)

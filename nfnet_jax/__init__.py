@@ -1,13 +1,13 @@
 """NFNets in Flax NNX, numerically faithful to timm."""
 
 from nfnet_jax import data
-from nfnet_jax.checkpoint import CheckpointError, StateMismatchError, read_checkpoint, save_checkpoint
-from nfnet_jax.compile_options import compiler_options
 from nfnet_jax.configs import NfCfg, model_cfgs
-from nfnet_jax.factory import create_model, list_models, load_checkpoint
+from nfnet_jax.factory import create_model, from_timm, list_models, load_checkpoint
 from nfnet_jax.features import FeatureInfo, FeatureListNet
+from nfnet_jax.lowering import compiler_options
 from nfnet_jax.model import NormFreeBlock, NormFreeNet, Stem, count_params
 from nfnet_jax.pretrained import PretrainedCfg, pretrained_cfgs
+from nfnet_jax.weights import CheckpointError, StateMismatchError, read_checkpoint, save_checkpoint
 
 __version__ = '0.1.0'
 
@@ -23,8 +23,9 @@ __all__ = [
     'Stem',
     'compiler_options',
     'count_params',
-    'data',
     'create_model',
+    'data',
+    'from_timm',
     'list_models',
     'load_checkpoint',
     'model_cfgs',

@@ -41,11 +41,18 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nfnet_jax import parallel
-from nfnet_jax.checkpoint import atomic_write
-from nfnet_jax.cli import log, run_command
-from nfnet_jax.data import create_transform, resolve_model_data_config
-from nfnet_jax.factory import create_model, load_checkpoint
-from nfnet_jax.predict import batches, class_names, find_images, format_topk, prediction_fn
+from nfnet_jax.cli import (
+    add_distributed_arguments,
+    add_model_arguments,
+    initialize_from_args,
+    load_model,
+    log,
+    progress,
+    run_command,
+)
+from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
+from nfnet_jax.files import atomic_write, refuse_existing
+from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
 
 FORMAT = 'nfnet_jax.batch_predict'
 MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'
@@ -62,9 +69,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run = commands.add_parser('run', help='compute (or resume computing) the outputs into a run directory')
     run.add_argument('inputs', nargs='*', type=Path, help='image files, or folders (searched recursively)')
     run.add_argument('--list', type=Path, help='a text file naming one image path per line (instead of inputs)')
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument('--model', help='pretrained arch.tag from the Hugging Face hub, e.g. dm_nfnet_f0.dm_in1k')
-    source.add_argument('--checkpoint', type=Path, help='a checkpoint written by python -m convert.from_timm')
+    add_model_arguments(run)
     run.add_argument('--output', type=Path, required=True, help='the run directory (created, or resumed)')
     run.add_argument('--embeddings', action='store_true', help='pooled embeddings instead of top-k classes')
     run.add_argument('--topk', type=int, default=5, help='classes kept per image (default 5)')
@@ -72,7 +77,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument('--chunk-size', type=int, default=512, help='files per output chunk (default 512)')
     run.add_argument('--model-parallelism', type=int, default=1, help='devices splitting the weights (default 1)')
     run.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
-    parallel.add_distributed_arguments(run)
+    add_distributed_arguments(run)
     merge = commands.add_parser('merge', help='write one file with every output, in input order')
     merge.add_argument('run_dir', type=Path, help='a run directory whose chunks are all finished')
     merge.add_argument('out', type=Path, help='predictions .jsonl, or embeddings .npy (plus OUT.files.txt)')
@@ -179,7 +184,7 @@ def check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    parallel.initialize_from_args(args)  # before any JAX computation
+    initialize_from_args(args)  # before any JAX computation
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')
     files = input_files(args)
@@ -211,18 +216,13 @@ def _run(args: argparse.Namespace) -> int:
     if process == 0 or (args.output / MANIFEST).exists():
         check_run_dir(args.output, settings)
 
-    model = (
-        load_checkpoint(args.checkpoint) if args.checkpoint is not None else create_model(args.model, pretrained=True)
-    )
-    if not args.embeddings and model.num_classes == 0:
-        raise ValueError('this model has no classifier (num_classes=0): use --embeddings')
+    model = load_model(args)
+    predict = parallel.shard_inference(compile_prediction(model, args.embeddings, args.topk), mesh)
     config = resolve_model_data_config(model, use_test_size=args.test_size)
     settings |= {'architecture': model.pretrained_cfg.architecture, 'num_classes': model.num_classes}
     settings |= {'input_size': list(config['input_size'])}
     open_run_dir(args.output, settings, files)
     transform = create_transform(**config)
-    topk = min(args.topk, max(model.num_classes, 1))
-    predict = parallel.shard_inference(prediction_fn(model, args.embeddings, topk), mesh)
 
     num_chunks = -(-len(files) // args.chunk_size)
     mine = [c for c in range(process, num_chunks, processes)]
@@ -235,24 +235,22 @@ def _run(args: argparse.Namespace) -> int:
         f'{mesh.devices.size} devices (mesh {dict(mesh.shape)}), batches of {batch_size} ({process_batch} per process)'
     )
 
-    empty = np.zeros((process_batch, *config['input_size'][1:], config['input_size'][0]), np.float32)
-
     def infer(images: np.ndarray) -> tuple[np.ndarray, ...]:
-        padded = np.concatenate([images, empty[len(images) :]])
-        return parallel.local_rows(predict(parallel.global_batch(padded, mesh)), mesh)
+        return parallel.local_rows(predict(parallel.global_batch(pad_rows(images, process_batch), mesh)), mesh)
 
     todo = sum(len(chunk_range(c, args.chunk_size, len(files))) for c in pending)
-    progress = tqdm_for(todo, process, processes)
+    bar = progress(total=todo, unit='img', desc=f'process {process}' if processes > 1 else None)
     failures = 0
     for chunk in pending:
         indices = chunk_range(chunk, args.chunk_size, len(files))
-        done, outputs, failed = predict_chunk(files, indices, transform, process_batch, infer, progress)
+        done, outputs, failed = predict_chunk(files, indices, transform, process_batch, infer, bar)
         steps -= len(outputs)
         write_chunk(args.output, chunk, done, outputs, failed, args.embeddings, process)
         failures += len(failed)
+    no_images = np.zeros((0, *config['input_size'][1:], config['input_size'][0]), np.float32)
     for _ in range(steps):
-        infer(empty[:0])
-    progress.close()
+        infer(no_images)
+    bar.close()
     log(f'process {process}: {todo} files of {len(pending)} chunks written to {args.output / CHUNKS}')
     return 1 if failures else 0
 
@@ -263,7 +261,7 @@ def predict_chunk(
     transform: Callable[[Any], np.ndarray],
     batch_size: int,
     infer: Callable[[np.ndarray], tuple[np.ndarray, ...]],
-    progress: tqdm,
+    bar: tqdm,
 ) -> tuple[list[int], list[tuple[np.ndarray, ...]], dict[int, str]]:
     """One chunk's (file indices, output tuple per batch, {index: error} of unreadable files)."""
     index_of = {files[i]: i for i in indices}
@@ -271,14 +269,14 @@ def predict_chunk(
 
     def on_error(path: Path, message: str) -> None:
         failed[index_of[path]] = message
-        progress.write(f'error: {message}', file=sys.stderr)
-        progress.update()
+        bar.write(f'error: {message}', file=sys.stderr)
+        bar.update()
 
     done, outputs = [], []
     for paths, images in batches([files[i] for i in indices], transform, batch_size, on_error):
         outputs.append(tuple(out[: len(paths)] for out in infer(images)))
         done += [index_of[path] for path in paths]
-        progress.update(len(paths))
+        bar.update(len(paths))
     return done, outputs, failed
 
 
@@ -286,10 +284,6 @@ def _max_over_processes(value: int) -> int:
     if jax.process_count() == 1:
         return value
     return int(np.max(multihost_utils.process_allgather(np.array([value], np.int64))))
-
-
-def tqdm_for(total: int, process: int, processes: int) -> tqdm:
-    return tqdm(total=total, unit='img', desc=f'process {process}' if processes > 1 else None, file=sys.stderr)
 
 
 def write_chunk(
@@ -337,8 +331,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f'{args.out}: this run holds {manifest["output"]}, merged into a {suffix} file')
     row_files = args.out.with_suffix('.files.txt')
     for out in (args.out, row_files) if embeddings else (args.out,):
-        if out.exists() and not args.force:
-            raise FileExistsError(f'{out} already exists; pass --force to overwrite it')
+        refuse_existing(out, args.force)
     num_chunks = -(-len(files) // manifest['chunk_size'])
     missing = [c for c in range(num_chunks) if not chunk_path(args.run_dir, c).exists()]
     if missing:

@@ -1,15 +1,25 @@
-"""What the project's commands share: progress on stderr, and mistakes reported in one line, exit code 2."""
+"""What the project's commands share: progress and messages on stderr, user errors in one line (exit 2),
+the model source flags, and the multi-host flags."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
 
-from nfnet_jax.checkpoint import CheckpointError
+from tqdm import tqdm
+
+from nfnet_jax.factory import create_model, load_checkpoint
+from nfnet_jax.model import NormFreeNet
+from nfnet_jax.parallel.mesh import initialize_distributed
+from nfnet_jax.weights.params import CheckpointError
 
 # Errors that mean the input was wrong: the message says what to do, a traceback would only hide it.
 USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, ValueError)
+# In a log file (not a terminal), progress is one whole line at most this often instead of a redraw per step.
+LOG_INTERVAL_S = 10.0
 
 
 def log(message: str) -> None:
@@ -23,3 +33,54 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except USER_ERRORS as err:
         log(f'error: {err}')
         return 2
+
+
+class _LineProgress(tqdm):
+    """tqdm for a log file: each update it shows is a line of its own, not a carriage-return redraw."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        self.fp.write((msg or self.__str__()) + '\n')
+        self.fp.flush()
+        return True
+
+
+def progress(
+    iterable: Iterable[Any] | None = None, *, total: int | None = None, file: IO[str] | None = None, **kwargs: Any
+) -> tqdm:
+    """A tqdm progress bar on stderr that redraws on a terminal and writes a line every few seconds to a log."""
+    file = file or sys.stderr
+    if file.isatty():
+        return tqdm(iterable, total=total, file=file, **kwargs)
+    return _LineProgress(iterable, total=total, file=file, mininterval=LOG_INTERVAL_S, **kwargs)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model NAME.TAG | --checkpoint FILE`, read by `load_model`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument('--model', help='pretrained arch.tag from the Hugging Face hub, e.g. dm_nfnet_f0.dm_in1k')
+    source.add_argument('--checkpoint', type=Path, help='a checkpoint written by python -m convert.from_timm')
+
+
+def load_model(args: argparse.Namespace) -> NormFreeNet:
+    """The model `add_model_arguments`' flags name: a converted checkpoint, or pretrained hub weights."""
+    if args.checkpoint is not None:
+        return load_checkpoint(args.checkpoint)
+    return create_model(args.model, pretrained=True)
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """A command's flags for joining a multi-host run (read by `initialize_from_args`)."""
+    group = parser.add_argument_group('multi-host (one process per host)')
+    group.add_argument('--distributed', action='store_true', help='join a run found from the environment (TPU, SLURM)')
+    group.add_argument('--coordinator', help='HOST:PORT of process 0, for a multi-host run without auto-detection')
+    group.add_argument('--num-processes', type=int, help='with --coordinator: how many processes (hosts)')
+    group.add_argument('--process-id', type=int, help='with --coordinator: this process, 0 .. num-processes - 1')
+
+
+def initialize_from_args(args: argparse.Namespace) -> None:
+    """`initialize_distributed` as `add_distributed_arguments`'s flags ask; nothing without them."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in explicit) and None in explicit:
+        raise ValueError('--coordinator, --num-processes and --process-id go together')
+    if args.distributed or args.coordinator is not None:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)

@@ -34,7 +34,6 @@ class NfCfg:
     same_padding: bool = False  # dm_ models: TF SAME padding
     std_conv_eps: float = 1e-5
     skipinit: bool = False  # a learnable 0-d gain on every residual branch
-    zero_init_fc: bool = False
     act_layer: str = 'silu'
 
     def __hash__(self) -> int:

@@ -1,4 +1,4 @@
-"""Inference preprocessing equal to timm's eval transform, image batches, and the ImageNet-1k class names.
+"""Inference preprocessing equal to timm's eval transform, image files and batches, and the ImageNet-1k class names.
 
 `create_transform(**resolve_model_data_config(model))` gives the same float32 numbers as
 `timm.data.create_transform(**timm.data.resolve_model_data_config(model))`, in HWC instead of
@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,11 +42,11 @@ Size = tuple[int, int]  # (height, width)
 def resolve_model_data_config(model: Any, use_test_size: bool = False) -> dict[str, Any]:
     """The model's eval data settings, as timm's `resolve_model_data_config` returns them.
 
-    `model` is anything with a `pretrained_cfg` (models from `create_model`, features models)
-    or a PretrainedCfg. `use_test_size` takes the tag's larger test resolution and crop.
+    `model` is a model (its `pretrained_cfg`; a features model's is its backbone's) or a
+    PretrainedCfg. `use_test_size` takes the tag's larger test resolution and crop.
     Without a pretrained config, timm's defaults apply (224, bicubic, crop 0.875, ImageNet mean/std).
     """
-    cfg = model if isinstance(model, PretrainedCfg) else getattr(model, 'pretrained_cfg', None)
+    cfg = model if isinstance(model, PretrainedCfg) else model.pretrained_cfg
     if cfg is None:
         return dict(
             input_size=(3, 224, 224),
@@ -177,6 +179,53 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalTransform | Any) -> np.ndarray:
     """Images or image paths through `transform`, stacked into one float32 NHWC batch."""
     return np.stack([transform(load_image(im) if isinstance(im, (str, os.PathLike)) else im) for im in images])
+
+
+def find_images(inputs: Sequence[Path]) -> list[Path]:
+    """The files named, and every non-hidden file under the folders named, in sorted order."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            found = (p for p in path.rglob('*') if p.is_file())
+            files += sorted(p for p in found if not any(part.startswith('.') for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f'{path}: no such file or folder')
+    return files
+
+
+def batches(
+    files: Sequence[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
+) -> Iterator[tuple[list[Path], np.ndarray]]:
+    """The readable images in batches of `batch_size`; unreadable files go to `on_error` and are skipped.
+
+    Images are decoded and transformed on threads (PIL releases the GIL) while the device runs,
+    at most a few batches ahead, so memory stays bounded however many files there are.
+    """
+
+    def prepare(path: Path) -> np.ndarray | str:
+        try:
+            return transform(load_image(path))
+        except OSError as err:
+            return str(err)
+
+    read_ahead = 4 * batch_size
+    paths, arrays = [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for start in range(0, len(files), read_ahead):
+            window = files[start : start + read_ahead]
+            for path, result in zip(window, pool.map(prepare, window), strict=True):
+                if isinstance(result, str):
+                    on_error(path, result)
+                    continue
+                paths.append(path)
+                arrays.append(result)
+                if len(arrays) == batch_size:
+                    yield paths, np.stack(arrays)
+                    paths, arrays = [], []
+    if arrays:
+        yield paths, np.stack(arrays)
 
 
 @functools.cache

@@ -1,23 +1,24 @@
-"""Model names to models, as timm's `create_model` and `list_models` do."""
+"""Model names to models, as timm's `create_model` and `list_models` do: one construction path for all weights."""
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nfnet_jax.checkpoint import CheckpointError, load_flat_params, read_checkpoint, read_checkpoint_metadata
 from nfnet_jax.configs import model_cfgs
 from nfnet_jax.features import FeatureListNet, OutIndices
-from nfnet_jax.layers import Dtype, pool_feature_multiplier
+from nfnet_jax.layers import pool_feature_multiplier
 from nfnet_jax.model import NormFreeNet, abstract_model
-from nfnet_jax.pretrained import PretrainedCfg, default_cfg, pretrained_cfgs, tags_of
+from nfnet_jax.pretrained import pretrained_cfgs, resolve_name
+from nfnet_jax.weights.file import read_checkpoint, read_checkpoint_metadata
+from nfnet_jax.weights.params import CheckpointError, set_flat_params
+from nfnet_jax.weights.table import CONV2D
+from nfnet_jax.weights.timm import adapt_input_conv, convert_state_dict, pretrained_params
 
 
 def list_models(pattern: str = '*', pretrained: bool = False) -> list[str]:
@@ -29,18 +30,16 @@ def list_models(pattern: str = '*', pretrained: bool = False) -> list[str]:
     return sorted(name for name in names if fnmatch.fnmatch(name, pattern))
 
 
-def resolve_name(name: str) -> tuple[str, PretrainedCfg]:
-    """Split `arch[.tag]` and check both, with errors that say what exists."""
-    architecture, _, tag = name.partition('.')
-    if architecture not in model_cfgs:
-        close = difflib.get_close_matches(architecture, model_cfgs, n=5, cutoff=0.5)
-        suggestion = f'; did you mean {", ".join(close)}?' if close else '; see nfnet_jax.list_models()'
-        raise ValueError(f'unknown model {architecture!r}{suggestion}')
-    if not tag:
-        return architecture, default_cfg(architecture)
-    if name not in pretrained_cfgs:
-        raise ValueError(f'unknown tag {tag!r} for {architecture}; it has: {", ".join(tags_of(architecture))}')
-    return architecture, pretrained_cfgs[name]
+def checkpoint_head(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The head and input a weights file was saved with, as `create_model` keywords."""
+    try:
+        return dict(
+            num_classes=int(metadata['num_classes']),
+            global_pool=metadata['global_pool'],
+            in_chans=int(metadata.get('in_chans', 3)),
+        )
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f'the checkpoint metadata has no valid head description ({err!r})') from None
 
 
 def create_model(
@@ -48,59 +47,42 @@ def create_model(
     pretrained: bool = False,
     *,
     rngs: nnx.Rngs | None = None,
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    global_pool: str = 'avg',
-    drop_rate: float = 0.0,
-    drop_path_rate: float = 0.0,
-    dtype: Dtype = None,
-    param_dtype: Dtype = jnp.float32,
     checkpoint_path: str | os.PathLike | None = None,
     params: Mapping[str, np.ndarray] | None = None,
     features_only: bool = False,
     out_indices: OutIndices = (0, 1, 2, 3, 4),
-    **cfg_overrides: Any,
+    **model_kwargs: Any,
 ) -> NormFreeNet | FeatureListNet:
     """Build a model by timm name (`dm_nfnet_f0`, or `dm_nfnet_f0.dm_in1k` for its data settings).
 
-    `pretrained=True` loads timm's weights for the tag (a bare name: timm's default tag) from the
-    Hugging Face hub through huggingface_hub's cache (`HF_HUB_OFFLINE=1`: the cache only) and
-    converts them on the way in. A `num_classes` or `global_pool` that does not fit the
-    checkpoint's classifier gets a freshly initialised one; `in_chans` other than 3 adapts the
-    first conv as timm does. With `checkpoint_path` (a file written by `python -m convert.from_timm`)
-    or `params` (flat param paths to arrays, as `convert.convert_state_dict` returns) the weights
-    are loaded without a random init first. `cfg_overrides` replace NfCfg fields, as in timm.
+    `model_kwargs` are NormFreeNet's: `num_classes` (1000), `in_chans` (3), `global_pool`
+    ('avg'), `drop_rate`, `drop_path_rate`, `dtype` (compute), `param_dtype`, and NfCfg field
+    overrides, as in timm.
+
+    Weights come from one of: `pretrained=True`, timm's weights for the tag (a bare name:
+    timm's default tag) from the Hugging Face hub through huggingface_hub's cache
+    (`HF_HUB_OFFLINE=1`: the cache only), converted on the way in; `checkpoint_path`, a file
+    written by `python -m convert.from_timm` or `save_checkpoint`; `params`, flat param paths to
+    arrays (as `convert_state_dict` returns) for exactly the model `model_kwargs` describe. With
+    the first two, a `num_classes` or `global_pool` that does not fit the saved classifier gets a
+    freshly initialised one (`num_classes=0`: none), and an `in_chans` other than the saved one
+    adapts the first conv, as timm does. No random init is done before loading weights.
 
     `features_only=True` returns a FeatureListNet whose call gives the NHWC maps at the taps in
     `out_indices` (a tuple, negatives from the end, or an int n for the last n).
     The model starts in eval mode; `model.train()` enables dropout and drop path.
     """
     architecture, pretrained_cfg = resolve_name(name)
-    kwargs = dict(
-        num_classes=num_classes,
-        in_chans=in_chans,
-        global_pool=global_pool,
-        drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        **cfg_overrides,
-    )
+    if sum((bool(pretrained), checkpoint_path is not None, params is not None)) > 1:
+        raise ValueError('pass at most one of pretrained=True, checkpoint_path and params')
     rngs = rngs or nnx.Rngs(0)
-    what = 'parameters'
-    fresh_head = None
+    cfg = model_cfgs[architecture]
+    saved_head, what = None, 'parameters'
     if pretrained:
-        if checkpoint_path is not None or params is not None:
-            raise ValueError('pass pretrained=True, checkpoint_path or params, not more than one')
-        # The checkpoint is converted with its own classifier; one that does not fit is replaced below.
-        if num_classes != pretrained_cfg.num_classes or pool_feature_multiplier(global_pool) != 1:
-            fresh_head = (num_classes, global_pool)
-            kwargs.update(num_classes=pretrained_cfg.num_classes, global_pool='avg')
-        params = pretrained_params(pretrained_cfg, **kwargs)
+        saved_head = dict(num_classes=pretrained_cfg.num_classes, global_pool='avg', in_chans=3)
+        params = pretrained_params(pretrained_cfg, **(model_kwargs | saved_head))
         what = f'{pretrained_cfg.name} weights'
-    if checkpoint_path is not None:
-        if params is not None:
-            raise ValueError('pass either checkpoint_path or params, not both')
+    elif checkpoint_path is not None:
         params, metadata = read_checkpoint(checkpoint_path)
         what = str(checkpoint_path)
         if metadata['architecture'] != architecture:
@@ -108,44 +90,67 @@ def create_model(
                 f'{checkpoint_path} holds {metadata["architecture"]}, not {architecture}; '
                 'use nfnet_jax.load_checkpoint(path) to build whatever it holds'
             )
+        saved_head = checkpoint_head(metadata)
+
     if params is None:
-        model = NormFreeNet(model_cfgs[architecture], rngs=rngs, **kwargs)
+        model = NormFreeNet(cfg, rngs=rngs, pretrained_cfg=pretrained_cfg, **model_kwargs)
     else:
+        wanted = dict(num_classes=1000, global_pool='avg', in_chans=3) | model_kwargs
+        if saved_head is not None:
+            params = adapt_first_conv(params, pretrained_cfg.first_conv, saved_head['in_chans'], wanted['in_chans'])
+            # Built with the saved classifier (its pooling width), which is replaced below if it does not fit.
+            fits = pool_feature_multiplier(wanted['global_pool']) == pool_feature_multiplier(saved_head['global_pool'])
+            model_kwargs = model_kwargs | dict(
+                num_classes=saved_head['num_classes'],
+                global_pool=wanted['global_pool'] if fits else saved_head['global_pool'],
+            )
         # No random init: an abstract model is filled from the params, so big models load fast.
-        model = abstract_model(model_cfgs[architecture], **kwargs)
-        load_flat_params(model, params, what=what)
+        model = abstract_model(cfg, pretrained_cfg=pretrained_cfg, **model_kwargs)
+        set_flat_params(model, params, what=what)
         # The abstract model's dropout keys are shapes only: give them real keys from `rngs`.
         nnx.reseed(model, dropout=rngs['dropout']())
-    if fresh_head is not None:
-        model.reset_classifier(*fresh_head, rngs=rngs)
-    model.pretrained_cfg = pretrained_cfg
+        if (model.num_classes, model.global_pool) != (wanted['num_classes'], wanted['global_pool']):
+            model.reset_classifier(wanted['num_classes'], wanted['global_pool'], rngs=rngs)
     if features_only:
         return FeatureListNet(model, out_indices)
     return model
 
 
-def pretrained_params(cfg: PretrainedCfg, **model_kwargs: Any) -> dict[str, np.ndarray]:
-    """timm's hub weights for a tag as flat Flax params, for a model built with `model_kwargs`."""
-    # convert imports nfnet_jax, so it is imported here, not at the top.
-    from convert.from_timm import adapt_input_conv, convert_state_dict, hub_checkpoint, read_timm_checkpoint
+def adapt_first_conv(
+    params: Mapping[str, np.ndarray], first_conv: str, saved_chans: int, in_chans: int
+) -> Mapping[str, np.ndarray]:
+    """Params whose first conv takes `in_chans` channels instead of the saved 3 (timm's `adapt_input_conv`)."""
+    if in_chans == saved_chans:
+        return params
+    if saved_chans != 3:
+        raise CheckpointError(f'the checkpoint takes {saved_chans} input channels; only RGB weights can be adapted')
+    key = f'{first_conv}.kernel'
+    adapted = CONV2D.to_flax(adapt_input_conv(in_chans, CONV2D.to_timm(np.asarray(params[key]))))
+    return {**params, key: adapted}
 
-    state_dict = read_timm_checkpoint(hub_checkpoint(cfg))
-    in_chans = model_kwargs.get('in_chans', 3)
-    if in_chans != 3:
-        first_conv = f'{cfg.first_conv}.weight'
-        state_dict[first_conv] = adapt_input_conv(in_chans, state_dict[first_conv])
-    return convert_state_dict(state_dict, cfg.architecture, **model_kwargs)
 
+def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet | FeatureListNet:
+    """Build whatever model a weights file holds: architecture and head from its metadata.
 
-def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet:
-    """Build whatever model a converted checkpoint holds: architecture and head from its metadata."""
+    `kwargs` are `create_model`'s: another `num_classes` or `global_pool` gets a fresh classifier.
+    """
     metadata = read_checkpoint_metadata(path)
-    kwargs = (
-        dict(
-            num_classes=int(metadata['num_classes']),
-            global_pool=metadata['global_pool'],
-            in_chans=int(metadata.get('in_chans', 3)),
-        )
-        | kwargs
+    name = metadata.get('model_name') or metadata['architecture']
+    return create_model(name, checkpoint_path=path, **(checkpoint_head(metadata) | kwargs))
+
+
+def from_timm(timm_model: Any) -> NormFreeNet:
+    """A live timm NFNet as an nfnet_jax model: same architecture, head, pooling, drop rates, weights."""
+    architecture = timm_model.pretrained_cfg['architecture']
+    tag = timm_model.pretrained_cfg.get('tag')
+    drop_paths = [m.drop_prob for m in timm_model.modules() if type(m).__name__ == 'DropPath']
+    model_kwargs = dict(
+        num_classes=timm_model.num_classes,
+        in_chans=timm_model.in_chans,
+        global_pool=timm_model.head.global_pool.pool_type,
+        drop_rate=timm_model.drop_rate,
+        drop_path_rate=max(drop_paths, default=0.0),
     )
-    return create_model(metadata.get('model_name') or metadata['architecture'], checkpoint_path=path, **kwargs)
+    params = convert_state_dict(timm_model.state_dict(), architecture, **model_kwargs)
+    name = f'{architecture}.{tag}' if tag and f'{architecture}.{tag}' in pretrained_cfgs else architecture
+    return create_model(name, params=params, **model_kwargs)

@@ -81,7 +81,7 @@ class FeatureListNet(nnx.Module):
         self.feature_info = FeatureInfo(model.feature_info, out_indices)
         self.take_indices = tuple(model.prune_intermediate_layers(self.feature_info.out_indices))
         self.backbone = model
-        self.pretrained_cfg = getattr(model, 'pretrained_cfg', None)
+        self.pretrained_cfg = model.pretrained_cfg
 
     def __call__(self, x: Array) -> list[Array]:
         return self.backbone.forward_intermediates(x, list(self.take_indices), intermediates_only=True)

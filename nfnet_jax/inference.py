@@ -6,7 +6,7 @@
 Each builder returns an `InferenceFn`: `fn(images)` is a jitted call and nothing else, and
 `fn.apply(fn.state, images)` is the same pure function for code that manages the state itself
 (placing it on devices, sharding it, nesting it in its own jit, exporting with `jax.export`),
-jitted with XLA's default options, where `fn(images)` compiles with those of `compile_options`
+jitted with XLA's default options, where `fn(images)` compiles with those of `nfnet_jax.lowering`
 (faster convolutions on CPU). The state is prepared once: the model is copied into eval mode
 and every weight-standardised conv gets its standardised kernel folded in
 (`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model passed in is
@@ -30,7 +30,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nfnet_jax.compile_options import compiler_options, platform_of
+from nfnet_jax import lowering
 from nfnet_jax.layers import Array, ScaledStdConv2d
 from nfnet_jax.model import NormFreeNet
 
@@ -41,7 +41,7 @@ class InferenceFn:
 
     `apply` is jitted with XLA's default options, so it can be nested in other jits and
     exported; `compiled` is the same function jitted with the compiler options of the state's
-    platform (`compile_options`), which only a top-level jit may take. A call runs `compiled`,
+    platform (`nfnet_jax.lowering`), which only a top-level jit may take. A call runs `compiled`,
     or `apply` when it is traced inside another jit.
     """
 
@@ -56,8 +56,8 @@ class InferenceFn:
 
 def jit_inference(pure: Callable[[nnx.State, Array], Any], state: nnx.State, **jit_kwargs: Any) -> InferenceFn:
     """`pure` jitted twice (see `InferenceFn`), with `jit_kwargs` (shardings) for both, bound to `state`."""
-    options = compiler_options(platform_of(state))
-    return InferenceFn(jax.jit(pure, **jit_kwargs), state, jax.jit(pure, compiler_options=options, **jit_kwargs))
+    platform = lowering.platform_of(state)
+    return InferenceFn(jax.jit(pure, **jit_kwargs), state, lowering.jit(pure, platform, **jit_kwargs))
 
 
 def inference_model(model: NormFreeNet) -> NormFreeNet:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from nfnet_jax.lowering import conv2d
 
 Array = jax.Array
 Dtype = Any  # a jnp dtype or None, as in flax.nnx layers
@@ -107,52 +108,6 @@ class GammaAct(nnx.Module):
         return x if self.gamma == 1.0 else x * self.gamma
 
 
-def conv2d(
-    x: Array,
-    kernel: Array,
-    groups: int = 1,
-    *,
-    bias: Array | None = None,
-    pre_act: Callable[[Array], Array] | None = None,
-    **conv_kwargs: Any,
-) -> Array:
-    """`conv(pre_act(x), kernel) + bias`, NHWC x HWIO (`jax.lax.conv_general_dilated` keywords), lowered per backend.
-
-    On XLA:CPU, measured on dm_nfnet_f0: a grouped convolution takes a slow path, ~6x slower
-    than the same work as one ordinary convolution per group plus a concat, so that is what
-    runs; and a 1x1 convolution runs faster as a matmul over the channels (10-50% per conv,
-    ~10% on the whole network). The activation and the bias are applied per group there: an
-    activation of the whole input has one consumer per group, so XLA writes its costly part
-    (erf) to memory once and reads it back per group, while an activation of each group's
-    slice fuses into one pass with the slicing; and adding each group's bias before the
-    concat lets the next grouped conv take its slices straight from the group outputs.
-    Together ~18% of dm_nfnet_f0's CPU inference time. cuDNN and TPUs keep the convolution as
-    written (native grouped kernels). The choice is made when the computation is lowered for
-    its platform (`jax.lax.platform_dependent`), not from the default backend, so a jit
-    placed on a GPU by a CPU-default process still gets cuDNN's kernels.
-    """
-    conv = partial(jax.lax.conv_general_dilated, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), **conv_kwargs)
-    act = pre_act or (lambda v: v)
-    biased = (lambda y, _: y) if bias is None else (lambda y, b: y + b)
-    pointwise = kernel.shape[:2] == (1, 1) and set(conv_kwargs.get('window_strides', (1, 1))) == {1}
-    pointwise = pointwise and conv_kwargs.get('padding', 'SAME') in ('SAME', ((0, 0), (0, 0)))
-
-    def native_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
-        return biased(conv(act(x), kernel, feature_group_count=groups), bias)
-
-    if groups == 1 and not pointwise:
-        return native_conv(x, kernel, bias)
-
-    def cpu_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
-        if groups == 1:  # pointwise
-            return biased(jax.lax.dot_general(act(x), kernel[0, 0], (((3,), (0,)), ((), ()))), bias)
-        biases = [None] * groups if bias is None else jnp.split(bias, groups)
-        parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1), biases, strict=True)
-        return jnp.concatenate([biased(conv(act(x_g), kernel_g), bias_g) for x_g, kernel_g, bias_g in parts], axis=-1)
-
-    return jax.lax.platform_dependent(x, kernel, bias, cpu=cpu_conv, default=native_conv)
-
-
 class ScaledStdConv2d(nnx.Module):
     """Weight-standardised 2-D convolution (timm's ScaledStdConv2d / ScaledStdConv2dSame).
 
@@ -225,15 +180,13 @@ class ScaledStdConv2d(nnx.Module):
         del self.gain
         self.folded = True
 
-    def __call__(self, x: Array, pre_act: Callable[[Array], Array] | None = None) -> Array:
-        """`conv(pre_act(x))`: taking the block's activation here lets `conv2d` apply it per group."""
+    def __call__(self, x: Array) -> Array:
         dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
         return conv2d(
             x.astype(dtype),
             self.standardized_kernel().astype(dtype),
             self.groups,
             bias=self.bias[...].astype(dtype),
-            pre_act=pre_act,
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             rhs_dilation=(self.dilation, self.dilation),
@@ -280,7 +233,6 @@ class EcaModule(nnx.Module):
     def __init__(
         self,
         channels: int,
-        kernel_size: int = 3,
         gamma: float = 2,
         beta: float = 1,
         *,

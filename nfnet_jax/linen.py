@@ -22,10 +22,11 @@ import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
-from nfnet_jax.checkpoint import flat_params
 from nfnet_jax.configs import model_cfgs
-from nfnet_jax.factory import create_model, resolve_name
+from nfnet_jax.factory import create_model
 from nfnet_jax.model import NormFreeNet, abstract_model
+from nfnet_jax.pretrained import resolve_name
+from nfnet_jax.weights.params import flat_params, nested
 
 
 def _build(name: str, *, rngs: nnx.Rngs, **model_kwargs: Any) -> NormFreeNet:
@@ -72,11 +73,4 @@ def linen_variables(params: NormFreeNet | Mapping[str, np.ndarray]) -> dict[str,
     """
     if isinstance(params, NormFreeNet):
         params = flat_params(params)
-    tree: dict[Any, Any] = {}
-    for path, value in params.items():
-        node = tree
-        *parents, leaf = (int(part) if part.isdigit() else part for part in path.split('.'))
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = jax.numpy.asarray(value)
-    return {'params': tree}
+    return {'params': nested({path: jax.numpy.asarray(value) for path, value in params.items()})}

@@ -31,6 +31,7 @@ from nfnet_jax.layers import (
     make_divisible,
     max_pool_3x3_s2,
 )
+from nfnet_jax.pretrained import PretrainedCfg
 
 STEM_TYPES = ('', 'deep', 'deep_tiered', 'deep_quad', '3x3', '7x7', 'deep_pool', '3x3_pool', '7x7_pool')
 
@@ -157,12 +158,12 @@ class NormFreeBlock(nnx.Module):
         out = self.act1(x) * self.beta
         shortcut = self.downsample(out) if self.downsample is not None else x
         out = self.conv1(out)
-        out = self.conv2(out, self.act2)
+        out = self.conv2(self.act2(out))
         if self.conv2b is not None:
-            out = self.conv2b(out, self.act2b)
+            out = self.conv2b(self.act2b(out))
         if self.attn is not None:
             out = self.attn_gain * self.attn(out)
-        out = self.conv3(out, self.act3)
+        out = self.conv3(self.act3(out))
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
         if self.drop_path is not None:
@@ -199,6 +200,7 @@ class NormFreeNet(nnx.Module):
         drop_path_rate: float = 0.0,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
+        pretrained_cfg: PretrainedCfg | None = None,
         rngs: nnx.Rngs,
         **cfg_overrides: Any,
     ):
@@ -206,6 +208,7 @@ class NormFreeNet(nnx.Module):
         if cfg.act_layer not in NONLIN_GAMMA:
             raise ValueError(f'no gamma constant for act_layer {cfg.act_layer!r}; known: {sorted(NONLIN_GAMMA)}')
         self.cfg = cfg
+        self.pretrained_cfg = pretrained_cfg  # the tag's data settings (input size, crop, mean/std), if known
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.dtype = dtype

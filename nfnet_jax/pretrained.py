@@ -6,7 +6,10 @@ and an entry with no hub id has no weights, only its data settings.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, replace
+
+from nfnet_jax.configs import model_cfgs
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -126,3 +129,17 @@ def tags_of(architecture: str) -> list[str]:
 def default_cfg(architecture: str) -> PretrainedCfg:
     """The settings a bare architecture name gets: its first tag, as in timm."""
     return next(cfg for cfg in _CFGS if cfg.architecture == architecture)
+
+
+def resolve_name(name: str) -> tuple[str, PretrainedCfg]:
+    """Split `arch[.tag]` and check both, with errors that say what exists."""
+    architecture, _, tag = name.partition('.')
+    if architecture not in model_cfgs:
+        close = difflib.get_close_matches(architecture, model_cfgs, n=5, cutoff=0.5)
+        suggestion = f'; did you mean {", ".join(close)}?' if close else '; see nfnet_jax.list_models()'
+        raise ValueError(f'unknown model {architecture!r}{suggestion}')
+    if not tag:
+        return architecture, default_cfg(architecture)
+    if name not in pretrained_cfgs:
+        raise ValueError(f'unknown tag {tag!r} for {architecture}; it has: {", ".join(tags_of(architecture))}')
+    return architecture, pretrained_cfgs[name]

@@ -1,74 +1,49 @@
-"""Shared test setup: exact float32 math on every backend, and timm models with random weights."""
+"""Shared test setup: exact float32 math on every backend, fixtures, and the figures printed after the run."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import randomize_, stage_hub_checkpoint
 
 # GPUs and TPUs default to TF32/bf16 passes for float32 matmuls and convs; parity needs full float32.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
-FP32_RTOL = 1e-5  # max|ours - timm| / max|timm|, the parity metric of every test
+# Most of the suite's time is XLA compiling the same small models again, in other tests, in the
+# other pytest-xdist worker and in the commands' child processes. One persistent compilation
+# cache for the whole session (children find it through the environment) compiles each once.
+CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+CACHE_SETTINGS = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.2', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
 
-def relative_error(ours, reference) -> float:
-    """max|ours - reference| / max|reference|, computed in float64."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    assert ours.shape == reference.shape, f'shape {ours.shape} != {reference.shape}'
-    return float(np.max(np.abs(ours - reference)) / max(np.max(np.abs(reference)), 1e-30))
+def pytest_configure(config) -> None:
+    if not hasattr(config, 'workerinput') and CACHE_ENV not in os.environ:  # the controller makes it, workers inherit
+        config.compilation_cache = tempfile.mkdtemp(prefix='nfnet_jax_test_cache_')
+        os.environ[CACHE_ENV] = config.compilation_cache
+        os.environ.update(CACHE_SETTINGS)
+    if CACHE_ENV in os.environ:
+        jax.config.update('jax_compilation_cache_dir', os.environ[CACHE_ENV])
+        jax.config.update(
+            'jax_persistent_cache_min_compile_time_secs',
+            float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')),
+        )
+        jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
-def randomize_(module, seed: int = 0) -> None:
-    """Give every tensor of a torch module random values, in place.
-
-    timm's own init zeroes the biases, every skipinit gain and (non-dm models) every conv3
-    gain, which silences the residual branches and hides most bugs. Gains are drawn from
-    U(0.8, 1.2): wider ranges make the 96-block nfnet_f7 so ill-conditioned that timm's own
-    float32 result is 1.2e-5 (relative) away from its float64 result; with this range 1.8e-6.
-    """
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if name.endswith('gain'):
-                param.copy_(torch.rand(param.shape, generator=generator) * 0.4 + 0.8)
-            elif param.ndim > 1:
-                fan_in = param[0].numel()
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-
-
-def nchw(x: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def nhwc(t) -> np.ndarray:
-    return t.detach().numpy().transpose(0, 2, 3, 1)
+def pytest_unconfigure(config) -> None:
+    if getattr(config, 'compilation_cache', None):
+        shutil.rmtree(config.compilation_cache, ignore_errors=True)
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
-
-
-def stage_hub_checkpoint(cache: Path, state_dict: dict, repo_id: str, revision: str = '0123456789abcdef') -> Path:
-    """Lay out a Hugging Face hub cache folder holding `repo_id/model.safetensors`, as the hub client writes it."""
-    from safetensors.torch import save_file
-
-    repo = cache / f'models--{repo_id.replace("/", "--")}'
-    (repo / 'snapshots' / revision).mkdir(parents=True)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(revision)
-    path = repo / 'snapshots' / revision / 'model.safetensors'
-    save_file({key: value.contiguous() for key, value in state_dict.items()}, path)
-    return path
 
 
 @pytest.fixture(scope='session')

@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,23 +25,6 @@ class Finished:
     returncode: int | None  # None: still running at the deadline, then killed
     output: str  # stdout and stderr
     seconds: float
-
-
-def random_params(params: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random values for flat params (`nfnet_jax.checkpoint.flat_params`), as conftest's randomize_ draws them.
-
-    A fresh model's zero gains would silence every residual branch and hide errors.
-    """
-    rng = np.random.default_rng(seed)
-    random = {}
-    for key, value in params.items():
-        if key.endswith('gain'):
-            random[key] = rng.uniform(0.8, 1.2, value.shape)
-        elif value.ndim > 1:
-            random[key] = rng.standard_normal(value.shape) / np.sqrt(np.prod(value.shape[:-1]))
-        else:
-            random[key] = rng.standard_normal(value.shape) * 0.1
-    return {key: value.astype(params[key].dtype) for key, value in random.items()}
 
 
 def free_port() -> int:

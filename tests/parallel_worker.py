@@ -22,17 +22,17 @@ os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_force_host_p
 )
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from helpers import count_sharded, leaves, random_params  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
-from multihost import random_params  # noqa: E402
 
 import nfnet_jax  # noqa: E402
 from nfnet_jax import parallel  # noqa: E402
-from nfnet_jax.checkpoint import flat_params, load_flat_params  # noqa: E402
 from nfnet_jax.inference import InferenceFn, classifier, embedder, feature_extractor  # noqa: E402
+from nfnet_jax.parallel.train import ShardedTrainer  # noqa: E402
 from nfnet_jax.train import TrainState, eval_step, nfnet_optimizer, train_step  # noqa: E402
+from nfnet_jax.weights import flat_params, set_flat_params  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -48,7 +48,7 @@ def batch() -> tuple[np.ndarray, np.ndarray]:
 
 
 def randomize(model: nnx.Module) -> None:
-    load_flat_params(model, random_params(flat_params(model)))
+    set_flat_params(model, random_params(flat_params(model)))
 
 
 def make_model() -> nfnet_jax.NormFreeNet:
@@ -71,11 +71,9 @@ def make_state(randomized: bool = True) -> TrainState:
 
 def arrays(tree) -> list[np.ndarray]:
     """Every array of a state as numpy (global ones gathered from all processes), PRNG keys as their raw data."""
-    leaves = [
-        jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x for x in jax.tree.leaves(tree)
-    ]
     return [
-        np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True)) for x in leaves
+        np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+        for x in leaves(tree)
     ]
 
 
@@ -109,22 +107,22 @@ def sharded_inference(mesh, images: np.ndarray, rows: slice, names=OUTPUTS) -> t
         fn = fns[name]
         sharded = parallel.shard_inference(fn, mesh, min_shard_size=1)
         results |= flat(name, parallel.local_rows(sharded(parallel.global_batch(images[rows], mesh)), mesh))
-        facts['sharded_params'] = parallel.count_sharded(sharded.state)
+        facts['sharded_params'] = count_sharded(sharded.state)
     return results, facts
 
 
 def sharded_train(mesh, fsdp: bool, images: np.ndarray, labels: np.ndarray, rows: slice):
     """One ShardedTrainer step and eval step, each process feeding its rows; the whole state gathered."""
     state = make_state()
-    trainer = parallel.ShardedTrainer(state, mesh, fsdp=fsdp, min_shard_size=1)
+    trainer = ShardedTrainer(state, mesh, fsdp=fsdp, min_shard_size=1)
     metrics = trainer.train_step(images[rows], labels[rows])
     evaluation = trainer.eval_step(images[rows], labels[rows])
     placed = zip(jax.tree.leaves(nnx.state(state)), jax.tree.leaves(trainer.state_shardings), strict=True)
     facts = {
         'step': state.step,
         'shardings_kept': all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in placed),
-        'sharded_params': parallel.count_sharded(nnx.state(state.model, nnx.Param)),
-        'sharded_optimizer_state': parallel.count_sharded(nnx.state(state.optimizer)),
+        'sharded_params': count_sharded(nnx.state(state.model, nnx.Param)),
+        'sharded_optimizer_state': count_sharded(nnx.state(state.optimizer)),
     }
     results = flat('state', arrays(nnx.state(state))) | {'loss': metrics['loss'], 'eval_loss': evaluation['loss_sum']}
     return results, facts
@@ -152,7 +150,7 @@ def devices_run(out: Path) -> None:
         save(out, f'train {topology(mesh)}', *sharded_train(mesh, fsdp, images, labels, everything))
     # The model's own random init traced under jit with sharded outputs, against the eager init.
     built = parallel.create_sharded(lambda: make_state(False), parallel.make_mesh(2), fsdp=True, min_shard_size=1)
-    facts = {'sharded_params': parallel.count_sharded(nnx.state(built.model, nnx.Param))}
+    facts = {'sharded_params': count_sharded(nnx.state(built.model, nnx.Param))}
     results = flat('built', arrays(nnx.state(built))) | flat('eager', arrays(nnx.state(make_state(False))))
     save(out, 'create_sharded', results, facts)
 

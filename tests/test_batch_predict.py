@@ -1,7 +1,7 @@
 """`python -m nfnet_jax.batch_predict`: equal to predict's outputs, resumable, on one and on two processes.
 
 A randomised test_nfnet checkpoint (10 classes, 160x160) on a folder of small images with one
-unreadable file. The reference is `nfnet_jax.predict.compile_predict` on one device over all
+unreadable file. The reference is `nfnet_jax.prediction.compile_prediction` on one device over all
 readable images in one batch; figures are relative errors max|ours - ref| / max|ref|.
 """
 
@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import relative_error
 from flax import nnx
-from multihost import free_port, random_params, run_processes
+from helpers import random_params, relative_error
+from multihost import free_port, run_processes
 from PIL import Image
 
 from nfnet_jax import batch_predict
-from nfnet_jax.checkpoint import flat_params, save_checkpoint
-from nfnet_jax.data import create_transform, load_batch, resolve_model_data_config
+from nfnet_jax.data import create_transform, find_images, load_batch, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
-from nfnet_jax.predict import compile_predict, find_images
+from nfnet_jax.prediction import compile_prediction
+from nfnet_jax.weights import flat_params, save_checkpoint
 
 RTOL = 1e-5
 TOPK = 3
@@ -54,8 +54,8 @@ def reference(checkpoint, images) -> dict:
     model = load_checkpoint(checkpoint)
     files = [path for path in find_images([images]) if path.suffix == '.png']
     batch = load_batch(files, create_transform(**resolve_model_data_config(model)))
-    probabilities, classes = compile_predict(model, False, TOPK, len(batch))(batch)
-    [embeddings] = compile_predict(model, True, TOPK, len(batch))(batch)
+    probabilities, classes = map(np.asarray, compile_prediction(model, False, TOPK)(batch))
+    [embeddings] = map(np.asarray, compile_prediction(model, True, TOPK)(batch))
     return {
         'files': [str(f) for f in files],
         'probabilities': probabilities,

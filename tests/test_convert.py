@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import FP32_RTOL, randomize_, relative_error
+from helpers import FP32_RTOL, randomize_, relative_error
 from safetensors.numpy import load_file, save_file
 
 import nfnet_jax
 from convert import from_timm as cli
 from convert.from_timm import convert_state_dict, from_timm, unwrap_state_dict
 from convert.to_timm import to_timm
-from nfnet_jax.checkpoint import CheckpointError, StateMismatchError
+from nfnet_jax.weights import CheckpointError, StateMismatchError
 
 
 def timm_state_dict(name: str, seed: int = 0, **kwargs) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from flax import nnx
 from multihost import free_port, run_processes
 
 import nfnet_jax
-from nfnet_jax.checkpoint import flat_params, save_checkpoint
+from nfnet_jax.weights import flat_params, save_checkpoint
 
 EXAMPLE = Path(__file__).parents[1] / 'examples' / 'finetune.py'
 

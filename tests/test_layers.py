@@ -10,13 +10,13 @@ import pytest
 import timm.layers as tl
 import torch
 import torch.nn.functional as F
-from conftest import FP32_RTOL, nchw, nhwc, randomize_, relative_error
 from flax import nnx
+from helpers import FP32_RTOL, nchw, nhwc, randomize_, relative_error
 from timm.models import nfnet as timm_nfnet
 
-from convert.table import CONV2D, ECA_CONV1D, GAIN
 from nfnet_jax import layers
 from nfnet_jax.model import Stem, drop_path_rates
+from nfnet_jax.weights.table import CONV2D, ECA_CONV1D, GAIN
 
 
 def load_ws_conv(ours: layers.ScaledStdConv2d, theirs) -> None:

@@ -9,15 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import relative_error
 from flax import linen as nn
 from flax import nnx
+from helpers import relative_error
 
 import nfnet_jax
-from nfnet_jax.checkpoint import flat_params, flat_path, param_shapes, save_checkpoint
 from nfnet_jax.linen import NFNet, linen_variables
 from nfnet_jax.train import cross_entropy_loss
-from nfnet_jax.train.paths import dotted_path
+from nfnet_jax.weights import dotted_path, flat_params, param_shapes, save_checkpoint
 
 RTOL = 1e-6
 
@@ -52,7 +51,7 @@ def test_converted_weights_give_the_nnx_outputs_and_gradients(converted, images)
 
     linen_grads = jax.jit(jax.grad(lambda v: cross_entropy_loss(module.apply(v, images), labels)))(variables)['params']
     nnx_grads = nnx.jit(nnx.grad(lambda m: cross_entropy_loss(m(images), labels)))(model)
-    expected = {flat_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx_grads)}
+    expected = {dotted_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx_grads)}
     got = {dotted_path(p): g for p, g in jax.tree_util.tree_flatten_with_path(linen_grads)[0]}
     assert got.keys() == expected.keys()
     errors = {key: relative_error(got[key], expected[key]) for key in expected}

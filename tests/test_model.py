@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import FP32_RTOL, nchw, randomize_, relative_error
 from flax import nnx
+from helpers import FP32_RTOL, nchw, randomize_, relative_error
 
 import nfnet_jax
-from convert.from_timm import from_timm
+from nfnet_jax.factory import from_timm
 
 
 @pytest.fixture(scope='module')

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import relative_error
+from helpers import relative_error
 from multihost import ROOT, free_port, run_processes
 
 from nfnet_jax import parallel

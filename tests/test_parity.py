@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import FP32_RTOL, nchw, nhwc, randomize_, relative_error
+from helpers import FP32_RTOL, nchw, nhwc, randomize_, relative_error
 
 import nfnet_jax
-from convert.from_timm import from_timm
+from nfnet_jax.factory import from_timm
 
 ARCHITECTURES = nfnet_jax.list_models()
 SIZES = [(67, 53), (64, 64)]

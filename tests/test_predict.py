@@ -20,7 +20,7 @@ import skimage.data
 import timm
 import timm.data
 import torch
-from conftest import FP32_RTOL, relative_error
+from helpers import FP32_RTOL, relative_error
 from PIL import Image
 
 from convert.from_timm import main as convert_main

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import FP32_RTOL, nchw, nhwc, relative_error
 from flax import nnx
+from helpers import FP32_RTOL, nchw, nhwc, relative_error
 
 import nfnet_jax
 from convert.from_timm import main as convert_main
-from nfnet_jax.checkpoint import CheckpointError, param_shapes
 from nfnet_jax.features import FeatureListNet
 from nfnet_jax.model import abstract_model
+from nfnet_jax.weights import CheckpointError, param_shapes
 
 TAG = 'test_nfnet.r160_in1k'
 

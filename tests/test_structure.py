@@ -9,10 +9,9 @@ import pytest
 import timm
 
 import nfnet_jax
-from convert.from_timm import expected_timm_shapes
-from convert.table import flax_rule, timm_rule
-from nfnet_jax.checkpoint import param_shapes
 from nfnet_jax.model import abstract_model
+from nfnet_jax.weights import expected_timm_shapes, param_shapes
+from nfnet_jax.weights.table import flax_rule, timm_rule
 
 ARCHITECTURES = nfnet_jax.list_models()
 

@@ -17,12 +17,11 @@ import optax
 import pytest
 import timm
 import torch
-from conftest import relative_error
 from flax import nnx
+from helpers import leaves, relative_error
 from timm.loss import LabelSmoothingCrossEntropy
 
 import nfnet_jax
-from nfnet_jax.checkpoint import CheckpointError, StateMismatchError, flat_params, flat_path
 from nfnet_jax.model import NormFreeBlock
 from nfnet_jax.train import (
     ModelEma,
@@ -34,6 +33,7 @@ from nfnet_jax.train import (
     train_step,
     warmup_cosine_schedule,
 )
+from nfnet_jax.weights import CheckpointError, StateMismatchError, dotted_path, flat_params
 
 SIZE = 32
 # One optimizer for the module: it is static structure of a TrainState, so sharing it lets every
@@ -64,15 +64,8 @@ def make_state(
     return state
 
 
-def leaves(tree) -> list[np.ndarray]:
-    return [
-        np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
-        for x in jax.tree.leaves(tree)
-    ]
-
-
 def assert_bitwise_equal(a, b) -> None:
-    for x, y in zip(leaves(a), leaves(b), strict=True):
+    for x, y in zip(map(np.asarray, leaves(a)), map(np.asarray, leaves(b)), strict=True):
         assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
@@ -373,7 +366,7 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(saved_run, tmp_path):
 
 
 def test_the_state_paths_cover_params_optimizer_ema_and_rngs(trained):
-    paths = [flat_path(p) for p, _ in nnx.to_flat_state(nnx.state(trained[0]))]
+    paths = [dotted_path(p) for p, _ in nnx.to_flat_state(nnx.state(trained[0]))]
     assert 'model.stem.conv1.kernel' in paths
     assert 'optimizer.step' in paths
     assert any(p.startswith('optimizer.opt_state') and p.endswith('stem.conv1.kernel') for p in paths)  # momentum

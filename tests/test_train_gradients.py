@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import nchw, randomize_, relative_error
 from flax import nnx
+from helpers import nchw, randomize_, relative_error
 from timm.models import model_parameters
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
-from convert.from_timm import convert_state_dict, from_timm
-from convert.to_timm import to_timm
-from nfnet_jax.checkpoint import flat_path
+from nfnet_jax.factory import from_timm
 from nfnet_jax.train import adaptive_clip_grad, cross_entropy_loss
+from nfnet_jax.weights import convert_state_dict, dotted_path, to_timm
 
 GRAD_RTOL = 1e-4
 AGC_RTOL = 1e-6
@@ -58,7 +57,7 @@ def grads(request):
 
     # XLA's backend optimisation level 0 halves the compile time of these one-off gradients.
     our_grads = jax.jit(jax.grad(loss), compiler_options={'xla_backend_optimization_level': 0})(params)
-    our_grads = to_timm({flat_path(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(our_grads)})
+    our_grads = to_timm({dotted_path(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(our_grads)})
     yield name, timm_grads, our_grads
     del theirs, ours
     gc.collect()

@@ -1,11 +1,12 @@
 """Training NFNets in Flax: timm's AGC, the paper's recipe, the train state, its step and checkpoints."""
 
 from nfnet_jax.train.agc import adaptive_clip_grad, unitwise_norm
-from nfnet_jax.train.checkpointing import TrainCheckpointer
 from nfnet_jax.train.optim import cross_entropy_loss, nfnet_optimizer, warmup_cosine_schedule
-from nfnet_jax.train.paths import dotted_path, is_bias_or_gain, is_classifier, is_gain, matches, path_mask
+from nfnet_jax.train.paths import is_bias_or_gain, is_classifier, is_gain, matches, path_mask
+from nfnet_jax.train.run_checkpoint import TrainCheckpointer
 from nfnet_jax.train.state import ModelEma, TrainState
 from nfnet_jax.train.step import eval_step, eval_step_fn, train_step, train_step_fn
+from nfnet_jax.weights.params import dotted_path
 
 __all__ = [
     'ModelEma',

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nfnet_jax.train.paths import PathPredicate, dotted_path, is_classifier, is_gain
+from nfnet_jax.train.paths import PathPredicate, is_classifier, is_gain
+from nfnet_jax.weights.params import dotted_path
 
 Array = jax.Array
 

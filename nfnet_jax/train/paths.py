@@ -1,9 +1,9 @@
-"""Dotted paths of pytree leaves, so masks and exclusions read like checkpoint keys.
+"""Selecting parameters by dotted path, so masks and exclusions read like checkpoint keys.
 
 A parameter of a model, of `nnx.state(model)`, of an optax state or of a Linen `params`
-dict gets the same flat path that `nfnet_jax.checkpoint.flat_params` uses
-(`stages.2.3.conv2b.kernel`), whatever container holds it. Prefixes added by a parent
-(a Linen `backbone.`, a train state's `model.`) are kept: predicates match suffixes.
+dict gets the same flat path (`stages.2.3.conv2b.kernel`, see `nfnet_jax.weights.params.dotted_path`),
+whatever container holds it. Prefixes added by a parent (a Linen `backbone.`, a train state's
+`model.`) are kept: predicates match suffixes.
 """
 
 from __future__ import annotations
@@ -14,26 +14,9 @@ from typing import Any
 
 import jax
 
+from nfnet_jax.weights.params import dotted_path
+
 PathPredicate = Callable[[str], bool]
-
-# nnx.Variable flattens to one child named 'value'; it is the variable, not a level of the tree.
-_VARIABLE_FIELDS = ('value', 'raw_value')
-
-
-def dotted_path(keypath: tuple[Any, ...]) -> str:
-    """'stages.0.1.conv1.kernel' for a jax key path, skipping the Variable's own 'value' key."""
-    parts = []
-    for key in keypath:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name not in _VARIABLE_FIELDS:
-                parts.append(key.name)
-        else:
-            parts.append(str(key))
-    return '.'.join(parts)
 
 
 def path_mask(predicate: PathPredicate, tree: Any) -> Any:

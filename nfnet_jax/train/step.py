@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nfnet_jax.compile_options import compiler_options, platform_of
+from nfnet_jax import lowering
 from nfnet_jax.train.optim import cross_entropy_loss
 from nfnet_jax.train.state import TrainState
 
@@ -74,17 +74,16 @@ def pure_eval_step(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, 
 @functools.cache
 def compiled_steps(platform: str | None) -> tuple[Callable[..., tuple[nnx.State, Metrics]], Callable[..., Metrics]]:
     """The jitted (pure_train_step, pure_eval_step) with `platform`'s compiler options (None: XLA's defaults)."""
-    options = compiler_options(platform)
     return (
-        jax.jit(pure_train_step, static_argnums=(0, 4), compiler_options=options),
-        jax.jit(pure_eval_step, static_argnums=0, compiler_options=options),
+        lowering.jit(pure_train_step, platform, static_argnums=(0, 4)),
+        lowering.jit(pure_eval_step, platform, static_argnums=0),
     )
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> Metrics:
     """`train_step_fn`, jitted with the compiler options of the state's platform; updates `state` in place."""
     graphdef, arrays = nnx.split(state)
-    train = compiled_steps(platform_of((arrays, images, labels)))[0]
+    train = compiled_steps(lowering.platform_of((arrays, images, labels)))[0]
     new_state, metrics = train(graphdef, arrays, images, labels, label_smoothing)
     nnx.update(state, new_state)
     return metrics
@@ -93,5 +92,5 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_sm
 def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
     """`eval_step_fn`, jitted with the compiler options of the model's platform."""
     graphdef, arrays = nnx.split(model)
-    evaluate = compiled_steps(platform_of((arrays, images, labels)))[1]
+    evaluate = compiled_steps(lowering.platform_of((arrays, images, labels)))[1]
     return evaluate(graphdef, arrays, images, labels)

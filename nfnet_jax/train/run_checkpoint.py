@@ -19,8 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nfnet_jax.checkpoint import CheckpointError, check_shapes, flat_path
 from nfnet_jax.train.state import TrainState
+from nfnet_jax.weights.params import CheckpointError, check_shapes, flat_state
 
 FORMAT = 'nfnet_jax.train'
 _STATE, _RUN = 'state', 'run'
@@ -29,7 +29,7 @@ _STATE, _RUN = 'state', 'run'
 def describe_run(state: TrainState) -> dict[str, Any]:
     """The JSON record saved beside the state: what model it is and the shape of every state entry."""
     model = state.model
-    architecture = getattr(getattr(model, 'pretrained_cfg', None), 'architecture', None) or type(model).__name__
+    architecture = model.pretrained_cfg.architecture if model.pretrained_cfg is not None else type(model).__name__
     return {
         'format': FORMAT,
         'architecture': architecture,
@@ -41,7 +41,7 @@ def describe_run(state: TrainState) -> dict[str, Any]:
 
 
 def state_shapes(state: TrainState) -> dict[str, list[int]]:
-    return {flat_path(path): list(var.shape) for path, var in nnx.to_flat_state(nnx.state(state))}
+    return {path: list(var.shape) for path, var in flat_state(state)}
 
 
 class TrainCheckpointer:

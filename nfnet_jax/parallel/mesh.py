@@ -5,7 +5,7 @@
     logits = classify(global_batch(local_images, mesh))  # each process feeds its own rows
     mine = local_rows(logits, mesh)                      # and gets its own rows back
 
-    trainer = ShardedTrainer(state, mesh, fsdp=True)     # nfnet_jax.train's step, sharded
+    trainer = ShardedTrainer(state, mesh, fsdp=True)     # nfnet_jax.parallel.train: the train step, sharded
     metrics = trainer.train_step(local_images, local_labels)
 
 A mesh is a 2-d grid of devices: the batch is split along 'data'; the 'model' axis (size 1
@@ -25,10 +25,8 @@ the distributed runtime's heartbeat timeout ends them all.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import jax
@@ -38,11 +36,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-from nfnet_jax.compile_options import compiler_options, platform_of
-from nfnet_jax.inference import InferenceFn, jit_inference
-from nfnet_jax.train.state import TrainState
-from nfnet_jax.train.step import Metrics, pure_eval_step, pure_train_step
 
 DATA_AXIS = 'data'
 MODEL_AXIS = 'model'
@@ -78,24 +71,6 @@ def initialize_distributed(
         heartbeat_timeout_seconds=heartbeat_timeout_s,
         shutdown_timeout_seconds=shutdown_timeout_s,
     )
-
-
-def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
-    """A command's flags for joining a multi-host run (read by `initialize_from_args`)."""
-    group = parser.add_argument_group('multi-host (one process per host)')
-    group.add_argument('--distributed', action='store_true', help='join a run found from the environment (TPU, SLURM)')
-    group.add_argument('--coordinator', help='HOST:PORT of process 0, for a multi-host run without auto-detection')
-    group.add_argument('--num-processes', type=int, help='with --coordinator: how many processes (hosts)')
-    group.add_argument('--process-id', type=int, help='with --coordinator: this process, 0 .. num-processes - 1')
-
-
-def initialize_from_args(args: argparse.Namespace) -> None:
-    """`initialize_distributed` as `add_distributed_arguments`'s flags ask; nothing without them."""
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(value is not None for value in explicit) and None in explicit:
-        raise ValueError('--coordinator, --num-processes and --process-id go together')
-    if args.distributed or args.coordinator is not None:
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
 def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -143,11 +118,6 @@ def state_shardings(
 ) -> Any:
     """A NamedSharding for every array of `state` (an nnx.State or any pytree), by `partition_spec`."""
     return jax.tree.map(lambda x: NamedSharding(mesh, partition_spec(x.shape, mesh, axes, min_size)), state)
-
-
-def count_sharded(state: Any) -> int:
-    """How many arrays of `state` are split over devices (the rest are replicated)."""
-    return sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -225,93 +195,6 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
         return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
-# ------------------------------------------------------------------------------------- inference
-
-
-def shard_inference(fn: InferenceFn, mesh: Mesh, *, min_shard_size: int = DEFAULT_MIN_SHARD_SIZE) -> InferenceFn:
-    """`fn` (from `nfnet_jax.inference`) jitted over `mesh`: batch split along 'data', outputs likewise.
-
-    The prepared weights are replicated on every device, or, when the mesh has a 'model' axis
-    of size > 1, split along it (output channels of every kernel of at least `min_shard_size`
-    elements that it divides). Call the result with a global batch (`global_batch`); with one
-    process a numpy batch works too. Its batch size must be a multiple of the 'data' axis.
-    """
-    shardings = state_shardings(fn.state, mesh, (MODEL_AXIS,), min_shard_size)
-    batch = batch_sharding(mesh)  # the images, and every output: logits, embeddings or each feature map
-    return jit_inference(fn.apply, place(fn.state, shardings), in_shardings=(shardings, batch), out_shardings=batch)
-
-
-# -------------------------------------------------------------------------------------- training
-
-
-class ShardedTrainer:
-    """`nfnet_jax.train`'s train and eval steps, data-parallel over a mesh, optionally FSDP.
-
-    The state is placed on the mesh in place when the trainer is made, and stays there: each
-    step takes it with its shardings and returns it with the same ones (its buffers donated).
-    The batch is split along 'data' and XLA reduces the gradients across it. Weights are
-    replicated, or with `fsdp=True` split along 'data' too (each device keeps 1/n of every big
-    param, its gradient, momentum and EMA; XLA gathers a weight where a layer needs it), and
-    split along 'model' where the mesh has that axis. `state` may be saved and restored with
-    `TrainCheckpointer` as usual: orbax writes and reads each shard where it lives.
-    """
-
-    def __init__(
-        self,
-        state: TrainState,
-        mesh: Mesh,
-        *,
-        fsdp: bool = False,
-        label_smoothing: float = 0.0,
-        min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
-    ):
-        self.state = state
-        self.mesh = mesh
-        axes = (MODEL_AXIS, DATA_AXIS) if fsdp else (MODEL_AXIS,)
-        self.state_shardings = state_shardings(nnx.state(state), mesh, axes, min_shard_size)
-        nnx.update(state, place(nnx.state(state), self.state_shardings))
-        eval_shardings = state_shardings(nnx.state(state.eval_model), mesh, axes, min_shard_size)
-        data, metrics = batch_sharding(mesh), replicated(mesh)
-
-        options = compiler_options(platform_of(nnx.state(state)))
-        self._train = jax.jit(
-            partial(pure_train_step, label_smoothing=label_smoothing),
-            static_argnums=0,
-            in_shardings=(self.state_shardings, data, data),
-            out_shardings=(self.state_shardings, metrics),
-            donate_argnums=1,
-            compiler_options=options,
-        )
-        self._eval = jax.jit(
-            pure_eval_step,
-            static_argnums=0,
-            in_shardings=(eval_shardings, data, data),
-            out_shardings=metrics,
-            compiler_options=options,
-        )
-
-    def train_step(self, images: Any, labels: Any) -> Metrics:
-        """One optimizer step on a batch, updating `self.state` in place; metrics are replicated.
-
-        `images` and `labels` are this process's rows (numpy) or global arrays from `global_batch`.
-        """
-        graphdef, state = nnx.split(self.state)
-        new_state, metrics = self._train(graphdef, state, *self._global(images, labels))
-        nnx.update(self.state, new_state)
-        return metrics
-
-    def eval_step(self, images: Any, labels: Any, model: nnx.Module | None = None) -> Metrics:
-        """`eval_step_fn` on a sharded batch, of `model`: `state.eval_model` (the EMA weights when
-        there are any) by default, or `state.model`, which is sharded alike."""
-        graphdef, state = nnx.split(self.state.eval_model if model is None else model)
-        return self._eval(graphdef, state, *self._global(images, labels))
-
-    def _global(self, images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
-        if isinstance(images, jax.Array) and isinstance(labels, jax.Array):
-            return images, labels
-        return global_batch((images, labels), self.mesh)
 
 
 def create_sharded(

@@ -1,0 +1,83 @@
+"""nfnet_jax's weights file: one safetensors file of flat params, with metadata naming the model.
+
+The metadata names the architecture and head, so `nfnet_jax.load_checkpoint` can rebuild the
+model without being told what it is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from nfnet_jax.files import atomic_write
+from nfnet_jax.weights.params import CheckpointError
+
+FORMAT = 'nfnet_jax'
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: Mapping[str, np.ndarray],
+    *,
+    architecture: str,
+    num_classes: int,
+    global_pool: str,
+    in_chans: int = 3,
+    extra_metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+    check: Callable[[str], None] | None = None,
+) -> None:
+    """Save flat params with the metadata `load_checkpoint` needs, atomically.
+
+    `check(tmp_path)` runs on the finished temporary file before it takes the final name;
+    if it raises, nothing is left behind.
+    """
+    metadata = {
+        'format': FORMAT,
+        'architecture': architecture,
+        'num_classes': str(num_classes),
+        'global_pool': global_pool,
+        'in_chans': str(in_chans),
+        **(extra_metadata or {}),
+    }
+    tensors = {key: np.asarray(value, order='C') for key, value in params.items()}
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        if check is not None:
+            check(tmp)
+
+    atomic_write(Path(path), write, force=force)
+
+
+def _open_checkpoint(path: str | os.PathLike, read_tensors: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint at {path}')
+    try:
+        with safe_open(path, framework='np') as f:
+            metadata = f.metadata() or {}
+            params = {key: f.get_tensor(key) for key in f.keys()} if read_tensors else {}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f'{path} is not a readable safetensors file (corrupt or truncated?): {err}') from None
+    if metadata.get('format') != FORMAT:
+        raise CheckpointError(
+            f'{path} is not an nfnet_jax checkpoint (no format={FORMAT!r} in its metadata); '
+            'convert timm weights with `python -m convert.from_timm NAME --checkpoint FILE -o OUT.safetensors`'
+        )
+    return params, metadata
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of an nfnet_jax checkpoint, without reading its tensors."""
+    return _open_checkpoint(path, read_tensors=False)[1]
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read an nfnet_jax checkpoint: (flat params, metadata). Clear errors for bad files."""
+    return _open_checkpoint(path, read_tensors=True)
