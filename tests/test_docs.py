@@ -1,4 +1,4 @@
-"""The documentation's code runs as written, and its relative links lead to files that exist.
+"""The documentation's code runs as written, and its relative links lead to files and headings that exist.
 
 A snippet is found by the marker on the line before its code block, `<!-- snippet: NAME -->`, in
 README.md or any docs/*.md, so headings can be reworded and snippets moved between files freely.
@@ -83,9 +83,21 @@ FENCE = re.compile(r'^```.*?^```', re.S | re.M)
 LINK = re.compile(r'\]\(([^)\s]+)\)')
 
 
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors for the headings of a markdown file: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r'^#+ (.*)$', FENCE.sub('', path.read_text(encoding='utf-8')), re.M)
+    return {re.sub(r'[^\w\- ]', '', heading.strip().lower()).replace(' ', '-') for heading in headings}
+
+
 @pytest.mark.parametrize('path', DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
-def test_relative_links_lead_to_existing_files(path):
+def test_relative_links_lead_to_existing_files_and_headings(path):
     text = FENCE.sub('', path.read_text(encoding='utf-8'))
-    targets = [t.split('#')[0] for t in LINK.findall(text) if not re.match(r'[a-z]+:|#', t)]
-    missing = [t for t in targets if not (path.parent / t).exists()]
-    assert not missing, f'{path.name} links to missing files: {missing}'
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r'[a-z]+:', target):
+            continue
+        file, _, anchor = target.partition('#')
+        linked = (path.parent / file) if file else path
+        if not linked.exists() or (anchor and linked.suffix == '.md' and anchor not in anchors(linked)):
+            broken.append(target)
+    assert not broken, f'{path.name} has broken links: {broken}'
