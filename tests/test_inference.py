@@ -227,16 +227,3 @@ def test_benchmark_smoke(tmp_path):
     assert run['logits_rel_error_vs_timm'] < 1e-4  # same weights, same images on both sides
     with pytest.raises(SystemExit):  # an existing output is not replaced without --force
         vs_timm.main(['--model', 'test_nfnet', '--json', str(out)])
-
-
-def test_readme_snippet_runs_as_written():
-    """The README's fast-inference snippet, with test_nfnet at 64 px in place of dm_nfnet_f0 at 256."""
-    text = (REPO / 'README.md').read_text(encoding='utf-8')
-    section = text[text.index('## Fast inference') :]
-    code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
-    namespace: dict = {}
-    exec(code.replace("'dm_nfnet_f0'", "'test_nfnet'").replace('256, 256', '64, 64'), namespace)
-    assert namespace['logits'].shape == (8, 1000)
-    np.testing.assert_array_equal(namespace['same'], namespace['logits'])
-    assert namespace['embed'](namespace['images']).shape == (8, namespace['model'].head_hidden_size)
-    assert len(namespace['feature_maps'](namespace['images'])) == 4
