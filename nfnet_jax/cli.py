@@ -36,12 +36,30 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 
 
 class _LineProgress(tqdm):
-    """tqdm for a log file: each update it shows is a line of its own, not a carriage-return redraw."""
+    """tqdm for a log file: each update it shows is a whole line, never a carriage-return redraw.
+
+    A line is written only when the count moved since the last one (tqdm also redraws around
+    every `write`), and the last count is shown once at `close`.
+    """
+
+    _shown_n: float | None = None
+
+    def clear(self, nolock: bool = False) -> None:
+        """Nothing to erase: lines in a log stay."""
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if msg == '' or self.n == self._shown_n:
+            return False
         self.fp.write((msg or self.__str__()) + '\n')
         self.fp.flush()
+        self._shown_n = self.n
         return True
+
+    def close(self) -> None:
+        if not self.disable:
+            self.display()
+            self.leave = False  # the final line is written; tqdm would otherwise add a redraw and a newline
+        super().close()
 
 
 def progress(

@@ -18,7 +18,7 @@ import nfnet_jax
 from convert.from_timm import main as convert_main
 from nfnet_jax.features import FeatureListNet
 from nfnet_jax.model import abstract_model
-from nfnet_jax.weights import CheckpointError, param_shapes
+from nfnet_jax.weights import CheckpointError, flat_params, param_shapes
 
 TAG = 'test_nfnet.r160_in1k'
 
@@ -49,15 +49,33 @@ def test_bare_architecture_name_loads_the_default_tag(offline_hub, images):
     assert relative_error(ours(images), run_timm(timm_model(), images)) <= FP32_RTOL
 
 
+def load(source: str, path, **kwargs) -> nfnet_jax.NormFreeNet:
+    """The tag's weights through each way of loading them: the hub, a converted file by name, or by path alone."""
+    if source == 'pretrained':
+        return nfnet_jax.create_model(TAG, pretrained=True, **kwargs)
+    if not path.exists():
+        model = nfnet_jax.create_model(TAG, pretrained=True)
+        nfnet_jax.save_checkpoint(
+            path, flat_params(model), architecture='test_nfnet', num_classes=1000, global_pool='avg'
+        )
+    if source == 'checkpoint_path':
+        return nfnet_jax.create_model('test_nfnet', checkpoint_path=path, **kwargs)
+    return nfnet_jax.load_checkpoint(path, **kwargs)
+
+
+@pytest.mark.parametrize('source', ['pretrained', 'checkpoint_path', 'load_checkpoint'])
 @pytest.mark.parametrize('num_classes,global_pool,in_chans', [(10, 'avg', 3), (1000, 'catavgmax', 3), (0, 'avg', 1)])
-def test_new_head_or_input_channels_keep_the_backbone(offline_hub, num_classes, global_pool, in_chans):
-    """As timm: a head that does not fit the checkpoint is fresh; in_chans != 3 adapts the first conv."""
+def test_new_head_or_input_channels_keep_the_backbone(
+    offline_hub, tmp_path, source, num_classes, global_pool, in_chans
+):
+    """As timm: a head that does not fit the checkpoint is fresh; in_chans != 3 adapts the first conv.
+
+    The same from the hub and from a converted file (timm's `pretrained_cfg_overlay=dict(file=...)`).
+    """
     x = np.random.default_rng(1).standard_normal((2, 67, 53, in_chans)).astype(np.float32)
     # timm cannot load a 1000-class checkpoint under catavgmax: its reference here has no classifier.
     theirs = timm_model(num_classes=0, global_pool=global_pool, in_chans=in_chans)
-    ours = nfnet_jax.create_model(
-        TAG, pretrained=True, num_classes=num_classes, global_pool=global_pool, in_chans=in_chans
-    )
+    ours = load(source, tmp_path / 'f.safetensors', num_classes=num_classes, global_pool=global_pool, in_chans=in_chans)
     features = ours.forward_features(x)
     assert relative_error(features, nhwc(run_timm(theirs, x, 'forward_features'))) <= FP32_RTOL
     assert relative_error(ours.forward_head(features, pre_logits=True), run_timm(theirs, x)) <= FP32_RTOL

@@ -1,0 +1,132 @@
+"""The layout's promises: dependencies go one way, inference loads no training code, small utilities behave."""
+
+from __future__ import annotations
+
+import ast
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nfnet_jax
+from nfnet_jax import cli
+from nfnet_jax.weights import file as weights_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth of its code (functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_never_imports_the_command_package():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(name for name in imported_modules(path) if name.split('.')[0] == 'convert')
+        for path in (ROOT / 'nfnet_jax').rglob('*.py')
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_only_parallel_train_imports_training_outside_nfnet_jax_train():
+    """Inference and sharding code stays free of optax/orbax users; the commands other than training likewise."""
+    importers = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / 'nfnet_jax').rglob('*.py')
+        if 'train' not in path.relative_to(ROOT / 'nfnet_jax').parts[:1]
+        and any(
+            name.startswith('nfnet_jax.train') or name in ('optax', 'orbax.checkpoint')
+            for name in imported_modules(path)
+        )
+    )
+    assert importers == ['nfnet_jax/parallel/train.py']
+
+
+def test_inference_and_its_commands_load_no_training_code():
+    """orbax and nfnet_jax.train stay unloaded. optax is loaded by flax.nnx itself (nnx.Optimizer), not by us."""
+    code = (
+        'import sys, nfnet_jax, nfnet_jax.inference, nfnet_jax.parallel, nfnet_jax.predict, nfnet_jax.batch_predict\n'
+        "training = ('orbax', 'nfnet_jax.train', 'nfnet_jax.parallel.train')\n"
+        'loaded = sorted(m for m in sys.modules if m.startswith(training))\n'
+        'assert not loaded, loaded\n'
+    )
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, timeout=300)
+    flax_alone = subprocess.run(
+        [sys.executable, '-c', "import sys, flax.nnx; print('optax' in sys.modules)"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert flax_alone.stdout.strip() == 'True'
+
+
+def test_reading_metadata_reads_no_tensor(tmp_path, monkeypatch):
+    path = tmp_path / 'w.safetensors'
+    nfnet_jax.save_checkpoint(
+        path, {'a': np.ones((4, 4), np.float32)}, architecture='test_nfnet', num_classes=1, global_pool='avg'
+    )
+    read = []
+    real_safe_open = weights_file.safe_open
+
+    class CountingHandle:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            inner = self.handle.__enter__()
+            outer = self
+
+            class Proxy:
+                def metadata(self):
+                    return inner.metadata()
+
+                def keys(self):
+                    return inner.keys()
+
+                def get_tensor(self, key):
+                    read.append(key)
+                    return inner.get_tensor(key)
+
+            outer.proxy = Proxy()
+            return outer.proxy
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    monkeypatch.setattr(weights_file, 'safe_open', CountingHandle)
+    assert nfnet_jax.weights.read_checkpoint_metadata(path)['architecture'] == 'test_nfnet'
+    assert read == []
+    assert nfnet_jax.read_checkpoint(path)[0].keys() == {'a'} and read == ['a']
+
+
+def test_progress_redraws_only_on_a_terminal(monkeypatch):
+    """In a log file each shown update is its own line, at most one per interval, and a message written
+    between updates does not redraw the bar: no carriage returns, no repeated lines."""
+    log = io.StringIO()
+    monkeypatch.setattr(cli, 'LOG_INTERVAL_S', 3600.0)
+    with cli.progress(range(1000), file=log, desc='work') as bar:
+        for i in bar:
+            if i == 500:
+                bar.write('a message', file=log)
+    lines = log.getvalue().splitlines()
+    assert '\r' not in log.getvalue()
+    assert [line[:10] for line in lines] == ['work:   0%', 'a message', 'work: 100%']
+
+
+@pytest.mark.parametrize('name', ['ShardedTrainer'])
+def test_moved_names_keep_a_deprecated_alias(name):
+    from nfnet_jax import parallel
+
+    with pytest.warns(DeprecationWarning, match='moved'):
+        assert getattr(parallel, name).__module__ == 'nfnet_jax.parallel.train'
