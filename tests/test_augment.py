@@ -13,11 +13,13 @@ value for 2000 + 2000 samples) or a chi-square test of frequencies with p > 0.00
 
 from __future__ import annotations
 
+import random
 import types
 
 import numpy as np
 import PIL.ImageOps
 import pytest
+import scipy.stats
 import skimage.data
 import timm.data
 import timm.data.auto_augment as timm_aa
@@ -27,8 +29,8 @@ import torch
 import torchvision.transforms
 from PIL import Image
 
+from nfnet_jax import augment, data
 from nfnet_jax import auto_augment as aa
-from nfnet_jax import data
 
 KS_MAX = 0.062  # two-sample KS critical value at p = 0.001 for n = m = 2000: 1.95 * sqrt(2 / 2000)
 N_DRAWS = 2000
@@ -172,3 +174,106 @@ def test_posterize_to_zero_bits_is_black_where_timm_raises():
     assert not np.any(np.asarray(aa.apply_op(photo, draw, (0, 0, 0))))
     with pytest.raises(ValueError, match='bits'):
         timm_aa.AugmentOp('Posterize', 1.0, 2)(photo)
+
+
+def ks(ours, theirs) -> float:
+    return float(scipy.stats.ks_2samp(np.asarray(ours, np.float64), np.asarray(theirs, np.float64)).statistic)
+
+
+@pytest.mark.parametrize('height,width', [(300, 200), (40, 300)], ids=['tall', 'wide'])
+def test_crop_box_distribution_equals_timms(height, width):
+    """Area fraction, log aspect ratio and position of the box; the wide image falls back to the center often."""
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    rng, image = np.random.default_rng(0), Image.new('RGB', (width, height))
+    random.seed(0)
+    ours = np.array([augment.random_resized_crop_box(rng, height, width, scale, ratio) for _ in range(N_DRAWS)])
+    theirs = np.array(
+        [timm.data.transforms.RandomResizedCropAndInterpolation.get_params(image, scale, ratio) for _ in range(N_DRAWS)]
+    )
+    for stats in (
+        lambda b: b[:, 2] * b[:, 3] / (height * width),  # area fraction
+        lambda b: np.log(b[:, 3] / b[:, 2]),  # log aspect ratio
+        lambda b: (b[:, 0] + b[:, 2] / 2) / height,  # box center, vertical
+        lambda b: (b[:, 1] + b[:, 3] / 2) / width,  # box center, horizontal
+    ):
+        assert ks(stats(ours), stats(theirs)) < KS_MAX
+    assert np.all(ours[:, 0] + ours[:, 2] <= height) and np.all(ours[:, 1] + ours[:, 3] <= width)
+
+
+def test_flip_jitter_and_erasing_draws_match_timms_distributions():
+    transform = data.create_transform(
+        32, is_training=True, hflip=0.5, vflip=0.3, color_jitter=(0.4, 0.3, 0.2, 0.1), re_prob=0.5
+    )
+    rng = np.random.default_rng(0)
+    ours = [transform.sample_params(rng, 32, 32) for _ in range(N_DRAWS)]
+    torch.manual_seed(0)
+    random.seed(0)
+    pixel = Image.fromarray(np.array([[[0] * 3, [255] * 3]], np.uint8))  # 1x2: flipping moves the white pixel
+    hflip, vflip = torchvision.transforms.RandomHorizontalFlip(0.5), torchvision.transforms.RandomVerticalFlip(0.3)
+    their_hflips = [np.asarray(hflip(pixel))[0, 0, 0] == 255 for _ in range(N_DRAWS)]
+    their_vflips = [
+        np.asarray(vflip(pixel.transpose(Image.Transpose.TRANSPOSE)))[0, 0, 0] == 255 for _ in range(N_DRAWS)
+    ]
+    # binomial rates of 2000 draws: the difference of two has sd <= 0.016; 0.05 is > 3 sd
+    assert abs(np.mean([p['hflip'] for p in ours]) - np.mean(their_hflips)) < 0.05
+    assert abs(np.mean([p['vflip'] for p in ours]) - np.mean(their_vflips)) < 0.05
+    jitter = torchvision.transforms.ColorJitter(0.4, 0.3, 0.2, 0.1)
+    theirs = [
+        jitter.get_params(jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) for _ in range(N_DRAWS)
+    ]
+    for i in range(4):
+        assert ks([p['color_jitter'][1][i] for p in ours], [t[i + 1] for t in theirs]) < KS_MAX
+    first_ours = np.bincount([p['color_jitter'][0][0] for p in ours], minlength=4)
+    first_theirs = np.bincount([int(t[0][0]) for t in theirs], minlength=4)
+    assert scipy.stats.chi2_contingency([first_ours, first_theirs]).pvalue > 1e-3
+    # timm's erasing on a tensor of ones: the zeros are the box ('const' mode)
+    erasing = timm.data.random_erasing.RandomErasing(0.5, mode='const', device='cpu')
+    their_boxes = []
+    for _ in range(N_DRAWS):
+        erased = erasing(torch.ones(3, 32, 32))[0].numpy() == 0
+        rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
+        their_boxes.append((rows[0], cols[0], len(rows), len(cols)) if len(rows) else None)
+    our_boxes = [p['erasing'][0][:4] if p['erasing'] else None for p in ours]
+    assert abs(np.mean([b is None for b in our_boxes]) - np.mean([b is None for b in their_boxes])) < 0.05
+    our_boxes, their_boxes = (np.array([b for b in boxes if b]) for boxes in (our_boxes, their_boxes))
+    for stats in (lambda b: b[:, 2] * b[:, 3], lambda b: b[:, 2] / b[:, 3], lambda b: b[:, 0], lambda b: b[:, 1]):
+        assert ks(stats(our_boxes), stats(their_boxes)) < 2 * KS_MAX  # ~1000 boxes each: the critical value doubles
+
+
+def timm_op_log(policy) -> list:
+    """Make timm's ops record (name, args) instead of changing the image; returns the log they append to."""
+    log = []
+    ops = [op for sub in policy.policy for op in sub] if hasattr(policy, 'policy') else policy.ops
+    for op in ops:
+        op.aug_fn = lambda img, *args, _name=op.name, **_: log.append((_name, args)) or img
+    return log
+
+
+def flat(draws) -> list:
+    if isinstance(draws, dict):  # AugMix: its chains
+        return [d for chain in draws['chains'] for d in chain if d is not None]
+    return [d for d in draws if d is not None]
+
+
+@pytest.mark.parametrize('config', ['rand-m9-mstd0.5-inc1', 'rand-m7-n3-tweights', 'original', 'augmix-m5'])
+def test_policy_op_frequencies_and_magnitudes_match_timms(config):
+    """Which ops run (chi-square of the counts) and their arguments (KS per op with >= 100 runs each), p > 0.001."""
+    ours_policy = data.create_transform(224, is_training=True, auto_augment=config).policy
+    theirs_policy = timm.data.create_transform(224, is_training=True, auto_augment=config).transforms[2]
+    assert type(theirs_policy).__name__ == type(ours_policy).__name__.replace('AugMix', 'AugMixAugment')
+    log, image = timm_op_log(theirs_policy), Image.new('RGB', (4, 4))
+    random.seed(0)
+    np.random.seed(0)
+    for _ in range(N_DRAWS):
+        theirs_policy(image)
+    rng = np.random.default_rng(0)
+    ours = [(name, args) for _ in range(N_DRAWS) for name, args, _ in flat(ours_policy.sample(rng))]
+    names = sorted({name for name, _ in ours + log})
+    counts = [[sum(n == name for n, _ in runs) for name in names] for runs in (ours, log)]
+    assert abs(len(ours) - len(log)) / len(log) < 0.05
+    assert scipy.stats.chi2_contingency(counts).pvalue > 1e-3
+    for name in names:
+        our_args = [args[0] for n, args in ours if n == name and args]
+        their_args = [args[0] for n, args in log if n == name and args]
+        if min(len(our_args), len(their_args)) >= 100:
+            assert scipy.stats.ks_2samp(our_args, their_args, method='asymp').pvalue > 1e-3, name
