@@ -145,13 +145,40 @@ def create_transform(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     crop_pct: float | None = None,
     crop_mode: str | None = None,
-) -> EvalTransform:
-    """timm's `create_transform(..., is_training=False)`: `input_size` is an int, (H, W) or (C, H, W).
+    scale: tuple[float, float] | None = None,
+    ratio: tuple[float, float] | None = None,
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    color_jitter: float | Sequence[float] | None = 0.4,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = 'const',
+    re_count: int = 1,
+) -> Any:
+    """timm's `create_transform`: `input_size` is an int, (H, W) or (C, H, W).
 
-    Defaults are timm's: bilinear, crop_pct 0.875, center crop.
+    Defaults are timm's: bilinear, crop_pct 0.875, center crop. `is_training=True` gives
+    `nfnet_jax.augment.TrainTransform` (timm's training transform, taking the training options
+    below crop_mode); otherwise an EvalTransform.
     """
     if is_training:
-        raise ValueError('only the eval transform is provided; training augmentation is not part of nfnet_jax.data')
+        from nfnet_jax.augment import create_train_transform  # it builds on this module
+
+        return create_train_transform(
+            input_size if isinstance(input_size, int) else input_size[-2:],
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            vflip=vflip,
+            color_jitter=color_jitter,
+            auto_augment=auto_augment,
+            interpolation=interpolation,
+            mean=mean,
+            std=std,
+            re_prob=re_prob,
+            re_mode=re_mode,
+            re_count=re_count,
+        )
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f'unknown interpolation {interpolation!r}; choose one of {", ".join(INTERPOLATIONS)}')
     crop_mode = crop_mode or 'center'

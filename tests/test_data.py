@@ -148,8 +148,8 @@ def test_bad_settings_say_what_exists():
         data.create_transform(interpolation='cubic')
     with pytest.raises(ValueError, match='squash'):
         data.create_transform(crop_mode='middle')
-    with pytest.raises(ValueError, match='eval transform'):
-        data.create_transform(is_training=True)
+    with pytest.raises(ValueError, match='pixel'):
+        data.create_transform(is_training=True, re_mode='noise')
     with pytest.raises(TypeError, match='uint8'):
         data.create_transform()(np.zeros((8, 8, 3), np.float32))
 

@@ -1,6 +1,7 @@
-"""Training NFNets in Flax: timm's AGC, the paper's recipe, the train state, its step and checkpoints."""
+"""Training NFNets in Flax: timm's AGC, the paper's recipe, Mixup/CutMix, the train state, its step and checkpoints."""
 
 from nfnet_jax.train.agc import adaptive_clip_grad, unitwise_norm
+from nfnet_jax.train.mixup import Mixup, mixup_target, soft_target_cross_entropy
 from nfnet_jax.train.optim import cross_entropy_loss, nfnet_optimizer, warmup_cosine_schedule
 from nfnet_jax.train.paths import is_bias_or_gain, is_classifier, is_gain, matches, path_mask
 from nfnet_jax.train.run_checkpoint import TrainCheckpointer
@@ -9,6 +10,7 @@ from nfnet_jax.train.step import eval_step, eval_step_fn, train_step, train_step
 from nfnet_jax.weights.params import dotted_path
 
 __all__ = [
+    'Mixup',
     'ModelEma',
     'TrainCheckpointer',
     'TrainState',
@@ -21,8 +23,10 @@ __all__ = [
     'is_classifier',
     'is_gain',
     'matches',
+    'mixup_target',
     'nfnet_optimizer',
     'path_mask',
+    'soft_target_cross_entropy',
     'train_step',
     'train_step_fn',
     'unitwise_norm',
