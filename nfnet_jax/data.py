@@ -16,12 +16,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
+
+if TYPE_CHECKING:
+    from nfnet_jax.augment import TrainTransform
 
 DEFAULT_CROP_PCT = 0.875
 CROP_MODES = ('center', 'squash', 'border')
@@ -148,11 +151,13 @@ def create_transform(
     hflip: float = 0.5,
     vflip: float = 0.0,
     color_jitter: float | Sequence[float] | None = 0.4,
+    color_jitter_prob: float | None = None,
+    grayscale_prob: float = 0.0,
     auto_augment: str | None = None,
     re_prob: float = 0.0,
     re_mode: str = 'const',
     re_count: int = 1,
-) -> Any:
+) -> EvalTransform | TrainTransform:
     """timm's `create_transform`: `input_size` is an int, (H, W) or (C, H, W).
 
     Defaults are timm's: bilinear, crop_pct 0.875, center crop. `is_training=True` gives
@@ -169,6 +174,8 @@ def create_transform(
             hflip=hflip,
             vflip=vflip,
             color_jitter=color_jitter,
+            color_jitter_prob=color_jitter_prob,
+            grayscale_prob=grayscale_prob,
             auto_augment=auto_augment,
             interpolation=interpolation,
             mean=mean,

@@ -119,6 +119,7 @@ TRAIN_CONFIGS = [
     dict(
         interpolation='random', vflip=0.5, color_jitter=(0.4, 0.3, 0.2, 0.1), re_prob=1.0, re_count=3, re_mode='pixel'
     ),
+    dict(hflip=0.0, color_jitter=0.2, color_jitter_prob=0.5, grayscale_prob=0.3, re_prob=0.7, re_count=2),
     dict(interpolation='bicubic', auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.5, re_mode='rand'),
     dict(interpolation='random', auto_augment='rand-m7-n3-p0.9-mstd101-mmax12', scale=(0.5, 1.0), ratio=(0.5, 2.0)),
     dict(interpolation='random', auto_augment='rand-tweights'),
