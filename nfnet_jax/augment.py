@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from nfnet_jax import auto_augment as aa
-from nfnet_jax.data import INTERPOLATIONS, ImageLike, Size, to_rgb
+from nfnet_jax.data import INTERPOLATIONS, EvalTransform, ImageLike, Size, to_rgb
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 RE_MODES = ('const', 'rand', 'pixel')
@@ -298,3 +298,20 @@ def create_train_transform(
         std=tuple(std),
         erasing=RandomErasing(re_prob, re_mode, re_count) if re_prob > 0 else None,
     )
+
+
+def create_no_aug_transform(
+    img_size: int | Sequence[int] = 224,
+    interpolation: str = 'bilinear',
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> EvalTransform:
+    """timm's `transforms_noaug_train` (`create_transform(is_training=True, no_aug=True)`): resize, center crop.
+
+    torchvision's Resize takes an int as the short side (then the crop) and a pair as the exact
+    size, so an int is the eval transform's 'center' mode at crop 1 and a pair its 'squash' mode.
+    """
+    interpolation = 'bilinear' if interpolation == 'random' else interpolation
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size[-2:])
+    mode = 'center' if isinstance(img_size, int) else 'squash'
+    return EvalTransform(size, size, mode, interpolation, tuple(mean), tuple(std))

@@ -146,6 +146,7 @@ def create_transform(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     crop_pct: float | None = None,
     crop_mode: str | None = None,
+    no_aug: bool = False,
     scale: tuple[float, float] | None = None,
     ratio: tuple[float, float] | None = None,
     hflip: float = 0.5,
@@ -162,13 +163,16 @@ def create_transform(
 
     Defaults are timm's: bilinear, crop_pct 0.875, center crop. `is_training=True` gives
     `nfnet_jax.augment.TrainTransform` (timm's training transform, taking the training options
-    below crop_mode); otherwise an EvalTransform.
+    below crop_mode), or with `no_aug` timm's resize and center crop; otherwise an EvalTransform.
     """
     if is_training:
-        from nfnet_jax.augment import create_train_transform  # it builds on this module
+        from nfnet_jax.augment import create_no_aug_transform, create_train_transform  # they build on this module
 
+        img_size = input_size if isinstance(input_size, int) else input_size[-2:]
+        if no_aug:
+            return create_no_aug_transform(img_size, interpolation, mean, std)
         return create_train_transform(
-            input_size if isinstance(input_size, int) else input_size[-2:],
+            img_size,
             scale=scale,
             ratio=ratio,
             hflip=hflip,
