@@ -198,8 +198,8 @@ class TrainTransform:
         params['hflip'] = self.hflip > 0 and bool(rng.random() < self.hflip)
         params['vflip'] = self.vflip > 0 and bool(rng.random() < self.vflip)
         params['policy'] = self.policy.sample(rng) if self.policy else None
-        # torchvision's RandomApply skips when p < its draw, before the jitter draws its own
-        jitter = self.color_jitter and (self.color_jitter_prob is None or not self.color_jitter_prob < rng.random())
+        # torchvision's RandomApply draws first and skips when p < its draw
+        jitter = self.color_jitter and (self.color_jitter_prob is None or rng.random() <= self.color_jitter_prob)
         params['color_jitter'] = self.color_jitter.sample(rng) if jitter else None
         params['grayscale'] = self.grayscale_prob > 0 and bool(rng.random() < self.grayscale_prob)
         params['erasing'] = self.erasing.sample(rng, *self.img_size, len(self.mean)) if self.erasing else []

@@ -112,22 +112,25 @@ class Mixup:
         if self.correct_lam or self.cutmix_minmax is not None:
             area = ((yh - yl) * (xh - xl)).astype(jnp.float32)
             lam = jnp.where(use_cutmix & mixed, 1.0 - area / float(height * width), lam)
-        per_image = {'batch': lambda v: jnp.broadcast_to(v, (batch_size,)), 'elem': lambda v: v}.get(
-            self.mode,
-            lambda v: jnp.concatenate([v, v[::-1]]),  # 'pair': image B - 1 - i shares pair i's draws
-        )
-        lam, mixed, use_cutmix, yl, yh, xl, xh = (per_image(v) for v in (lam, mixed, use_cutmix, yl, yh, xl, xh))
+        values = (lam, mixed, use_cutmix, yl, yh, xl, xh)
+        lam, mixed, use_cutmix, yl, yh, xl, xh = (self.per_image(v, batch_size) for v in values)
         mirror = images[::-1]
         rows, cols = jnp.arange(height)[None, :, None], jnp.arange(width)[None, None, :]
         inside = (rows >= yl[:, None, None]) & (rows < yh[:, None, None])
         inside &= (cols >= xl[:, None, None]) & (cols < xh[:, None, None])
-        paste = (mixed & use_cutmix)[:, None, None] & inside
+        paste = ((mixed & use_cutmix)[:, None, None] & inside)[..., None]
+        blend = (mixed & ~use_cutmix)[:, None, None, None]
         lam_images = lam.astype(images.dtype)[:, None, None, None]
-        blend = jnp.where(
-            (mixed & ~use_cutmix)[:, None, None, None], images * lam_images + mirror * (1 - lam_images), images
-        )
-        images = jnp.where(paste[..., None], mirror, blend)
+        images = jnp.where(paste, mirror, jnp.where(blend, images * lam_images + mirror * (1 - lam_images), images))
         return images, mixup_target(labels, self.num_classes, lam, self.label_smoothing)
+
+    def per_image(self, values: jax.Array, batch_size: int) -> jax.Array:
+        """One row per image from one per lambda: the batch's for all, or pair i's also for image B - 1 - i."""
+        if self.mode == 'batch':
+            return jnp.broadcast_to(values, (batch_size,))
+        if self.mode == 'pair':
+            return jnp.concatenate([values, values[::-1]])
+        return values
 
     def __call__(self, key: jax.Array, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.apply(self.sample(key, *images.shape[:3]), images, labels)
