@@ -2,10 +2,11 @@
 
 The pipeline is timm's `transforms_imagenet_train`: random resized crop (bilinear, bicubic or
 either at random), horizontal and vertical flips, then RandAugment / AutoAugment / AugMix or
-torchvision's ColorJitter, then to float, normalisation and random erasing on the normalised
-image. Every random draw comes from an explicit `numpy.random.Generator`, all drawn before any
-pixel is touched (`sample_params`), in the order timm draws them; `apply` then makes the very PIL
-calls torchvision and timm make, so given the same draws the output equals timm's exactly.
+torchvision's ColorJitter (optionally applied with a probability), random grayscale, then to
+float, normalisation and random erasing on the normalised image. Every random draw comes from an
+explicit `numpy.random.Generator`, all drawn before any pixel is touched (`sample_params`), in the
+order timm draws them; `apply` then makes the very PIL calls torchvision and timm make, so given
+the same draws the output equals timm's exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from nfnet_jax import auto_augment as aa
-from nfnet_jax.data import INTERPOLATIONS, ImageLike, Size, to_rgb
+from nfnet_jax.data import INTERPOLATIONS, EvalTransform, ImageLike, Size, to_rgb
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 RE_MODES = ('const', 'rand', 'pixel')
@@ -154,6 +155,7 @@ class RandomErasing:
 
     @staticmethod
     def apply(image: np.ndarray, boxes: list[tuple]) -> np.ndarray:
+        """Erase the boxes of an HWC image, in place."""
         for top, left, h, w, fill in boxes:
             image[top : top + h, left : left + w] = fill
         return image
@@ -181,6 +183,8 @@ class TrainTransform:
     vflip: float
     policy: aa.Policy | None
     color_jitter: ColorJitter | None
+    color_jitter_prob: float | None  # None: always jitter
+    grayscale_prob: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
     erasing: RandomErasing | None
@@ -194,12 +198,15 @@ class TrainTransform:
         params['hflip'] = self.hflip > 0 and bool(rng.random() < self.hflip)
         params['vflip'] = self.vflip > 0 and bool(rng.random() < self.vflip)
         params['policy'] = self.policy.sample(rng) if self.policy else None
-        params['color_jitter'] = self.color_jitter.sample(rng) if self.color_jitter else None
+        # torchvision's RandomApply draws first and skips when p < its draw
+        jitter = self.color_jitter and (self.color_jitter_prob is None or rng.random() <= self.color_jitter_prob)
+        params['color_jitter'] = self.color_jitter.sample(rng) if jitter else None
+        params['grayscale'] = self.grayscale_prob > 0 and bool(rng.random() < self.grayscale_prob)
         params['erasing'] = self.erasing.sample(rng, *self.img_size, len(self.mean)) if self.erasing else []
         return params
 
     def augment(self, image: Image.Image, params: dict[str, Any]) -> Image.Image:
-        """The 8-bit part: crop and resize, flips, then the policy or colour jitter."""
+        """The 8-bit part: crop and resize, flips, the policy and/or colour jitter, grayscale."""
         top, left, h, w = params['crop']
         image = image.crop((left, top, left + w, top + h))
         if (h, w) != self.img_size:
@@ -212,6 +219,8 @@ class TrainTransform:
             image = self.policy.apply(image, params['policy'])
         if params['color_jitter'] is not None:
             image = self.color_jitter.apply(image, params['color_jitter'])
+        if params['grayscale']:
+            image = image.convert('L').convert('RGB')  # torchvision's rgb_to_grayscale with 3 channels
         return image
 
     def apply(self, image: ImageLike, params: dict[str, Any]) -> np.ndarray:
@@ -219,7 +228,11 @@ class TrainTransform:
         return RandomErasing.apply(pixels, params['erasing'])
 
     def __call__(self, image: ImageLike, rng: np.random.Generator | None = None) -> np.ndarray:
-        """One augmented image; without `rng`, a fresh unseeded Generator (not reproducible)."""
+        """One augmented image; without `rng`, a fresh unseeded Generator (not reproducible).
+
+        For reproducible training seed one Generator per sample, e.g. `default_rng((seed, epoch, index))`:
+        the result then depends neither on the loading order nor on the number of workers.
+        """
         image = to_rgb(image)
         rng = np.random.default_rng() if rng is None else rng
         return self.apply(image, self.sample_params(rng, image.height, image.width))
@@ -232,6 +245,8 @@ def create_train_transform(
     hflip: float = 0.5,
     vflip: float = 0.0,
     color_jitter: float | Sequence[float] | None = 0.4,
+    color_jitter_prob: float | None = None,
+    grayscale_prob: float = 0.0,
     auto_augment: str | None = None,
     interpolation: str = 'random',
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -277,7 +292,26 @@ def create_train_transform(
         vflip=vflip,
         policy=policy,
         color_jitter=jitter,
+        color_jitter_prob=color_jitter_prob,
+        grayscale_prob=grayscale_prob,
         mean=tuple(mean),
         std=tuple(std),
         erasing=RandomErasing(re_prob, re_mode, re_count) if re_prob > 0 else None,
     )
+
+
+def create_no_aug_transform(
+    img_size: int | Sequence[int] = 224,
+    interpolation: str = 'bilinear',
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> EvalTransform:
+    """timm's `transforms_noaug_train` (`create_transform(is_training=True, no_aug=True)`): resize, center crop.
+
+    torchvision's Resize takes an int as the short side (then the crop) and a pair as the exact
+    size, so an int is the eval transform's 'center' mode at crop 1 and a pair its 'squash' mode.
+    """
+    interpolation = 'bilinear' if interpolation == 'random' else interpolation
+    size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size[-2:])
+    mode = 'center' if isinstance(img_size, int) else 'squash'
+    return EvalTransform(size, size, mode, interpolation, tuple(mean), tuple(std))

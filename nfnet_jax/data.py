@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
+
+if TYPE_CHECKING:
+    from nfnet_jax.augment import TrainTransform
 
 DEFAULT_CROP_PCT = 0.875
 CROP_MODES = ('center', 'squash', 'border')
@@ -145,32 +148,40 @@ def create_transform(
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     crop_pct: float | None = None,
     crop_mode: str | None = None,
+    no_aug: bool = False,
     scale: tuple[float, float] | None = None,
     ratio: tuple[float, float] | None = None,
     hflip: float = 0.5,
     vflip: float = 0.0,
     color_jitter: float | Sequence[float] | None = 0.4,
+    color_jitter_prob: float | None = None,
+    grayscale_prob: float = 0.0,
     auto_augment: str | None = None,
     re_prob: float = 0.0,
     re_mode: str = 'const',
     re_count: int = 1,
-) -> Any:
+) -> EvalTransform | TrainTransform:
     """timm's `create_transform`: `input_size` is an int, (H, W) or (C, H, W).
 
     Defaults are timm's: bilinear, crop_pct 0.875, center crop. `is_training=True` gives
     `nfnet_jax.augment.TrainTransform` (timm's training transform, taking the training options
-    below crop_mode); otherwise an EvalTransform.
+    below crop_mode), or with `no_aug` timm's resize and center crop; otherwise an EvalTransform.
     """
     if is_training:
-        from nfnet_jax.augment import create_train_transform  # it builds on this module
+        from nfnet_jax.augment import create_no_aug_transform, create_train_transform  # they build on this module
 
+        img_size = input_size if isinstance(input_size, int) else input_size[-2:]
+        if no_aug:
+            return create_no_aug_transform(img_size, interpolation, mean, std)
         return create_train_transform(
-            input_size if isinstance(input_size, int) else input_size[-2:],
+            img_size,
             scale=scale,
             ratio=ratio,
             hflip=hflip,
             vflip=vflip,
             color_jitter=color_jitter,
+            color_jitter_prob=color_jitter_prob,
+            grayscale_prob=grayscale_prob,
             auto_augment=auto_augment,
             interpolation=interpolation,
             mean=mean,

@@ -119,6 +119,7 @@ TRAIN_CONFIGS = [
     dict(
         interpolation='random', vflip=0.5, color_jitter=(0.4, 0.3, 0.2, 0.1), re_prob=1.0, re_count=3, re_mode='pixel'
     ),
+    dict(hflip=0.0, color_jitter=0.2, color_jitter_prob=0.5, grayscale_prob=0.3, re_prob=0.7, re_count=2),
     dict(interpolation='bicubic', auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.5, re_mode='rand'),
     dict(interpolation='random', auto_augment='rand-m7-n3-p0.9-mstd101-mmax12', scale=(0.5, 1.0), ratio=(0.5, 2.0)),
     dict(interpolation='random', auto_augment='rand-tweights'),
@@ -277,3 +278,14 @@ def test_policy_op_frequencies_and_magnitudes_match_timms(config):
         their_args = [args[0] for n, args in log if n == name and args]
         if min(len(our_args), len(their_args)) >= 100:
             assert scipy.stats.ks_2samp(our_args, their_args, method='asymp').pvalue > 1e-3, name
+
+
+@pytest.mark.parametrize('input_size,interpolation', [(40, 'random'), ((3, 40, 40), 'bicubic'), ((32, 56), 'bilinear')])
+def test_no_aug_train_transform_equals_timms(input_size, interpolation):
+    """timm's no_aug training transform: an int resizes the short side, a (C, )H, W size squashes."""
+    options = dict(is_training=True, no_aug=True, interpolation=interpolation)
+    ours, theirs = data.create_transform(input_size, **options), timm.data.create_transform(input_size, **options)
+    for photo in photos():
+        expected = theirs(photo).numpy().transpose(1, 2, 0)
+        got = ours(photo)
+        assert got.shape == expected.shape and np.max(np.abs(got - expected)) == 0, photo.size

@@ -64,6 +64,7 @@ CONFIGS = [
     dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.3, mode='elem'),
     dict(mixup_alpha=0.2, cutmix_alpha=1.0, mode='pair', correct_lam=False),
     dict(mixup_alpha=0.0, cutmix_minmax=(0.2, 0.8), mode='elem'),  # CutMix only
+    dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode='elem', multi_label=True),  # dense 0/1 targets
 ]
 
 
@@ -74,6 +75,8 @@ def test_mixup_equals_timms_for_the_same_draws(config, monkeypatch, record_prope
     rng = np.random.default_rng(0)
     images = rng.standard_normal((6, 24, 20, 3)).astype(np.float32)  # H != W: a swapped axis shows
     labels = rng.integers(0, 7, 6)
+    if mixup.multi_label:
+        labels = (rng.random((6, 7)) < 0.3).astype(np.int64)
     mixed_ever = cut_ever = False
     worst = [0.0, 0.0]
     sample, apply = jax.jit(mixup.sample, static_argnums=(1, 2, 3)), jax.jit(mixup.apply)

@@ -23,7 +23,8 @@ Draws = dict[str, jax.Array]
 class Mixup:
     """timm's `Mixup` (its arguments and defaults); `mixup(key, images, labels) -> (images, soft targets)`.
 
-    Images are NHWC, labels int class indices, the batch size even. A `cutmix_minmax` (min, max)
+    Images are NHWC, labels int class indices (or with `multi_label`, dense (B, num_classes) 0/1
+    targets, smoothed towards 0.5), the batch size even. A `cutmix_minmax` (min, max)
     draws the CutMix box's sides as those fractions of the image instead of from lambda, and turns
     CutMix on (alpha 1), as in timm.
     """
@@ -37,6 +38,7 @@ class Mixup:
     correct_lam: bool = True
     label_smoothing: float = 0.1
     num_classes: int = 1000
+    multi_label: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -112,32 +114,42 @@ class Mixup:
         if self.correct_lam or self.cutmix_minmax is not None:
             area = ((yh - yl) * (xh - xl)).astype(jnp.float32)
             lam = jnp.where(use_cutmix & mixed, 1.0 - area / float(height * width), lam)
-        per_image = {'batch': lambda v: jnp.broadcast_to(v, (batch_size,)), 'elem': lambda v: v}.get(
-            self.mode,
-            lambda v: jnp.concatenate([v, v[::-1]]),  # 'pair': image B - 1 - i shares pair i's draws
-        )
-        lam, mixed, use_cutmix, yl, yh, xl, xh = (per_image(v) for v in (lam, mixed, use_cutmix, yl, yh, xl, xh))
+        values = (lam, mixed, use_cutmix, yl, yh, xl, xh)
+        lam, mixed, use_cutmix, yl, yh, xl, xh = (self.per_image(v, batch_size) for v in values)
         mirror = images[::-1]
         rows, cols = jnp.arange(height)[None, :, None], jnp.arange(width)[None, None, :]
         inside = (rows >= yl[:, None, None]) & (rows < yh[:, None, None])
         inside &= (cols >= xl[:, None, None]) & (cols < xh[:, None, None])
-        paste = (mixed & use_cutmix)[:, None, None] & inside
+        paste = ((mixed & use_cutmix)[:, None, None] & inside)[..., None]
+        blend = (mixed & ~use_cutmix)[:, None, None, None]
         lam_images = lam.astype(images.dtype)[:, None, None, None]
-        blend = jnp.where(
-            (mixed & ~use_cutmix)[:, None, None, None], images * lam_images + mirror * (1 - lam_images), images
-        )
-        images = jnp.where(paste[..., None], mirror, blend)
-        return images, mixup_target(labels, self.num_classes, lam, self.label_smoothing)
+        images = jnp.where(paste, mirror, jnp.where(blend, images * lam_images + mirror * (1 - lam_images), images))
+        return images, mixup_target(labels, self.num_classes, lam, self.label_smoothing, self.multi_label)
+
+    def per_image(self, values: jax.Array, batch_size: int) -> jax.Array:
+        """One row per image from one per lambda: the batch's for all, or pair i's also for image B - 1 - i."""
+        if self.mode == 'batch':
+            return jnp.broadcast_to(values, (batch_size,))
+        if self.mode == 'pair':
+            return jnp.concatenate([values, values[::-1]])
+        return values
 
     def __call__(self, key: jax.Array, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.apply(self.sample(key, *images.shape[:3]), images, labels)
 
 
-def mixup_target(labels: jax.Array, num_classes: int, lam: jax.Array, smoothing: float = 0.0) -> jax.Array:
-    """timm's mixup_target: smoothed one-hots mixed with the batch's mirror, `lam` per image."""
-    off_value = smoothing / num_classes
-    on_value = 1.0 - smoothing + off_value
-    y1 = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_), on_value, off_value).astype(jnp.float32)
+def mixup_target(
+    labels: jax.Array, num_classes: int, lam: jax.Array, smoothing: float = 0.0, multi_label: bool = False
+) -> jax.Array:
+    """timm's mixup_target: smoothed one-hots (or dense multi-labels) mixed with the batch's mirror, `lam` per image."""
+    if multi_label:
+        if labels.shape[1:] != (num_classes,):
+            raise ValueError(f'multi-label targets must be (batch, {num_classes}), got {labels.shape}')
+        y1 = labels.astype(jnp.float32) * (1.0 - smoothing) + 0.5 * smoothing
+    else:
+        off_value = smoothing / num_classes
+        on_value = 1.0 - smoothing + off_value
+        y1 = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_), on_value, off_value).astype(jnp.float32)
     lam = jnp.asarray(lam, jnp.float32).reshape(-1, 1)
     return y1 * lam + y1[::-1] * (1.0 - lam)
 
