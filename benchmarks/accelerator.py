@@ -73,14 +73,14 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
         return dict(
             budget_s=480 if full else 240,
             parity=dict(
-                budget_s=110 if full else 60,
+                budget_s=100 if full else 55,
                 models=families if full else families[:1],
                 sizes=[[67, 53], [64, 64]] if full else [[67, 53]],
                 batch=2,
                 precisions=['highest', 'default'],
             ),
             vs_timm=dict(
-                budget_s=220 if full else 90,
+                budget_s=210 if full else 85,
                 model='dm_nfnet_f0',
                 size=256,
                 dtypes=['bfloat16', 'float32'] if full else ['bfloat16'],
@@ -88,7 +88,7 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
                 repeats=10 if full else 5,
                 compile='auto' if full else 'none',
             ),
-            train_step=dict(budget_s=80 if full else 50, model='dm_nfnet_f0', batch=32, size=192, steps=5),
+            train_step=dict(budget_s=75 if full else 45, model='dm_nfnet_f0', batch=32, size=192, steps=5),
             sharded_inference=dict(
                 budget_s=45 if full else 30, model='dm_nfnet_f0', batch_per_device=64, size=256, runs=5
             ),
@@ -336,7 +336,8 @@ def render_parity(results: dict[str, Any]) -> list[str]:
 def render_vs_timm(results: dict[str, Any]) -> list[str]:
     lines = [
         f'{results.get("model")} at {results.get("size")}x{results.get("size")}, {results.get("repeats")} timed '
-        'calls per configuration, round-robin; timm under autocast in bfloat16.',
+        'calls per configuration, round-robin. bfloat16: timm under autocast, nfnet_jax with dtype=bfloat16; '
+        'float32: both at their default precision (on NVIDIA GPUs, TF32 convolutions).',
         '',
         '| dtype | batch | configuration | images/s median (best) | ms/batch | first call s | nfnet_jax / this |',
         '|---|---|---|---|---|---|---|',
@@ -487,7 +488,8 @@ def run_steps(args: argparse.Namespace) -> int:
                 gpu=gpu,
                 steps=remaining,
                 settings=settings,
-                budgets={name: min(settings[name]['budget_s'], left) for name in remaining},
+                budgets={name: settings[name]['budget_s'] for name in remaining},
+                deadline=start + settings['budget_s'],  # time.monotonic(): one clock for every process on Linux
                 state=str(state_path),
             )
             config_path = Path(folder) / f'config{attempt}.json'
@@ -536,8 +538,8 @@ def watch(
         total_left = report['settings']['budget_s'] + GRACE_S - (now - start)
         if not state.get('environment') and now - child_start > STARTUP_S:
             killed_for = f'the child process did not start within {STARTUP_S:.0f} s'
-        elif current is not None and now - state['current_started'] > config['budgets'][current] + GRACE_S:
-            killed_for = f'ran past its budget of {config["budgets"][current]:.0f} s'
+        elif current is not None and now - state['current_started'] > state['steps'][current]['budget_s'] + GRACE_S:
+            killed_for = f'ran past its budget of {state["steps"][current]["budget_s"]:.0f} s'
         elif total_left < 0:
             killed_for = 'the run used its whole budget'
         if killed_for:
@@ -608,14 +610,19 @@ class StepContext:
         try:
             yield
         except Exception as err:  # a failed part (out of memory, a compiler error) must not lose the others
-            from nfnet_jax.cli import log
-
-            log(f'{what} failed: {err!r}')
-            self.record['errors'].append(
-                dict(what=what, error=f'{type(err).__name__}: {err}'[:500], traceback=traceback.format_exc()[-3000:])
-            )
+            self.failed(what, err)
         finally:
             self.save()
+
+    def failed(self, what: str, err: Exception) -> None:
+        """Record a part that raised `err` (call it in the except block: it keeps the traceback)."""
+        from nfnet_jax.cli import log
+
+        log(f'{what} failed: {err!r}')
+        self.record['errors'].append(
+            dict(what=what, error=f'{type(err).__name__}: {err}'[:500], traceback=traceback.format_exc()[-3000:])
+        )
+        self.save()
 
     def save(self) -> None:
         self.record['elapsed_s'] = round(self.elapsed(), 1)
@@ -639,13 +646,19 @@ def run_worker(config_path: Path) -> int:
     save()
     functions = dict(parity=parity, vs_timm=vs_timm, train_step=train_step, sharded_inference=sharded_inference)
     for name in config['steps']:
-        record = dict(status='running', budget_s=config['budgets'][name], results={}, skipped=[], errors=[])
+        budget = round(min(config['budgets'][name], config['deadline'] - time.monotonic()), 1)
+        if budget < 10:
+            state['steps'][name] = dict(status='skipped', error='the run had used its whole budget')
+            state['done'].append(name)
+            save()
+            continue
+        record = dict(status='running', budget_s=budget, results={}, skipped=[], errors=[])
         state['steps'][name] = record
         state['current'] = name
         state['current_started'] = time.monotonic()  # Linux's monotonic clock is the same in every process
-        ctx = StepContext(record, config['budgets'][name], save)
+        ctx = StepContext(record, budget, save)
         ctx.save()
-        log(f'--- {name} (budget {config["budgets"][name]:.0f} s)')
+        log(f'--- {name} (budget {budget:.0f} s)')
         try:
             functions[name](ctx, config['settings'][name], config['gpu'])
             unplanned = [s for s in record['skipped'] if not s['planned']]
@@ -890,8 +903,20 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
                     jax=nfnet_jax.create_model(model_name, params=params, dtype=jax_dtype),
                 )
             runners = bench.build_runners(batch, size, dtype, gpu, built['timm'], built['jax'], use_compile)
+            compiled, compile_first_s = bench.TIMM_CONFIGS[2], None
+            if use_compile:  # compiled first, on its own: a failure here leaves the shape's other figures
+                try:
+                    first = time.perf_counter()
+                    runners[compiled]()
+                    compile_first_s = time.perf_counter() - first
+                except Exception as err:  # a missing C compiler, an inductor error
+                    ctx.failed(f'torch.compile at {what}', err)
+                    del runners[compiled]
+                    use_compile = False
             with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
                 results, logits = bench.measure(runners, batch, size, repeats, gpu, bar)
+            if compile_first_s is not None:
+                results[compiled].first_call_s = compile_first_s
             run = dict(
                 dtype=dtype,
                 batch=batch,
@@ -905,7 +930,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
             )
             ctx.results['runs'].append(run)
             if use_compile:
-                compile_s.append(results[bench.TIMM_CONFIGS[2]].first_call_s)
+                compile_s.append(compile_first_s)
             log(bench.table(results))
             del runners
         elapsed = time.monotonic() - began
