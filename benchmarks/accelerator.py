@@ -56,6 +56,8 @@ SCHEMA = 1
 GRACE_S = 20.0
 # The longest a fresh child may take to import jax, torch and timm and look at its devices.
 STARTUP_S = 180.0
+# What a configuration's first call measures (compilation included).
+FIRST_CALL_FIGURES = ('first_call_s', 'first_call_peak_mib', 'warm_call_peak_mib')
 
 
 # --- settings --------------------------------------------------------------------------------------------------------
@@ -142,6 +144,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--steps', type=name_list, default=list(STEPS), help=f'a comma list of {", ".join(STEPS)}')
     parser.add_argument('--budget', type=float, help='seconds for the whole run (on a GPU: 480, --quick 240)')
+    parser.add_argument(
+        '--step-budget',
+        action='append',
+        default=[],
+        metavar='STEP=SECONDS',
+        help="one step's budget, e.g. vs_timm=300 (repeatable)",
+    )
     parser.add_argument('--parity-models', type=name_list, help='architectures for the parity step')
     parser.add_argument('--model', help='the architecture of the speed steps (default dm_nfnet_f0)')
     parser.add_argument('--batches', type=int_list, help='vs_timm batch sizes, e.g. 32,256,1')
@@ -163,6 +172,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f'--steps takes a comma list of {", ".join(STEPS)}; got {",".join(args.steps)}')
         if args.json.suffix != '.json' or args.markdown.suffix != '.md':
             parser.error('--json must name a .json file and --markdown a .md file')
+        for item in args.step_budget:
+            step, _, seconds = item.partition('=')
+            try:
+                ok = step in STEPS and float(seconds) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                parser.error(f'--step-budget takes STEP=SECONDS with a step of {", ".join(STEPS)}; got {item}')
         if args.dtypes and set(args.dtypes) - {'float32', 'bfloat16'}:
             parser.error('--dtypes takes float32 and/or bfloat16')
         if args.cpu_devices < 1 or (args.batches and min(args.batches) < 1) or (args.size and args.size < 32):
@@ -174,6 +191,9 @@ def resolve_settings(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
     settings = default_settings(gpu, args.quick)
     if args.budget is not None:
         settings['budget_s'] = args.budget
+    for item in args.step_budget:
+        step, _, seconds = item.partition('=')
+        settings[step]['budget_s'] = float(seconds)
     if args.parity_models:
         settings['parity']['models'] = args.parity_models
     if args.model:
@@ -866,6 +886,27 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
         model=model_name, size=size, repeats=repeats, cudnn_benchmark=gpu, compile=settings['compile'], runs=[]
     )
     shapes = [(dtype, batch) for dtype in settings['dtypes'] for batch in settings['batches']]
+
+    def measure_shape(
+        runners: dict[str, Any], dtype: str, batch: int, what: str, first_calls: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
+            results, logits = bench.measure(runners, batch, size, repeats, gpu, bar)
+        for name, seconds in (first_calls or {}).items():
+            results[name].first_call_s = seconds
+        log(bench.table(results))
+        return dict(
+            dtype=dtype,
+            batch=batch,
+            size=size,
+            results={
+                name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s)
+                for name, r in results.items()
+            },
+            ratios=bench.ratios(results),
+            logits_rel_error_vs_timm=relative_error(logits[bench.JAX_CONFIG], logits[bench.TIMM_CONFIGS[0]]),
+        )
+
     plain_s: list[float] = []  # each shape's time without torch.compile
     compile_s: list[float] = []  # torch.compile's first call per shape
     built: dict[str, Any] = {}
@@ -878,7 +919,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
         use_compile = settings['compile'] == 'all'
         if settings['compile'] == 'auto':
             # Room for this shape's compile, after this shape and every later one without it.
-            reserve = (len(shapes) - index) * max(plain_s, default=30.0 if gpu else 60.0)
+            reserve = (len(shapes) - index) * max(plain_s, default=15.0 if gpu else 60.0)
             expected = max(compile_s, default=90.0 if gpu else 300.0)
             use_compile = ctx.remaining() - reserve >= expected
             if not use_compile:
@@ -888,7 +929,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
                 )
         elif settings['compile'] == 'none':
             ctx.skip(f'torch.compile at {what}', 'not asked for (--compile none; the --quick and CPU default)', True)
-        began = time.monotonic()
+        began, this_compile_s = time.monotonic(), 0.0
         with ctx.part(what):
             if built.get('dtype') != dtype:
                 built.clear()
@@ -903,38 +944,28 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
                     jax=nfnet_jax.create_model(model_name, params=params, dtype=jax_dtype),
                 )
             runners = bench.build_runners(batch, size, dtype, gpu, built['timm'], built['jax'], use_compile)
-            compiled, compile_first_s = bench.TIMM_CONFIGS[2], None
-            if use_compile:  # compiled first, on its own: a failure here leaves the shape's other figures
+            compiled = bench.TIMM_CONFIGS[2]
+            compiled_call = runners.pop(compiled, None)  # torch.compile compiles on its first call
+            ctx.results['runs'].append(measure_shape(runners, dtype, batch, what))
+            ctx.save()  # the figures without torch.compile are kept whatever it does
+            if compiled_call is not None:
                 try:
                     first = time.perf_counter()
-                    runners[compiled]()
-                    compile_first_s = time.perf_counter() - first
+                    compiled_call()
+                    this_compile_s = time.perf_counter() - first
+                    compile_s.append(this_compile_s)
                 except Exception as err:  # a missing C compiler, an inductor error
                     ctx.failed(f'torch.compile at {what}', err)
-                    del runners[compiled]
-                    use_compile = False
-            with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
-                results, logits = bench.measure(runners, batch, size, repeats, gpu, bar)
-            if compile_first_s is not None:
-                results[compiled].first_call_s = compile_first_s
-            run = dict(
-                dtype=dtype,
-                batch=batch,
-                size=size,
-                results={
-                    name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s)
-                    for name, r in results.items()
-                },
-                ratios=bench.ratios(results),
-                logits_rel_error_vs_timm=relative_error(logits[bench.JAX_CONFIG], logits[bench.TIMM_CONFIGS[0]]),
-            )
-            ctx.results['runs'].append(run)
-            if use_compile:
-                compile_s.append(compile_first_s)
-            log(bench.table(results))
-            del runners
+                else:  # every configuration again, round-robin, with torch.compile's first call its compilation
+                    runners[compiled] = compiled_call
+                    again = measure_shape(runners, dtype, batch, what, {compiled: this_compile_s})
+                    for name, first in ctx.results['runs'][-1]['results'].items():  # their first calls were before
+                        again['results'][name].update({k: first[k] for k in FIRST_CALL_FIGURES})
+                    ctx.results['runs'][-1] = again
+                    ctx.save()
+            del runners, compiled_call
         elapsed = time.monotonic() - began
-        plain_s.append(elapsed - (compile_s[-1] if use_compile and compile_s else 0.0))
+        plain_s.append(elapsed - this_compile_s)
         if gpu:
             torch.cuda.empty_cache()
         ctx.save()

@@ -11,7 +11,7 @@
 # The install is skipped when the same pyproject.toml was installed for the same kind of machine
 # before. --install-only stops after it (to spend a first, separate command on the download).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: report paths stay relative to the caller
 
 install=1
 case "${1:-}" in
@@ -19,7 +19,7 @@ case "${1:-}" in
     --no-install) install=0; shift ;;
 esac
 
-venv="${ACCELERATOR_VENV:-.venv}"
+venv="${ACCELERATOR_VENV:-$repo/.venv}"
 if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     kind=gpu
     extras=('jax[cuda13]')
@@ -34,10 +34,10 @@ if [ "$install" != 0 ]; then
         echo "accelerator.sh: making the virtual environment $venv" >&2
         "${PYTHON:-python3}" -m venv "$venv"
     fi
-    stamp="$kind $(sha256sum pyproject.toml | cut -d' ' -f1)"
+    stamp="$kind $(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
     if [ "$(cat "$venv/.accelerator-installed" 2>/dev/null)" != "$stamp" ]; then
         echo "accelerator.sh: installing .[bench,test] ${extras[*]+${extras[*]}} for the $kind into $venv" >&2
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[bench,test]' ${extras[@]+"${extras[@]}"}
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[bench,test]" ${extras[@]+"${extras[@]}"}
         echo "$stamp" > "$venv/.accelerator-installed"
     fi
     echo "accelerator.sh: environment ready in $((SECONDS - began)) s" >&2
@@ -61,4 +61,4 @@ fi
 if [ "$install" = only ]; then
     exit 0
 fi
-exec "$venv/bin/python" -m benchmarks.accelerator "$@"
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$venv/bin/python" -m benchmarks.accelerator "$@"
