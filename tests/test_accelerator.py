@@ -6,9 +6,13 @@ its child process, its watchdog and both reports, so that it runs when a GPU is 
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import threading
+import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -78,18 +82,75 @@ def test_existing_reports_are_not_replaced_without_force(quick_run, capsys):
     assert (json_path.read_text(), markdown_path.read_text()) == before
 
 
-def test_partial_reports_render():
-    """A report written mid-run (steps pending, no environment yet) renders, as after each step."""
-    report = dict(
+def pending_report() -> dict:
+    """A report as it is before the first step: steps pending, no environment yet."""
+    return dict(
         started='now',
         finished=None,
         command='python -m benchmarks.accelerator',
         quick=False,
         machine=accelerator.host_machine([]),
         environment=None,
+        settings=dict(budget_s=1000),
         steps={
             name: dict(status='pending', budget_s=10, results={}, skipped=[], errors=[]) for name in accelerator.STEPS
         },
     )
-    markdown = accelerator.render_markdown(report)
+
+
+def test_partial_reports_render():
+    markdown = accelerator.render_markdown(pending_report())
     assert 'running.' in markdown and markdown.count('| pending |') == len(accelerator.STEPS)
+
+
+def fake_worker(*command: str) -> accelerator.Worker:
+    """A Worker running `command` in place of the steps' child process."""
+    worker = accelerator.Worker.__new__(accelerator.Worker)
+    worker.tail = deque(maxlen=15)
+    worker.proc = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    worker.reader = threading.Thread(target=worker._pass_through, daemon=True)
+    worker.reader.start()
+    return worker
+
+
+def child_state(path: Path, current: str, started_s_ago: float) -> None:
+    """What the child saves: parity done, `current` running since `started_s_ago` with one figure so far."""
+    steps = dict(
+        parity=dict(status='ok', budget_s=50, results={'models': {}}, skipped=[], errors=[]),
+        **{current: dict(status='running', budget_s=10, results={'size': 64, 'runs': []}, skipped=[], errors=[])},
+    )
+    state = dict(
+        environment={'jax': 'x'},
+        done=['parity'],
+        current=current,
+        current_started=time.monotonic() - started_s_ago,
+        steps=steps,
+    )
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize('case', ['past its budget', 'dies'])
+def test_the_watchdog_stops_or_loses_one_step_and_keeps_its_figures(tmp_path, case):
+    state_path = tmp_path / 'state.json'
+    args = argparse.Namespace(json=tmp_path / 'report.json', markdown=tmp_path / 'report.md')
+    report = pending_report()
+    if case == 'past its budget':
+        child_state(state_path, 'vs_timm', started_s_ago=10 + accelerator.GRACE_S + 1)
+        worker = fake_worker('sleep', '60')
+    else:
+        child_state(state_path, 'vs_timm', started_s_ago=1)
+        worker = fake_worker(sys.executable, '-c', 'import sys; print("out of memory", file=sys.stderr); sys.exit(3)')
+    began = time.monotonic()
+    remaining = accelerator.watch(worker, state_path, dict(steps=list(accelerator.STEPS)), report, args, began)
+    assert time.monotonic() - began < 30 and worker.proc.returncode is not None
+    assert remaining == ['train_step', 'sharded_inference']  # for a fresh child process
+    step = report['steps']['vs_timm']
+    assert step['results'] == {'size': 64, 'runs': []}  # what it had measured is kept
+    if case == 'past its budget':
+        assert step['status'] == 'timeout' and 'budget' in step['error']
+    else:
+        assert step['status'] == 'failed' and 'exit 3' in step['error'] and 'out of memory' in step['error']
+    assert report['steps']['parity']['status'] == 'ok'
+    saved = json.loads(args.json.read_text())
+    assert saved['steps']['vs_timm']['status'] == step['status'] and saved['environment'] == {'jax': 'x'}
+    assert f'| vs_timm | {step["status"]} |' in args.markdown.read_text()
