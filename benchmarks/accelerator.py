@@ -582,14 +582,14 @@ def watch(
             tail = ' / '.join(list(worker.tail)[-3:])
             step.update(status='failed', error=f'the child process died (exit {worker.proc.returncode}): {tail}')
         remaining.remove(current)
-    elif remaining:  # died or was stopped before its first step
+    elif remaining and not done:  # died or was stopped before its first step: a fresh child would too
         reason = killed_for or f'the child process died at startup (exit {worker.proc.returncode})'
         tail = ' / '.join(list(worker.tail)[-3:])
         for name in remaining:
             report['steps'][name].update(status='failed', error=f'{reason}: {tail}' if tail else reason)
         remaining = []
     write_reports(report, args.json, args.markdown)
-    return remaining
+    return remaining  # between two steps, a child that died leaves the rest to a fresh one
 
 
 def merge_state(report: dict[str, Any], state: dict[str, Any]) -> None:
