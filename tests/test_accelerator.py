@@ -154,3 +154,19 @@ def test_the_watchdog_stops_or_loses_one_step_and_keeps_its_figures(tmp_path, ca
     saved = json.loads(args.json.read_text())
     assert saved['steps']['vs_timm']['status'] == step['status'] and saved['environment'] == {'jax': 'x'}
     assert f'| vs_timm | {step["status"]} |' in args.markdown.read_text()
+
+
+def test_a_child_that_ends_between_steps_leaves_the_rest_to_a_fresh_one(tmp_path):
+    state_path = tmp_path / 'state.json'
+    child_state(state_path, 'vs_timm', started_s_ago=1)
+    state = json.loads(state_path.read_text())
+    state['steps']['vs_timm']['status'] = 'ok'
+    state.update(done=['parity', 'vs_timm'], current=None)
+    state_path.write_text(json.dumps(state))
+    args = argparse.Namespace(json=tmp_path / 'report.json', markdown=tmp_path / 'report.md')
+    report = pending_report()
+    config = dict(steps=list(accelerator.STEPS))
+    worker = fake_worker(sys.executable, '-c', 'pass')
+    remaining = accelerator.watch(worker, state_path, config, report, args, time.monotonic())
+    assert remaining == ['train_step', 'sharded_inference']
+    assert [step['status'] for step in report['steps'].values()] == ['ok', 'ok', 'pending', 'pending']
