@@ -32,7 +32,11 @@ if [ "$install" != 0 ]; then
     began=$SECONDS
     if [ ! -x "$venv/bin/python" ]; then
         echo "accelerator.sh: making the virtual environment $venv" >&2
-        "${PYTHON:-python3}" -m venv "$venv"
+        if ! "${PYTHON:-python3}" -m venv "$venv"; then  # e.g. a Debian python without ensurepip
+            rm -rf "$venv"
+            "${PYTHON:-python3}" -m pip install -q --user virtualenv
+            "${PYTHON:-python3}" -m virtualenv -q "$venv"
+        fi
     fi
     stamp="$kind $(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
     if [ "$(cat "$venv/.accelerator-installed" 2>/dev/null)" != "$stamp" ]; then
