@@ -4,10 +4,10 @@
 
 Both sides do the same work per step: forward, cross entropy with label smoothing 0.1,
 backward, timm's AGC (clip 0.01, head excluded), SGD with Nesterov momentum and weight decay.
-timm runs eager in float32 (NCHW and channels_last); nfnet_jax runs its jitted `train_step`
-(float32 on CPU). Timed steps alternate between the configurations, so load from other
-processes hits them alike; each reports the median seconds per step and its first step
-(compilation included for JAX).
+timm runs eager in float32 (NCHW and channels_last), on the GPU when torch sees one; nfnet_jax
+runs its jitted `train_step` in float32 on JAX's default device. Timed steps alternate between
+the configurations, so load from other processes hits them alike; each reports the median
+seconds per step and its first step (compilation included for JAX).
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ import numpy as np
 from nfnet_jax.cli import progress
 
 
-def timm_step(model, channels_last: bool, images: np.ndarray, labels: np.ndarray) -> Callable[[], None]:
+def timm_step(
+    model, channels_last: bool, images: np.ndarray, labels: np.ndarray, device: str = 'cpu'
+) -> Callable[[], None]:
+    """One timm training step on `device` ('cpu' or 'cuda'), returning when its work is done."""
     import torch
     from timm.models import model_parameters
     from timm.utils.agc import adaptive_clip_grad
 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format).train()
-    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(memory_format=memory_format)
-    y = torch.from_numpy(labels)
+    model = model.to(device=device, memory_format=memory_format).train()
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device=device, memory_format=memory_format)
+    y = torch.from_numpy(labels).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 
@@ -41,6 +44,8 @@ def timm_step(model, channels_last: bool, images: np.ndarray, labels: np.ndarray
         loss_fn(model(x), y).backward()
         adaptive_clip_grad(model_parameters(model, exclude_head=True), clip_factor=0.01)
         optimizer.step()
+        if device != 'cpu':
+            torch.cuda.synchronize()
 
     return step
 
@@ -76,9 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     labels = rng.integers(0, 1000, args.batch)
     torch.manual_seed(0)
     reference = timm.create_model(args.model)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
     steps = {
-        'timm eager NCHW': timm_step(copy.deepcopy(reference), False, images, labels),
-        'timm eager channels_last': timm_step(copy.deepcopy(reference), True, images, labels),
+        'timm eager NCHW': timm_step(copy.deepcopy(reference), False, images, labels, device),
+        'timm eager channels_last': timm_step(copy.deepcopy(reference), True, images, labels, device),
         f'nfnet_jax jit ({jax.default_backend()})': jax_step(reference, images, labels),
     }
     first, times = {}, {name: [] for name in steps}
@@ -94,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, float32, '
-        f'{torch.get_num_threads()} torch threads, jax {jax.__version__} on {jax.devices()[0].device_kind}'
+        f'timm on {device} ({torch.get_num_threads()} torch threads), '
+        f'jax {jax.__version__} on {jax.devices()[0].device_kind}'
     )
     print('| configuration | median s/step | steps/s | images/s | first step s |\n|---|---|---|---|---|')
     for name, values in times.items():
