@@ -15,6 +15,7 @@ from nfnet_jax.numerics import FP32_RTOL, relative_error
 __all__ = [
     'FP32_RTOL',
     'count_sharded',
+    'make_train_state',
     'leaves',
     'nchw',
     'nhwc',
@@ -64,6 +65,36 @@ def random_params(params: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, 
     """Random values (`random_weights`) for flat Flax params, in their dtypes."""
     values = random_weights({key: np.shape(value) for key, value in params.items()}, output_axis=-1, seed=seed)
     return {key: value.astype(np.asarray(params[key]).dtype) for key, value in values.items()}
+
+
+def make_train_state(
+    tx: Any,
+    *,
+    seed: int = 0,
+    dropout_seed: int | None = None,
+    ema: float | None = 0.9,
+    randomized: bool = False,
+    architecture: str = 'test_nfnet',
+    **model_kwargs: Any,
+) -> Any:
+    """A run in which every part of the state changes in a step: dropout and drop path on, EMA kept, train mode.
+
+    test_nfnet with 10 classes by default; `randomized` gives every param `random_params` values.
+    """
+    from flax import nnx
+
+    import nfnet_jax
+    from nfnet_jax.train import TrainState
+    from nfnet_jax.weights import flat_params, set_flat_params
+
+    model_kwargs = dict(num_classes=10, drop_rate=0.3, drop_path_rate=0.3) | model_kwargs
+    rngs = nnx.Rngs(params=seed, dropout=seed + 100 if dropout_seed is None else dropout_seed)
+    model = nfnet_jax.create_model(architecture, rngs=rngs, **model_kwargs)
+    if randomized:
+        set_flat_params(model, random_params(flat_params(model)))
+    state = TrainState(model, tx, ema_decay=ema)
+    state.model.train()
+    return state
 
 
 def nchw(x: np.ndarray) -> Any:

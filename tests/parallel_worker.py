@@ -24,7 +24,7 @@ os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_force_host_p
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from helpers import count_sharded, leaves, random_params  # noqa: E402
+from helpers import count_sharded, leaves, make_train_state, random_params  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import nfnet_jax  # noqa: E402
@@ -58,15 +58,7 @@ def make_model() -> nfnet_jax.NormFreeNet:
 
 
 def make_state(randomized: bool = True) -> TrainState:
-    """Dropout and drop path on, EMA kept: every part of the state changes in a step."""
-    model = nfnet_jax.create_model(
-        'test_nfnet', rngs=nnx.Rngs(params=0, dropout=1), num_classes=CLASSES, drop_rate=0.3, drop_path_rate=0.3
-    )
-    if randomized:
-        randomize(model)
-    state = TrainState(model, TX, ema_decay=0.9)
-    state.model.train()
-    return state
+    return make_train_state(TX, dropout_seed=1, num_classes=CLASSES, randomized=randomized)
 
 
 def arrays(tree) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 from flax import nnx
-from helpers import leaves, relative_error
+from helpers import leaves, make_train_state, relative_error
 from timm.loss import LabelSmoothingCrossEntropy
 
 import nfnet_jax
@@ -26,7 +26,6 @@ from nfnet_jax.model import NormFreeBlock
 from nfnet_jax.train import (
     ModelEma,
     TrainCheckpointer,
-    TrainState,
     adaptive_clip_grad,
     cross_entropy_loss,
     nfnet_optimizer,
@@ -46,19 +45,9 @@ def batch(seed: int, n: int = 4) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(rng.standard_normal((n, SIZE, SIZE, 3)), jnp.float32), jnp.asarray(rng.integers(0, 10, n))
 
 
-def make_state(
-    seed: int = 0,
-    *,
-    tx: optax.GradientTransformation | None = None,
-    ema: float | None = 0.9,
-    architecture: str = 'test_nfnet',
-    **kwargs,
-):
-    """The module's standard run: test_nfnet, bf16 compute, dropout and drop path on, the NFNet recipe."""
-    model_kwargs = dict(num_classes=10, drop_rate=0.3, drop_path_rate=0.3, dtype=jnp.bfloat16) | kwargs
-    model = nfnet_jax.create_model(architecture, rngs=nnx.Rngs(params=seed, dropout=seed + 100), **model_kwargs)
-    state = TrainState(model, tx or TX, ema_decay=ema)
-    state.model.train()
+def make_state(seed: int = 0, *, tx: optax.GradientTransformation | None = None, **kwargs):
+    """The module's standard run (`helpers.make_train_state`) in bf16 compute, with the NFNet recipe."""
+    state = make_train_state(tx or TX, seed=seed, **({'dtype': jnp.bfloat16} | kwargs))
     # Committed to the device, as restored checkpoints are: one compiled train step serves both.
     nnx.update(state, jax.device_put(nnx.state(state), jax.devices()[0]))
     return state
