@@ -79,11 +79,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument('--checkpoint', type=Path, help='a checkpoint written by python -m convert.from_timm')
 
 
-def load_model(args: argparse.Namespace) -> NormFreeNet:
-    """The model `add_model_arguments`' flags name: a converted checkpoint, or pretrained hub weights."""
+def load_model(args: argparse.Namespace, **model_kwargs: Any) -> NormFreeNet:
+    """The model `add_model_arguments`' flags name: a converted checkpoint, or pretrained hub weights.
+
+    `model_kwargs` are `create_model`'s (`dtype`, `precision`, ...).
+    """
     if args.checkpoint is not None:
-        return load_checkpoint(args.checkpoint)
-    return create_model(args.model, pretrained=True)
+        return load_checkpoint(args.checkpoint, **model_kwargs)
+    return create_model(args.model, pretrained=True, **model_kwargs)
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -56,8 +56,9 @@ def create_model(
     """Build a model by timm name (`dm_nfnet_f0`, or `dm_nfnet_f0.dm_in1k` for its data settings).
 
     `model_kwargs` are NormFreeNet's: `num_classes` (1000), `in_chans` (3), `global_pool`
-    ('avg'), `drop_rate`, `drop_path_rate`, `dtype` (compute), `param_dtype`, and NfCfg field
-    overrides, as in timm.
+    ('avg'), `drop_rate`, `drop_path_rate`, `dtype` (compute), `param_dtype`, `precision` (of
+    every conv and matmul: None for JAX's default, 'default', 'high' or 'highest'; see
+    docs/inference.md, "Precision"), and NfCfg field overrides, as in timm.
 
     Weights come from one of: `pretrained=True`, timm's weights for the tag (a bare name:
     timm's default tag) from the Hugging Face hub through huggingface_hub's cache

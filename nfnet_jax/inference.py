@@ -5,12 +5,16 @@
 
 Each builder returns an `InferenceFn`: `fn(images)` is a jitted call and nothing else, and
 `fn.apply(fn.state, images)` is the same pure function for code that manages the state itself
-(placing it on devices, sharding it, nesting it in its own jit, exporting with `jax.export`),
-jitted with XLA's default options, where `fn(images)` compiles with those of `nfnet_jax.lowering`
-(faster convolutions on CPU). The state is prepared once: the model is copied into eval mode
+(placing it on devices, sharding it, nesting it in its own jit), jitted with XLA's default
+options, where `fn(images)` compiles with those of `nfnet_jax.lowering` (faster convolutions on
+CPU). The state is prepared once: the model is copied into eval mode
 and every weight-standardised conv gets its standardised kernel folded in
 (`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model passed in is
-untouched and keeps training with the usual per-call standardisation.
+untouched and keeps training with the usual per-call standardisation. The state holds weights
+only (no random state: an inference model never draws).
+
+`fn.export(shape)` is the function as a `jax.export.Exported`, weights included, for serving
+from a process that has jax and nothing else (`python -m nfnet_jax.export` writes one to a file).
 
 Mixed precision is the model's own `dtype`: build it with `create_model(name, dtype=jnp.bfloat16)`
 to compute in bfloat16 from float32 parameters (standardisation and pooling stay float32).
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from nfnet_jax import lowering
@@ -53,6 +58,27 @@ class InferenceFn:
         run = self.apply if isinstance(images, jax.core.Tracer) else self.compiled
         return run(self.state, images)
 
+    def export(
+        self,
+        shape: Sequence[int | str],
+        dtype: Any = jnp.float32,
+        platforms: Sequence[str] | None = None,
+    ) -> jax.export.Exported:
+        """`jax.export` of `images -> fn(images)` with the state closed over: the weights travel inside.
+
+        `shape` is the images' (N, H, W, C); a str dimension is symbolic (`jax.export.symbolic_shape`),
+        e.g. `('batch', 224, 224, 3)` for any batch size. `platforms` are jax.export's ('cpu', 'cuda',
+        'rocm', 'tpu'; default: the default backend's). `exported.serialize()` gives bytes that any
+        process with jax loads back with `jax.export.deserialize(data).call(images)`.
+        """
+        names = list(dict.fromkeys(dim for dim in shape if isinstance(dim, str)))
+        symbols = dict(zip(names, jax.export.symbolic_shape(','.join(names)), strict=True)) if names else {}
+        spec = jax.ShapeDtypeStruct(tuple(symbols.get(dim, dim) for dim in shape), dtype)
+        # A top-level jit of its own with the state as constants: the artifact's only argument is the images.
+        state = self.state
+        closed = jax.jit(lambda images: self.apply(state, images))
+        return jax.export.export(closed, platforms=None if platforms is None else tuple(platforms))(spec)
+
 
 def jit_inference(pure: Callable[[nnx.State, Array], Any], state: nnx.State, **jit_kwargs: Any) -> InferenceFn:
     """`pure` jitted twice (see `InferenceFn`), with `jit_kwargs` (shardings) for both, bound to `state`."""
@@ -61,12 +87,20 @@ def jit_inference(pure: Callable[[nnx.State, Array], Any], state: nnx.State, **j
 
 
 def inference_model(model: NormFreeNet) -> NormFreeNet:
-    """A copy of `model` in eval mode with every conv's weight standardisation folded into its kernel."""
+    """A copy of `model` in eval mode with every conv's weight standardisation folded into its kernel.
+
+    The copy holds no random state: in eval mode dropout and drop path never draw, so their
+    streams are removed, and the state is weights only (arrays numpy can read and `jax.export`
+    can close over; a PRNG key is neither).
+    """
     folded = nnx.clone(model)
     folded.eval()
     for _, module in nnx.iter_modules(folded):
         if isinstance(module, ScaledStdConv2d):
             module.fold_standardization()
+        for name, value in list(vars(module).items()):
+            if isinstance(value, nnx.RngStream | nnx.Rngs):
+                setattr(module, name, nnx.data(None))
     return folded
 
 

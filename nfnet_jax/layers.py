@@ -21,6 +21,18 @@ from nfnet_jax.lowering import conv2d
 
 Array = jax.Array
 Dtype = Any  # a jnp dtype or None, as in flax.nnx layers
+# The matmul/conv precision of every layer that does one: None (JAX's default, which follows
+# `jax.default_matmul_precision`), 'default', 'high' or 'highest' (see docs/inference.md, "Precision").
+Precision = str | None
+PRECISIONS = (None, 'default', 'high', 'highest')
+
+
+def check_precision(precision: Precision) -> Precision:
+    """`precision` if it is one of PRECISIONS, else a ValueError naming them."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'unknown precision {precision!r}; choose one of {PRECISIONS}')
+    return precision
+
 
 # kaiming_normal_(mode='fan_in', nonlinearity='linear') as timm's NormFreeNet init uses.
 kaiming_normal = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal')
@@ -134,6 +146,7 @@ class ScaledStdConv2d(nnx.Module):
         gain_init: float = 1.0,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
+        precision: Precision = None,
         rngs: nnx.Rngs,
     ):
         if in_chs % groups or out_chs % groups:
@@ -151,6 +164,7 @@ class ScaledStdConv2d(nnx.Module):
         self.scale = gamma * fan_in**-0.5
         self.eps = eps
         self.dtype = dtype
+        self.precision = check_precision(precision)
         if same_padding:
             self.padding: str | tuple[tuple[int, int], tuple[int, int]] = 'SAME'
         else:
@@ -190,6 +204,7 @@ class ScaledStdConv2d(nnx.Module):
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             rhs_dilation=(self.dilation, self.dilation),
+            precision=self.precision,
         )
 
 
@@ -208,10 +223,18 @@ class SqueezeExcite(nnx.Module):
         *,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
+        precision: Precision = None,
         rngs: nnx.Rngs,
     ):
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
-        conv = dict(kernel_size=(1, 1), kernel_init=kaiming_normal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        conv = dict(
+            kernel_size=(1, 1),
+            kernel_init=kaiming_normal,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=check_precision(precision),
+            rngs=rngs,
+        )
         self.fc1 = nnx.Conv(channels, rd_channels, **conv)
         self.fc2 = nnx.Conv(rd_channels, channels, **conv)
 
@@ -238,6 +261,7 @@ class EcaModule(nnx.Module):
         *,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
+        precision: Precision = None,
         rngs: nnx.Rngs,
     ):
         kernel_size = eca_kernel_size(channels, gamma, beta)
@@ -253,6 +277,7 @@ class EcaModule(nnx.Module):
             kernel_init=init,
             dtype=dtype,
             param_dtype=param_dtype,
+            precision=check_precision(precision),
             rngs=rngs,
         )
 
@@ -366,6 +391,7 @@ class ClassifierHead(nnx.Module):
         *,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
+        precision: Precision = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = in_features
@@ -374,6 +400,7 @@ class ClassifierHead(nnx.Module):
         self.drop = nnx.Dropout(drop_rate, deterministic=True, rngs=rngs)
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = check_precision(precision)
         self.fc = self._make_fc(num_classes, rngs)
 
     def _make_fc(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
@@ -386,6 +413,7 @@ class ClassifierHead(nnx.Module):
             bias_init=nnx.initializers.zeros,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            precision=self.precision,
             rngs=rngs,
         )
 

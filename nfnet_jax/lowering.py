@@ -63,7 +63,7 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
     group slice instead (so XLA fuses it into the slicing) was measured on dm_nfnet_f0's group
     shapes at batch 8 on an AVX-512 EPYC at 1.01-1.05x the time of this form, so the model keeps
     timm's order, activation then conv. cuDNN and TPUs keep the convolution as written (native
-    grouped kernels).
+    grouped kernels). A `precision=` keyword reaches every path, the matmul too.
     The choice is made when the computation is lowered for its platform
     (`jax.lax.platform_dependent`), not from the default backend, so a jit placed on a GPU by a
     CPU-default process still gets cuDNN's kernels.
@@ -81,7 +81,8 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
 
     def cpu_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
         if groups == 1:  # pointwise
-            return biased(jax.lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ()))), bias)
+            dims = (((3,), (0,)), ((), ()))
+            return biased(jax.lax.dot_general(x, kernel[0, 0], dims, precision=conv_kwargs.get('precision')), bias)
         biases = [None] * groups if bias is None else jnp.split(bias, groups)
         parts = zip(jnp.split(x, groups, axis=-1), jnp.split(kernel, groups, axis=-1), biases, strict=True)
         return jnp.concatenate([biased(conv(x_g, kernel_g), bias_g) for x_g, kernel_g, bias_g in parts], axis=-1)

@@ -26,7 +26,9 @@ from nfnet_jax.layers import (
     DropPath,
     Dtype,
     GammaAct,
+    Precision,
     ScaledStdConv2d,
+    check_precision,
     feature_take_indices,
     make_divisible,
     max_pool_3x3_s2,
@@ -200,6 +202,7 @@ class NormFreeNet(nnx.Module):
         drop_path_rate: float = 0.0,
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
+        precision: Precision = None,
         pretrained_cfg: PretrainedCfg | None = None,
         rngs: nnx.Rngs,
         **cfg_overrides: Any,
@@ -213,6 +216,8 @@ class NormFreeNet(nnx.Module):
         self.in_chans = in_chans
         self.dtype = dtype
         self.param_dtype = param_dtype
+        # Every conv and matmul computes at this precision (None: JAX's default; see layers.PRECISIONS).
+        self.precision = check_precision(precision)
         gamma = NONLIN_GAMMA[cfg.act_layer]
         # dm_ models scale every activation by gamma; the others fold gamma into every conv.
         conv_layer = partial(
@@ -222,12 +227,17 @@ class NormFreeNet(nnx.Module):
             gamma=1.0 if cfg.gamma_in_act else gamma,
             dtype=dtype,
             param_dtype=param_dtype,
+            precision=precision,
         )
         act_layer = partial(GammaAct, cfg.act_layer, gamma if cfg.gamma_in_act else 1.0)
         attn_layer = None
         if cfg.attn_layer:
             attn_layer = partial(
-                ATTENTION_LAYERS[cfg.attn_layer], **cfg.attn_kwargs, dtype=dtype, param_dtype=param_dtype
+                ATTENTION_LAYERS[cfg.attn_layer],
+                **cfg.attn_kwargs,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
             )
 
         stem_chs = make_divisible((cfg.stem_chs or cfg.channels[0]) * cfg.width_factor, cfg.ch_div)
@@ -287,7 +297,14 @@ class NormFreeNet(nnx.Module):
         self._feature_info = tuple(tuple(info.items()) for info in feature_info)
         self.final_act = act_layer()
         self.head = ClassifierHead(
-            self.num_features, num_classes, global_pool, drop_rate, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            self.num_features,
+            num_classes,
+            global_pool,
+            drop_rate,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=rngs,
         )
 
     @property
@@ -396,6 +413,7 @@ class NormFreeNet(nnx.Module):
                 self.head.drop.rate,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                precision=self.precision,
                 rngs=nnx.Rngs(0),
             )
         return take

@@ -1,0 +1,193 @@
+"""A model as a serialized `jax.export` artifact for serving: `python -m nfnet_jax.export`, and `export_inference`.
+
+The artifact is the folded inference function (`nfnet_jax.inference`) with the weights closed
+over as constants, lowered to StableHLO for the chosen platforms. Another process loads it with
+jax alone, neither flax nor nfnet_jax:
+
+    exported = jax.export.deserialize(open('model.jaxexport', 'rb').read())
+    logits = exported.call(images)  # images: float32 (N, H, W, C), normalised as the model's data config says
+
+A JSON file beside it (`OUT.json`) records what the artifact expects and returns, and the
+data config (mean, std, crop) its images must be prepared with; the artifact does not need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import nfnet_jax
+from nfnet_jax import inference
+from nfnet_jax.cli import add_model_arguments, load_model, log, run_command
+from nfnet_jax.files import atomic_write, check_output
+from nfnet_jax.model import NormFreeNet
+from nfnet_jax.pretrained import resolve_name
+
+OUTPUTS = ('logits', 'embeddings', 'features')
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BATCH_SYMBOL = 'batch'
+
+
+def inference_fn(model: NormFreeNet, output: str = 'logits') -> inference.InferenceFn:
+    """The inference function of `output`: 'logits', 'embeddings' (pooled pre-logits) or 'features' (every tap)."""
+    builders = {
+        'logits': inference.classifier,
+        'embeddings': inference.embedder,
+        'features': inference.feature_extractor,
+    }
+    if output not in builders:
+        raise ValueError(f'unknown output {output!r}; choose one of {OUTPUTS}')
+    return builders[output](model)
+
+
+def export_inference(
+    model: NormFreeNet,
+    *,
+    output: str = 'logits',
+    batch: int | None = 1,
+    size: int | tuple[int, int] | None = None,
+    platforms: Sequence[str] | None = None,
+) -> jax.export.Exported:
+    """`model`'s inference function of `output` as a `jax.export.Exported`, weights included.
+
+    Its one argument is float32 images (batch, H, W, in_chans): `batch=None` takes any batch size
+    (a symbolic dimension), `size` is H and W (default: the model's pretrained input size).
+    `platforms` as `jax.export` takes them (default: the default backend's). The compute dtype
+    and the conv/matmul precision are the model's (`create_model(..., dtype=, precision=)`).
+    `exported.serialize()` is the artifact's bytes.
+    """
+    if batch is not None and batch < 1:
+        raise ValueError(f'batch must be at least 1 (or None for any), not {batch}')
+    height, width = default_size(model) if size is None else (size, size) if isinstance(size, int) else size
+    shape = (BATCH_SYMBOL if batch is None else batch, height, width, model.in_chans)
+    return inference_fn(model, output).export(shape, jnp.float32, platforms)
+
+
+def default_size(model: NormFreeNet) -> tuple[int, int]:
+    """The (H, W) the model's pretrained weights were trained at (timm's `input_size`)."""
+    cfg = model.pretrained_cfg
+    return (224, 224) if cfg is None else tuple(cfg.input_size[1:])
+
+
+def parse_batch(value: str) -> int | None:
+    """--batch: a positive int, or 'dynamic' (None) for any batch size."""
+    if value == 'dynamic':
+        return None
+    try:
+        batch = int(value)
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise ValueError(f"--batch must be a positive integer or 'dynamic', not {value!r}")
+    return batch
+
+
+def parse_platforms(value: str | None) -> tuple[str, ...] | None:
+    """--platforms: a comma-separated list of jax.export platforms, each once."""
+    if value is None:
+        return None
+    platforms = tuple(p.strip() for p in value.split(','))
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or len(set(platforms)) != len(platforms):
+        raise ValueError(
+            f'--platforms takes a comma-separated list of {", ".join(PLATFORMS)}, each once; got {value!r}'
+        )
+    return platforms
+
+
+def json_shape(aval: jax.core.ShapedArray) -> list[int | str]:
+    """A shape for JSON: ints, and the names of symbolic dimensions."""
+    return [dim if isinstance(dim, int) else str(dim) for dim in aval.shape]
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + '.json')
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='python -m nfnet_jax.export',
+        description='Write an NFNet as a serialized jax.export artifact (weights included) for serving.',
+    )
+    add_model_arguments(parser)
+    parser.add_argument('-o', dest='out', required=True, type=Path, help='the artifact to write (e.g. model.jaxexport)')
+    parser.add_argument('--batch', default='1', help="images per call, or 'dynamic' for any number (default 1)")
+    parser.add_argument('--size', type=int, help="input height and width (default: the model's pretrained input size)")
+    parser.add_argument('--dtype', choices=sorted(DTYPES), default='float32', help='compute dtype (default float32)')
+    parser.add_argument('--platforms', help=f"comma-separated, of {', '.join(PLATFORMS)} (default: this machine's)")
+    parser.add_argument(
+        '--output',
+        choices=OUTPUTS,
+        default='logits',
+        help='what a call returns: logits (default), pooled '
+        'pre-logits embeddings, or the list of feature maps at every tap',
+    )
+    parser.add_argument(
+        '--precision',
+        choices=('default', 'high', 'highest'),
+        help="conv/matmul precision (default: JAX's); 'highest' for float32 logits as timm's on GPU and TPU",
+    )
+    parser.add_argument('--force', action='store_true', help='overwrite OUT (and OUT.json) if they exist')
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_run, _parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Everything that can be checked is checked before the model is loaded.
+    batch = parse_batch(args.batch)
+    platforms = parse_platforms(args.platforms)
+    if args.size is not None and args.size < 1:
+        raise ValueError(f'--size must be at least 1, not {args.size}')
+    check_output(args.out, args.force)
+    check_output(sidecar_path(args.out), args.force)
+    if args.model is not None:
+        resolve_name(args.model)
+    elif not args.checkpoint.is_file():
+        raise FileNotFoundError(f'no checkpoint at {args.checkpoint}')
+
+    model = load_model(args, dtype=DTYPES[args.dtype], precision=args.precision)
+    exported = export_inference(model, output=args.output, batch=batch, size=args.size, platforms=platforms)
+    data = exported.serialize()
+    cfg = model.pretrained_cfg
+    # How images are prepared for it (resized and cropped to the input shape, then normalised).
+    data_config = None
+    if cfg is not None:
+        data_config = dict(interpolation=cfg.interpolation, crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
+    description = dict(
+        model=cfg.name if cfg is not None else None,
+        input=dict(shape=json_shape(exported.in_avals[0]), dtype='float32', layout='NHWC'),
+        output=args.output,
+        outputs=[dict(shape=json_shape(a), dtype=str(a.dtype)) for a in exported.out_avals],
+        compute_dtype=args.dtype,
+        precision=args.precision,
+        platforms=list(exported.platforms),
+        data_config=data_config,
+        nfnet_jax_version=nfnet_jax.__version__,
+        jax_version=jax.__version__,
+    )
+
+    def write_artifact(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    def write_description(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(description, indent=2) + '\n', encoding='utf-8')
+
+    atomic_write(args.out, write_artifact, force=args.force)
+    atomic_write(sidecar_path(args.out), write_description, force=args.force)
+    shapes = ' -> '.join(str(a) for a in (exported.in_avals[0], *exported.out_avals[:1]))
+    log(f'wrote {args.out} ({len(data) / 2**20:.1f} MiB, {shapes}, for {", ".join(exported.platforms)})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
