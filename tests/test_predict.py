@@ -100,7 +100,7 @@ def test_text_output_names_each_image_with_its_classes(offline_hub, folder, caps
     'args,message',
     [
         (['missing.jpg', '--model', TAG], 'missing.jpg: no such file or folder'),
-        (['IMAGES', '--model', TAG, '--embeddings', 'out.txt'], 'must end in .npy'),
+        (['IMAGES', '--model', TAG, '--embeddings', 'out.txt'], 'must be a .npy file'),
         (['IMAGES', '--model', TAG, '--batch-size', '0'], 'at least 1'),
         (['IMAGES', '--model', 'nfnet_f0'], 'no pretrained weights for nfnet_f0'),
     ],
