@@ -18,8 +18,16 @@ import nfnet_jax
 from nfnet_jax import inference
 from nfnet_jax.parallel import create_sharded, make_mesh
 from nfnet_jax.parallel.train import ShardedTrainer
-from nfnet_jax.train import TrainCheckpointer, TrainState, eval_step, nfnet_optimizer, train_step
-from nfnet_jax.weights import CheckpointError, flat_params
+from nfnet_jax.train import (
+    TrainCheckpointer,
+    TrainState,
+    adaptive_clip_grad,
+    classifier_paths,
+    eval_step,
+    nfnet_optimizer,
+    train_step,
+)
+from nfnet_jax.weights import CheckpointError, dotted_path, flat_params
 
 SIZE = 32
 TX = nfnet_optimizer(0.1, clip_factor=None)
@@ -136,3 +144,60 @@ def test_feature_extractor_takes_a_features_only_model():
 def test_a_model_without_one_nfnet_is_refused_by_embedder():
     with pytest.raises(ValueError, match='no NFNet'):
         inference.embedder(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+# ---------------------------------------------------------------- AGC
+
+
+def clipped_paths(tx, model: nnx.Module) -> set[str]:
+    """The params whose huge gradient AGC changes."""
+    params = nnx.state(model, nnx.Param)
+    huge = jax.tree.map(lambda p: 1e3 * p + 1.0, params)
+    clipped, _ = jax.jit(tx.update)(huge, tx.init(params), params)
+    before, after = (
+        {dotted_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        for tree in (huge, clipped)
+    )
+    return {path for path in before if not np.array_equal(before[path], after[path])}
+
+
+def test_agc_finds_the_head_of_a_user_model(net):
+    everything = set(flat_params(net))
+    assert clipped_paths(adaptive_clip_grad(0.01, model=net), net) == everything - {'head.kernel', 'head.bias'}
+    recipe = nfnet_optimizer(-1.0, model=net, weight_decay=0, momentum=0)  # updates = the clipped gradients
+    assert clipped_paths(recipe, net) == everything - {'head.kernel', 'head.bias'}
+    # The NFNet default (head.fc) matches nothing here: an error, where before the head was clipped silently.
+    with pytest.raises(ValueError, match=r"exclude=matches\('head.*none of the 93 params.*head\.kernel"):
+        adaptive_clip_grad().init(nnx.state(net, nnx.Param))
+    with pytest.raises(ValueError, match="matches\\('classifier'\\)"):
+        nfnet_optimizer(0.1, agc_exclude='classifier').init(nnx.state(net, nnx.Param))
+    assert clipped_paths(adaptive_clip_grad(0.01, exclude=r'head\..*|stem\..*'), net) == {
+        p for p in everything if not p.startswith(('head.', 'backbone.stem.'))
+    }
+
+
+class MlpHeadFirst(nnx.Module):
+    """The head assigned before the backbone, two linear layers: the last one is the classifier."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.head = nnx.Sequential(nnx.Linear(4, 8, rngs=rngs), nnx.relu, nnx.Linear(8, 3, rngs=rngs))
+        self.backbone = nfnet_jax.create_model('test_nfnet', num_classes=0, rngs=rngs)
+
+
+class ConvHead(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.backbone = nfnet_jax.create_model('test_nfnet', num_classes=0, rngs=rngs)
+        self.out = nnx.Conv(4, 3, (1, 1), rngs=rngs)
+
+
+def test_the_classifier_of_a_model():
+    abstract = nnx.eval_shape  # structure only
+    nfnet = abstract(lambda: nfnet_jax.create_model('test_nfnet'))
+    assert classifier_paths(nfnet) == ['head.fc.bias', 'head.fc.kernel']
+    assert classifier_paths(abstract(lambda: MlpHeadFirst(rngs=nnx.Rngs(0)))) == [
+        'head.layers.2.bias',
+        'head.layers.2.kernel',
+    ]
+    assert classifier_paths(abstract(lambda: nfnet_jax.create_model('test_nfnet', num_classes=0))) == []
+    with pytest.raises(ValueError, match='no linear classifier in ConvHead.*exclude=None'):
+        adaptive_clip_grad(model=abstract(lambda: ConvHead(rngs=nnx.Rngs(0))))
