@@ -16,6 +16,13 @@ only (no random state: an inference model never draws).
 `fn.export(shape)` is the function as a `jax.export.Exported`, weights included, for serving
 from a process that has jax and nothing else (`python -m nfnet_jax.export` writes one to a file).
 
+Any NNX module works: an NFNet, a features_only model, or a model of your own with an NFNet
+inside (`classifier` calls it; `embedder` and `feature_extractor` use the NFNet it holds). For
+any other output, `compile_forward(model, forward)` jits `forward(folded_model, images)` the same
+way, e.g. an FPN head on the taps:
+
+    fpn = compile_forward(net, lambda m, x: m.fpn(m.backbone.forward_intermediates(x, intermediates_only=True)))
+
 Mixed precision is the model's own `dtype`: build it with `create_model(name, dtype=jnp.bfloat16)`
 to compute in bfloat16 from float32 parameters (standardisation and pooling stay float32).
 
@@ -29,15 +36,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nfnet_jax import lowering
+from nfnet_jax.features import FeatureListNet
 from nfnet_jax.layers import Array, ScaledStdConv2d
 from nfnet_jax.model import NormFreeNet
+
+M = TypeVar('M', bound=nnx.Module)
 
 
 @dataclass(frozen=True)
@@ -86,12 +96,13 @@ def jit_inference(pure: Callable[[nnx.State, Array], Any], state: nnx.State, **j
     return InferenceFn(jax.jit(pure, **jit_kwargs), state, lowering.jit(pure, platform, **jit_kwargs))
 
 
-def inference_model(model: NormFreeNet) -> NormFreeNet:
+def inference_model(model: M) -> M:
     """A copy of `model` in eval mode with every conv's weight standardisation folded into its kernel.
 
-    The copy holds no random state: in eval mode dropout and drop path never draw, so their
-    streams are removed, and the state is weights only (arrays numpy can read and `jax.export`
-    can close over; a PRNG key is neither).
+    `model` is any NNX module: the NFNets inside a model of your own are folded too. The copy holds
+    no random state: in eval mode dropout and drop path never draw, so their streams are removed,
+    and the state is weights only (arrays numpy can read and `jax.export` can close over; a PRNG
+    key is neither).
     """
     folded = nnx.clone(model)
     folded.eval()
@@ -104,8 +115,13 @@ def inference_model(model: NormFreeNet) -> NormFreeNet:
     return folded
 
 
-def compile_forward(model: NormFreeNet, forward: Callable[[NormFreeNet, Array], Any]) -> InferenceFn:
-    """Jit `forward(model, images)` as a pure function of the folded model's state."""
+def compile_forward(model: M, forward: Callable[[M, Array], Any]) -> InferenceFn:
+    """Jit `forward(model, images)` as a pure function of the folded model's state.
+
+    `model` is any NNX module (an NFNet, or a model of your own with NFNets inside); `forward`
+    receives its folded copy in eval mode and may call any of its methods, e.g.
+    `compile_forward(net, lambda m, x: m.neck(m.backbone.forward_intermediates(x, intermediates_only=True)))`.
+    """
     graphdef, state = nnx.split(inference_model(model))
 
     def apply(state: nnx.State, images: Array) -> Any:
@@ -114,24 +130,70 @@ def compile_forward(model: NormFreeNet, forward: Callable[[NormFreeNet, Array], 
     return jit_inference(apply, state)
 
 
-def classifier(model: NormFreeNet) -> InferenceFn:
-    """images (N, H, W, C) -> logits (N, num_classes), as `model(images)`."""
+def classifier(model: nnx.Module) -> InferenceFn:
+    """images (N, H, W, C) -> logits (N, num_classes), as `model(images)`; any NNX module that returns logits."""
     return compile_forward(model, lambda m, x: m(x))
 
 
-def embedder(model: NormFreeNet) -> InferenceFn:
-    """images -> the pooled pre-logits embedding (N, model.head_hidden_size)."""
-    return compile_forward(model, lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True))
+def backbone_path(model: nnx.Module) -> str:
+    """The path of the one NFNet (or features_only model) in `model`: '' for the model itself."""
+    if isinstance(model, (NormFreeNet, FeatureListNet)):
+        return ''
+    found = {path: m for path, m in nnx.iter_modules(model) if isinstance(m, (NormFreeNet, FeatureListNet))}
+    # A FeatureListNet holds its NormFreeNet: the outermost one is the backbone.
+    outer = [path for path in found if not any(path[: len(p)] == p and path != p for p in found)]
+    if len(outer) != 1:
+        what = 'no NFNet' if not outer else f'{len(outer)} NFNets ({", ".join(".".join(map(str, p)) for p in outer)})'
+        raise ValueError(
+            f'{type(model).__name__} holds {what}; pass the NFNet itself, or say what to compute with '
+            'compile_forward(model, lambda m, x: ...)'
+        )
+    return '.'.join(map(str, outer[0]))
 
 
-def feature_extractor(model: NormFreeNet, indices: int | Sequence[int] | None = None) -> InferenceFn:
+def submodule(model: nnx.Module, path: str) -> Any:
+    for key in path.split('.') if path else ():
+        model = model[int(key)] if key.isdigit() else getattr(model, key)
+    return model
+
+
+def embedder(model: nnx.Module) -> InferenceFn:
+    """images -> the pooled pre-logits embedding (N, head_hidden_size) of the model's NFNet.
+
+    A model of your own holding one NFNet gives that NFNet's embedding (what its own head reads,
+    if that head takes the pooled features).
+    """
+    path = backbone_path(model)
+    if isinstance(submodule(model, path), FeatureListNet):
+        raise ValueError('a features_only model has no pooled embedding: use feature_extractor')
+
+    def embed(m: nnx.Module, x: Array) -> Array:
+        net = submodule(m, path)
+        return net.forward_head(net.forward_features(x), pre_logits=True)
+
+    return compile_forward(model, embed)
+
+
+def feature_extractor(model: nnx.Module, indices: int | Sequence[int] | None = None) -> InferenceFn:
     """images -> the list of NHWC feature maps at timm's taps `indices` (see `forward_intermediates`).
 
-    Only the stages the deepest tap needs are run.
+    Only the stages the deepest tap needs are run. A features_only model (`FeatureListNet`)
+    gives the taps it was built with (`indices` must then be None), and a model of your own
+    holding one NFNet gives that NFNet's taps.
     """
+    path = backbone_path(model)
+    if isinstance(submodule(model, path), FeatureListNet):
+        if indices is not None:
+            raise ValueError(
+                'a features_only model returns the taps it was built with (its out_indices): '
+                'leave indices=None, or build it with create_model(..., out_indices=...)'
+            )
+        return compile_forward(model, lambda m, x: submodule(m, path)(x))
     if indices is not None and not isinstance(indices, int):
         indices = tuple(indices)  # the compiled function must not follow later changes to the caller's list
-    return compile_forward(model, lambda m, x: m.forward_intermediates(x, indices, intermediates_only=True))
+    return compile_forward(
+        model, lambda m, x: submodule(m, path).forward_intermediates(x, indices, intermediates_only=True)
+    )
 
 
 def enable_compilation_cache(folder: str | os.PathLike) -> None:

@@ -443,6 +443,11 @@ def abstract_model(cfg: NfCfg, **model_kwargs: Any) -> NormFreeNet:
     return nnx.eval_shape(build)
 
 
+def find_nfnets(module: nnx.Module) -> dict[str, NormFreeNet]:
+    """Every NormFreeNet in `module` (itself included, at path ''), by dotted path: the NFNets of a user's model."""
+    return {'.'.join(map(str, path)): m for path, m in nnx.iter_modules(module) if isinstance(m, NormFreeNet)}
+
+
 def count_params(model: nnx.Module) -> int:
     """The number of scalar parameters, as timm's `sum(p.numel() for p in model.parameters())`."""
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
 SNIPPET = re.compile(r'^<!-- snippet: ([\w-]+) -->\n```python\n(.*?)^```', re.S | re.M)
 MODEL_CARD = ['model-card-classification', 'model-card-feature-maps', 'model-card-embeddings']
-TESTED = {*MODEL_CARD, 'fast-inference'}
+BACKBONE = ['backbone-nnx', 'backbone-freeze', 'backbone-linen']
+TESTED = {*MODEL_CARD, 'fast-inference', *BACKBONE}
 
 
 def snippets() -> dict[str, tuple[Path, str]]:
@@ -36,12 +37,13 @@ def snippets() -> dict[str, tuple[Path, str]]:
     return found
 
 
-def run_snippet(name: str, *replacements: tuple[str, str]) -> dict:
+def run_snippet(name: str, *replacements: tuple[str, str], namespace: dict | None = None) -> dict:
+    """Run a snippet after `replacements`, in a fresh namespace or in `namespace` (a previous snippet's)."""
     path, code = snippets()[name]
     for old, new in replacements:
         assert old in code, f'snippet {name!r} in {path.name} no longer contains {old!r}'
         code = code.replace(old, new)
-    namespace: dict = {}
+    namespace = {} if namespace is None else namespace
     exec(compile(code, f'{path.name}: {name}', 'exec'), namespace)
     return namespace
 
@@ -77,6 +79,53 @@ def test_fast_inference_snippet_runs_as_written():
     np.testing.assert_array_equal(namespace['same'], namespace['logits'])
     assert namespace['embed'](namespace['images']).shape == (8, namespace['model'].head_hidden_size)
     assert len(namespace['feature_maps'](namespace['images'])) == 4
+
+
+# Images of ones: zeros would give the head a zero gradient.
+SMALL = (("'dm_nfnet_f0'", "'test_nfnet'"), ('jnp.zeros((8, 224, 224, 3))', 'jnp.ones((8, 32, 32, 3))'))
+
+
+def changed_params(before, after) -> set[str]:
+    import jax
+
+    from nfnet_jax.weights import dotted_path
+
+    flat = [
+        {dotted_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        for tree in (before, after)
+    ]
+    return {path for path in flat[0] if not np.array_equal(flat[0][path], flat[1][path])}
+
+
+def test_backbone_nnx_snippets_run_as_written(tmp_path, monkeypatch):
+    """With test_nfnet at 32 px in place of dm_nfnet_f0 at 224; then the freezing snippet in the same namespace."""
+    import jax
+    from flax import nnx
+    from helpers import leaves
+
+    monkeypatch.chdir(tmp_path)
+    namespace = run_snippet('backbone-nnx', *SMALL)
+    state, resumed = namespace['state'], namespace['resumed']
+    assert state.step == resumed.step == 1 and np.isfinite(float(namespace['metrics']['loss']))
+    for a, b in zip(leaves(nnx.state(resumed)), leaves(nnx.state(state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    before = jax.tree.map(np.array, nnx.state(namespace['Net'](10, rngs=nnx.Rngs(0)), nnx.Param))
+    namespace = run_snippet('backbone-freeze', namespace=namespace)
+    assert changed_params(before, nnx.state(namespace['frozen'].model, nnx.Param)) == {'head.bias', 'head.kernel'}
+
+
+def test_backbone_linen_snippet_runs_as_written():
+    """With test_nfnet at 32 px in place of dm_nfnet_f0 at 224: the backbone stays, the head moves."""
+    import jax
+
+    namespace = run_snippet('backbone-linen', *SMALL)
+    start = namespace['model'].init(jax.random.key(0), namespace['images'])['params']
+    start['backbone'] = namespace['linen_variables'](namespace['nfnet_jax'].create_model('test_nfnet', num_classes=0))[
+        'params'
+    ]
+    assert np.isfinite(float(namespace['loss']))
+    assert changed_params(start, namespace['params']) == {'head.bias', 'head.kernel'}
 
 
 FENCE = re.compile(r'^```.*?^```', re.S | re.M)

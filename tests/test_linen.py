@@ -42,7 +42,9 @@ def test_converted_weights_give_the_nnx_outputs_and_gradients(converted, images)
     labels = jnp.array([1, 7])
 
     # Everything jitted: eager gradients of a whole network take many times longer than compiling.
-    logits, pooled = jax.jit(lambda v: (module.apply(v, images), module.apply(v, images, pre_logits=True)))(variables)
+    logits, pooled = jax.jit(lambda v: (module.apply(v, images), module.apply(v, images, output='pre_logits')))(
+        variables
+    )
     expected_logits, expected_pooled = nnx.jit(
         lambda m: (m(images), m.forward_head(m.forward_features(images), pre_logits=True))
     )(model)
@@ -75,7 +77,7 @@ def test_a_submodule_of_a_linen_model(converted, images):
     class Classifier(nn.Module):
         @nn.compact
         def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-            features = NFNet('test_nfnet', num_classes=0, module_name='backbone')(x, train=train)
+            features = NFNet('test_nfnet', num_classes=0, name='backbone')(x, train=train)
             return nn.Dense(3)(features)
 
     model = Classifier()
@@ -88,6 +90,53 @@ def test_a_submodule_of_a_linen_model(converted, images):
     dense = variables['params']['Dense_0']
     expected = embedding @ dense['kernel'] + dense['bias']
     assert relative_error(model.apply(variables, images), expected) <= RTOL
+
+
+def test_features_and_taps_are_the_nnx_models(converted, images):
+    path, model = converted
+    module = NFNet('test_nfnet', num_classes=10, out_indices=(1, 3))
+    variables = linen_variables(model)
+    features, taps = jax.jit(
+        lambda v: (module.apply(v, images, output='features'), module.apply(v, images, output='taps'))
+    )(variables)
+    expected_features, expected_taps = nnx.jit(
+        lambda m: (m.forward_features(images), m.forward_intermediates(images, (1, 3), intermediates_only=True))
+    )(model)
+    assert relative_error(features, expected_features) <= RTOL
+    assert len(taps) == 2
+    for got, expected in zip(taps, expected_taps, strict=True):
+        assert relative_error(got, expected) <= RTOL
+    with pytest.raises(ValueError, match='output must be one of'):
+        module.apply(variables, images, output='embedding')
+
+
+def test_a_features_only_module_has_the_nnx_param_tree_and_returns_taps(images):
+    module = NFNet('test_nfnet', features_only=True, out_indices=(1, 2))
+    shapes = jax.eval_shape(module.init, jax.random.key(0), images)['params']
+    got = {dotted_path(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+    nnx_model = nnx.eval_shape(lambda: nfnet_jax.create_model('test_nfnet', features_only=True, out_indices=(1, 2)))
+    assert got == param_shapes(nnx_model)
+    taps = jax.eval_shape(module.apply, {'params': shapes}, images)
+    assert [t.shape for t in taps] == [(2, 8, 8, 32), (2, 4, 4, 64)]
+    with pytest.raises(ValueError, match='features_only'):
+        jax.eval_shape(lambda v: module.apply(v, images, output='logits'), {'params': shapes})
+
+
+def test_name_is_linens_and_module_name_still_works_deprecated():
+    assert NFNet('test_nfnet', name='backbone').name == 'backbone'  # TypeError: multiple values for 'name', before
+    with pytest.warns(DeprecationWarning, match='name='):
+        assert NFNet('test_nfnet', module_name='backbone').name == 'backbone'
+
+
+def test_train_mode_without_a_dropout_rng_is_an_error(converted, images):
+    """Before, the masks silently came from key(0): the same at every step."""
+    module = NFNet('test_nfnet', num_classes=10, drop_path_rate=0.2)
+    variables = linen_variables(converted[1])
+    with pytest.raises(ValueError, match="needs a 'dropout' RNG"):
+        module.apply(variables, images, train=True)
+    # No dropout and no drop path: nothing to draw, no RNG needed.
+    shapes = jax.eval_shape(lambda v: NFNet('test_nfnet', num_classes=10).apply(v, images, train=True), variables)
+    assert shapes.shape == (2, 10)
 
 
 @pytest.mark.parametrize('name', ['dm_nfnet_f0', 'eca_nfnet_l0', 'nf_regnet_b0', 'nf_seresnet26'])

@@ -3,7 +3,15 @@
 from nfnet_jax.train.agc import adaptive_clip_grad, unitwise_norm
 from nfnet_jax.train.mixup import Mixup, mixup_target, soft_target_cross_entropy
 from nfnet_jax.train.optim import cross_entropy_loss, nfnet_optimizer, warmup_cosine_schedule
-from nfnet_jax.train.paths import is_bias_or_gain, is_classifier, is_gain, matches, path_mask
+from nfnet_jax.train.paths import (
+    classifier_of,
+    classifier_paths,
+    is_bias_or_gain,
+    is_classifier,
+    is_gain,
+    matches,
+    path_mask,
+)
 from nfnet_jax.train.run_checkpoint import TrainCheckpointer
 from nfnet_jax.train.state import ModelEma, TrainState
 from nfnet_jax.train.step import eval_step, eval_step_fn, train_step, train_step_fn
@@ -15,6 +23,8 @@ __all__ = [
     'TrainCheckpointer',
     'TrainState',
     'adaptive_clip_grad',
+    'classifier_of',
+    'classifier_paths',
     'cross_entropy_loss',
     'dotted_path',
     'eval_step',

@@ -24,8 +24,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from nfnet_jax.train.paths import PathPredicate, is_classifier, is_gain
+from nfnet_jax.train.paths import PathPredicate, as_predicate, classifier_of, is_classifier, is_gain
 from nfnet_jax.weights.params import dotted_path
 
 Array = jax.Array
@@ -53,21 +54,48 @@ class AgcState(NamedTuple):
     """AGC keeps no state; a named type makes it recognisable in an optimizer state tree."""
 
 
+Exclude = PathPredicate | str | None
+
+
 def adaptive_clip_grad(
     clip_factor: float = 0.01,
     eps: float = 1e-3,
     *,
-    exclude: PathPredicate | None = is_classifier,
+    exclude: Exclude = is_classifier,
     per_element: PathPredicate = is_gain,
+    model: nnx.Module | None = None,
 ) -> optax.GradientTransformation:
     """timm's AGC as an optax transform; it needs `params` in `update`.
 
-    `exclude(path)` is true for parameters left unclipped, by dotted path
-    (`stages.0.1.conv1.kernel`, see `nfnet_jax.train.paths`); the default leaves the classifier
-    (`head.fc.kernel`, `head.fc.bias`) unclipped like timm's `--clip-mode agc`, None clips
-    everything (timm's `--clip-mode agc` with `exclude_head=False`). `per_element(path)` picks
+    `exclude` selects the parameters left unclipped, by dotted path (`stages.0.1.conv1.kernel`,
+    see `nfnet_jax.train.paths`): a predicate, a regex (`matches`), or None to clip everything
+    (timm's `--clip-mode agc` with `exclude_head=False`). It is meant to leave the final
+    classifier unclipped, like timm's `--clip-mode agc`:
+
+    - by default it is an NFNet's classifier, `head.fc.kernel` and `head.fc.bias`;
+    - with `model` (and no `exclude`) it is found in the model (`classifier_paths`): an NFNet's
+      `head.fc`, or in a model of your own the last linear layer assigned (your head). A model
+      without a linear layer is an error: say what to exclude.
+
+    An `exclude` that matches none of the params `init` is given is an error (on a model of your
+    own the NFNet default would otherwise clip your head silently). `per_element(path)` picks
     the tensors clipped element by element (timm's (O, 1, 1, 1) gains).
     """
+    if model is not None and exclude is is_classifier:
+        exclude = classifier_of(model)
+    exclude = as_predicate(exclude) if exclude is not None else None
+
+    def init(params: Any) -> AgcState:
+        if exclude is not None:
+            paths = [dotted_path(keypath) for keypath, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            if not any(exclude(path) for path in paths):
+                examples = ', '.join(paths[:3] + (['...'] if len(paths) > 5 else []) + paths[max(3, len(paths) - 2) :])
+                raise ValueError(
+                    f'AGC exclude={exclude!r} matches none of the {len(paths)} params ({examples}): pass '
+                    'model=your_model to leave its classifier unclipped, an exclude= that names it, or exclude=None '
+                    'to clip every parameter'
+                )
+        return AgcState()
 
     def update(updates: Any, state: AgcState, params: Any = None) -> tuple[Any, AgcState]:
         if params is None:
@@ -81,4 +109,4 @@ def adaptive_clip_grad(
 
         return jax.tree_util.tree_map_with_path(clip, updates, params), state
 
-    return optax.GradientTransformation(lambda params: AgcState(), update)
+    return optax.GradientTransformation(init, update)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from nfnet_jax.train.agc import adaptive_clip_grad
+from nfnet_jax.train.agc import Exclude, adaptive_clip_grad
 from nfnet_jax.train.paths import PathPredicate, is_bias_or_gain, is_classifier, path_mask
 
 
@@ -38,20 +39,23 @@ def nfnet_optimizer(
     nesterov: bool = True,
     weight_decay: float = 2e-5,
     clip_factor: float | None = 0.01,
-    agc_exclude: PathPredicate | None = is_classifier,
+    agc_exclude: Exclude = is_classifier,
     no_decay: PathPredicate = is_bias_or_gain,
+    model: nnx.Module | None = None,
 ) -> optax.GradientTransformation:
     """AGC, then masked weight decay, then SGD with (Nesterov) momentum, in the paper's order.
 
     `learning_rate` is a float or a schedule (`warmup_cosine_schedule`). `clip_factor=None`
     turns AGC off. `agc_exclude` and `no_decay` take dotted param paths (`head.fc.kernel`):
-    by default the classifier is not clipped and biases and gains are not decayed.
+    by default the classifier is not clipped and biases and gains are not decayed. AGC's
+    classifier is an NFNet's `head.fc`; pass `model` to have it found in a model of your own
+    (its last linear layer, see `adaptive_clip_grad`).
     Weight decay is added to the gradient (coupled, like torch's SGD and DeepMind's code),
     so it is scaled by the learning rate.
     """
     steps = []
     if clip_factor is not None:
-        steps.append(adaptive_clip_grad(clip_factor, exclude=agc_exclude))
+        steps.append(adaptive_clip_grad(clip_factor, exclude=agc_exclude, model=model))
     if weight_decay:
         steps.append(
             optax.add_decayed_weights(weight_decay, mask=lambda params: path_mask(lambda p: not no_decay(p), params))

@@ -9,12 +9,14 @@ whatever container holds it. Prefixes added by a parent (a Linen `backbone.`, a 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+from flax import nnx
 
-from nfnet_jax.weights.params import dotted_path
+from nfnet_jax.model import NormFreeNet
+from nfnet_jax.weights.params import dotted_path, flat_state
 
 PathPredicate = Callable[[str], bool]
 
@@ -24,10 +26,82 @@ def path_mask(predicate: PathPredicate, tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda keypath, _: predicate(dotted_path(keypath)), tree)
 
 
-def matches(pattern: str) -> PathPredicate:
+class PathPattern:
+    """A path predicate from a regex that must match a whole trailing part of the path (see `matches`)."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self._compiled = re.compile(rf'(?:^|\.)(?:{pattern})$')
+
+    def __call__(self, path: str) -> bool:
+        return self._compiled.search(path) is not None
+
+    def __repr__(self) -> str:
+        return f'matches({self.pattern!r})'
+
+
+def matches(pattern: str) -> PathPattern:
     """A predicate true for paths where the regex `pattern` matches at a dot boundary (`re.search`)."""
-    compiled = re.compile(rf'(?:^|\.)(?:{pattern})$')
-    return lambda path: compiled.search(path) is not None
+    return PathPattern(pattern)
+
+
+def as_predicate(selection: PathPredicate | str) -> PathPredicate:
+    """A predicate as given, or one from a regex pattern (`matches`)."""
+    return matches(selection) if isinstance(selection, str) else selection
+
+
+LINEAR_LAYERS = (nnx.Linear, nnx.LinearGeneral)
+
+
+def _modules_in_definition_order(module: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every submodule with its path, depth first, children in the order their attributes were assigned."""
+    yield path, module
+    if isinstance(module, NormFreeNet):
+        return  # its layers are the backbone's; only its classifier counts (see `classifier_paths`)
+    if isinstance(module, (list, tuple)):
+        children = enumerate(module)
+    elif isinstance(module, dict):
+        children = module.items()
+    else:
+        children = ((k, v) for k, v in vars(module).items() if not k.startswith('_'))
+    for key, child in children:
+        if isinstance(child, (nnx.Module, list, tuple, dict)) and not isinstance(child, nnx.Variable):
+            yield from _modules_in_definition_order(child, (*path, str(key)))
+
+
+def classifier_paths(model: nnx.Module) -> list[str]:
+    """The dotted param paths of `model`'s final classifier, the layer AGC leaves unclipped by default.
+
+    An NFNet's is its `head.fc`. In a model of your own it is the last linear layer (`nnx.Linear`
+    or `nnx.LinearGeneral`, an NFNet's `head.fc` included) in the order the attributes were
+    assigned, depth first: the head a user defines after the backbone. This mirrors timm's
+    `--clip-mode agc`, which leaves out the last two parameters registered (the final layer's
+    weight and bias). An NFNet's other layers never count. An empty list: no linear layer
+    (an NFNet without classifier, a convolutional head).
+    """
+    last: tuple[tuple[str, ...], nnx.Module] | None = None
+    for path, module in _modules_in_definition_order(model):
+        if isinstance(module, NormFreeNet):
+            if module.head.fc is not None:
+                last = ((*path, 'head', 'fc'), module.head.fc)
+        elif isinstance(module, LINEAR_LAYERS):
+            last = (path, module)
+    if last is None:
+        return []
+    prefix, layer = last
+    return ['.'.join([*prefix, p]) for p, _ in flat_state(layer, nnx.Param)]
+
+
+def classifier_of(model: nnx.Module) -> PathPattern:
+    """A predicate true for `model`'s final classifier (`classifier_paths`), wherever its params sit."""
+    paths = classifier_paths(model)
+    if not paths:
+        raise ValueError(
+            f'found no linear classifier in {type(model).__name__} to leave unclipped: name the params to '
+            "leave out with exclude= (a regex such as r'fpn\\.out\\..*' or a predicate of the dotted path), "
+            'or pass exclude=None to clip every parameter'
+        )
+    return matches('|'.join(map(re.escape, paths)))
 
 
 # The classifier, wherever the model sits: timm's --clip-mode agc leaves exactly these unclipped.

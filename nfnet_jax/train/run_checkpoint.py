@@ -4,9 +4,9 @@ One directory per run; one sub-directory per saved step. orbax writes each step 
 temporary directory and renames it only when every file is complete, so a save cut short
 (crash, preemption, full disk) leaves a `<step>.orbax-checkpoint-tmp-*` directory that is never
 listed as a step and never restored. Beside the state, each step stores a small JSON record
-of the run (architecture, head, every state path with its shape), so a checkpoint of another
-model or another optimizer is refused with a list of what differs, before anything is read
-into the run. Restoring never writes to the checkpoint directory.
+of the run (the model's class, the architecture, head and input of every NFNet in it, every
+state path with its shape), so a checkpoint of another model or another optimizer is refused
+with a list of what differs, before anything is read into the run. Restoring never writes to the checkpoint directory.
 """
 
 from __future__ import annotations
@@ -19,25 +19,55 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nfnet_jax.model import NormFreeNet, find_nfnets
 from nfnet_jax.train.state import TrainState
 from nfnet_jax.weights.params import CheckpointError, check_shapes, flat_state
 
 FORMAT = 'nfnet_jax.train'
 _STATE, _RUN = 'state', 'run'
+_NFNET_KEYS = ('architecture', 'num_classes', 'in_chans', 'global_pool')
 
 
-def describe_run(state: TrainState) -> dict[str, Any]:
-    """The JSON record saved beside the state: what model it is and the shape of every state entry."""
-    model = state.model
+def describe_nfnet(model: NormFreeNet) -> dict[str, Any]:
+    """An NFNet's architecture, head and input, as a run record keeps them."""
     architecture = model.pretrained_cfg.architecture if model.pretrained_cfg is not None else type(model).__name__
     return {
-        'format': FORMAT,
         'architecture': architecture,
         'num_classes': model.num_classes,
         'in_chans': model.in_chans,
         'global_pool': model.global_pool,
+    }
+
+
+def describe_run(state: TrainState) -> dict[str, Any]:
+    """The JSON record saved beside the state: what model it is and the shape of every state entry.
+
+    Any model is described by its class and its state's paths and shapes; every NFNet inside
+    it (the model itself at path '', or a backbone) also by its architecture, head and input.
+    """
+    return {
+        'format': FORMAT,
+        'model': type(state.model).__name__,
+        'nfnets': {path: describe_nfnet(net) for path, net in find_nfnets(state.model).items()},
         'shapes': state_shapes(state),
     }
+
+
+def saved_nfnets(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The NFNets of a saved run record; records written before user models were supported describe one, at ''."""
+    if 'nfnets' in run:
+        return run['nfnets']
+    return {'': {key: run.get(key) for key in _NFNET_KEYS}}
+
+
+def describe_nfnets(nfnets: dict[str, dict[str, Any]]) -> str:
+    """'test_nfnet at 'backbone' with 0 classes, ...' for each NFNet of a run record, or 'no NFNet'."""
+    texts = [
+        f'{n.get("architecture")} {f"at {path!r}" if path else "as the model"} with {n.get("num_classes")} '
+        f'classes, {n.get("in_chans")} input channels and global_pool={n.get("global_pool")!r}'
+        for path, n in sorted(nfnets.items())
+    ]
+    return ' and '.join(texts) or 'no NFNet'
 
 
 def state_shapes(state: TrainState) -> dict[str, list[int]]:
@@ -102,14 +132,12 @@ class TrainCheckpointer:
         """Raise a CheckpointError naming every difference between a saved step and `state`."""
         saved, ours = self.read_run(step), describe_run(state)
         where = f'checkpoint step {step} in {self.directory}'
-        for key in ('architecture', 'num_classes', 'in_chans', 'global_pool'):
-            if saved.get(key) != ours[key]:
-                raise CheckpointError(
-                    f'{where} is a run of {saved.get("architecture")} with {saved.get("num_classes")} classes, '
-                    f'{saved.get("in_chans")} input channels and global_pool={saved.get("global_pool")!r}; '
-                    f'this run has {ours["architecture"]} with {ours["num_classes"]} classes, {ours["in_chans"]} '
-                    f'input channels and global_pool={ours["global_pool"]!r}: build the same model to resume it'
-                )
+        saved_nets, our_nets = saved_nfnets(saved), ours['nfnets']
+        if saved_nets != our_nets:
+            raise CheckpointError(
+                f'{where} is a run of {describe_nfnets(saved_nets)}; this run has {describe_nfnets(our_nets)}: '
+                'build the same model to resume it'
+            )
         model_keys = {k: v for k, v in ours['shapes'].items() if k.startswith('model.')}
         saved_model_keys = {k: v for k, v in saved['shapes'].items() if k.startswith('model.')}
         check_shapes(f'{where}: model', model_keys, saved_model_keys, 'the saved model has another structure')

@@ -2,7 +2,10 @@
 
 `nnx.state(train_state)` is the whole run: the model's params and its dropout / drop-path RNG
 streams, the optimizer state with its step count, and the EMA weights. That one state is what
-`nfnet_jax.train.checkpointing` saves and restores, so a resumed run continues bit for bit.
+`nfnet_jax.train.run_checkpoint` saves and restores, so a resumed run continues bit for bit.
+
+The model is any NNX module whose call maps images to logits: an NFNet, or a model of your own
+with an NFNet backbone inside (see docs/backbone.md).
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
-from nfnet_jax.model import NormFreeNet
+from flax.nnx.filterlib import Filter
 
 
 class ModelEma(nnx.Module):
@@ -50,18 +52,25 @@ class ModelEma(nnx.Module):
 
 
 class TrainState(nnx.Module):
-    """The model, its optimizer (over `nnx.Param` only) and optionally an EMA of its weights."""
+    """The model, its optimizer and optionally an EMA of its weights.
+
+    `model` is any NNX module mapping images to logits. The optimizer updates the variables
+    that the NNX filter `wrt` selects (every `nnx.Param` by default); the others stay frozen
+    and get no gradient, e.g. `wrt=nnx.All(nnx.Param, nnx.PathContains('head'))` trains only
+    the `head` of a model with a frozen backbone.
+    """
 
     def __init__(
         self,
-        model: NormFreeNet,
+        model: nnx.Module,
         tx: optax.GradientTransformation,
         *,
+        wrt: Filter = nnx.Param,
         ema_decay: float | None = None,
         ema_warmup: bool = True,
     ):
         self.model = model
-        self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(model, tx, wrt=wrt)
         self.ema = ModelEma(model, ema_decay, ema_warmup) if ema_decay is not None else None
 
     @property

@@ -32,7 +32,9 @@ def train_step_fn(state: TrainState, images: jax.Array, labels: jax.Array, label
         logits = model(images)
         return cross_entropy_loss(logits, labels, label_smoothing), logits
 
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(state.model)
+    # Gradients of what the optimizer updates only: a frozen backbone costs no weight gradients.
+    argnums = nnx.DiffState(0, state.optimizer.wrt)
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, argnums=argnums, has_aux=True)(state.model)
     state.optimizer.update(state.model, grads)
     if state.ema is not None:
         state.ema.update(state.model, state.optimizer.step[...])
