@@ -323,9 +323,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 logits_rel_error_vs_timm=relative_error(logits[JAX_CONFIG], logits[TIMM_CONFIGS[0]]),
             )
             report['runs'].append(run)
-            progress.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
-            progress.write(table(results))
-            progress.write(
+            bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
+            bar.write(table(results))
+            bar.write(
                 ', '.join(f'{k}: {v:.2f}x' for k, v in run['ratios'].items())
                 + f'; logits relative error vs timm {run["logits_rel_error_vs_timm"]:.1e}'
             )

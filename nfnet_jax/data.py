@@ -45,11 +45,11 @@ Size = tuple[int, int]  # (height, width)
 def resolve_model_data_config(model: Any, use_test_size: bool = False) -> dict[str, Any]:
     """The model's eval data settings, as timm's `resolve_model_data_config` returns them.
 
-    `model` is a model (its `pretrained_cfg`; a features model's is its backbone's) or a
-    PretrainedCfg. `use_test_size` takes the tag's larger test resolution and crop.
+    `model` is a model (its `pretrained_cfg`; a features model's is its backbone's; a model of
+    your own without one gets timm's defaults) or a PretrainedCfg. `use_test_size` takes the tag's larger test resolution and crop.
     Without a pretrained config, timm's defaults apply (224, bicubic, crop 0.875, ImageNet mean/std).
     """
-    cfg = model if isinstance(model, PretrainedCfg) else model.pretrained_cfg
+    cfg = model if isinstance(model, PretrainedCfg) else getattr(model, 'pretrained_cfg', None)  # any model
     if cfg is None:
         return dict(
             input_size=(3, 224, 224),

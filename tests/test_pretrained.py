@@ -96,7 +96,7 @@ def test_pretrained_errors_list_what_exists(offline_hub):
         nfnet_jax.create_model('dm_nfnet_f0.in22k', pretrained=True)
     with pytest.raises(CheckpointError, match='could not fetch timm/nf_resnet50.ra2_in1k/model.safetensors'):
         nfnet_jax.create_model('nf_resnet50', pretrained=True)  # not in the offline cache
-    with pytest.raises(ValueError, match='not more than one'):
+    with pytest.raises(ValueError, match='at most one of pretrained=True, checkpoint_path and params'):
         nfnet_jax.create_model(TAG, pretrained=True, params={})
 
 
