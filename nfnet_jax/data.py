@@ -46,7 +46,8 @@ def resolve_model_data_config(model: Any, use_test_size: bool = False) -> dict[s
     """The model's eval data settings, as timm's `resolve_model_data_config` returns them.
 
     `model` is a model (its `pretrained_cfg`; a features model's is its backbone's; a model of
-    your own without one gets timm's defaults) or a PretrainedCfg. `use_test_size` takes the tag's larger test resolution and crop.
+    your own without one gets timm's defaults) or a PretrainedCfg. `use_test_size` takes the
+    tag's larger test resolution and crop.
     Without a pretrained config, timm's defaults apply (224, bicubic, crop 0.875, ImageNet mean/std).
     """
     cfg = model if isinstance(model, PretrainedCfg) else getattr(model, 'pretrained_cfg', None)  # any model
