@@ -74,7 +74,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         'name', help="architecture (timm's fresh init) or arch.tag (hub weights), e.g. dm_nfnet_f0.dm_in1k"
     )
     parser.add_argument('-o', '--output', required=True, type=Path, help='the .safetensors file to write')
-    parser.add_argument('--checkpoint', type=Path, help='a local timm checkpoint (.safetensors, .pth, .pt, .bin)')
+    parser.add_argument(
+        '--checkpoint', type=Path, help='a timm checkpoint: safetensors or torch (.pth, .pth.tar, .bin, ...)'
+    )
     parser.add_argument('--ema', action='store_true', help='take the EMA weights of a training checkpoint')
     parser.add_argument('--num-classes', type=int, help="classes of the checkpoint's classifier (default: the tag's)")
     parser.add_argument('--verify', action='store_true', help='compare with timm on a random batch before writing')

@@ -18,6 +18,24 @@ from nfnet_jax.files import atomic_write
 from nfnet_jax.weights.params import CheckpointError
 
 FORMAT = 'nfnet_jax'
+ZIP_MAGIC, PICKLE_MAGIC, TAR_MAGIC = b'PK\x03\x04', b'\x80', b'ustar'
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """What a weights file holds, from its first bytes (never its name): 'safetensors', 'torch' or None.
+
+    torch files are a zip archive (torch >= 1.6), a bare pickle (older torch, or
+    `_use_new_zipfile_serialization=False`) or a tar archive (torch < 0.4); a safetensors file
+    starts with the little-endian length of its JSON header, then the header's '{'.
+    """
+    with open(path, 'rb') as f:
+        head = f.read(512)
+        size = os.fstat(f.fileno()).st_size
+    if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC) or head[257:262] == TAR_MAGIC:
+        return 'torch'
+    if len(head) > 8 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') <= size - 8:
+        return 'safetensors'
+    return None
 
 
 def save_checkpoint(
@@ -64,6 +82,11 @@ def _open_checkpoint(path: str | os.PathLike, read_tensors: bool) -> tuple[dict[
             metadata = f.metadata() or {}
             params = {key: f.get_tensor(key) for key in f.keys()} if read_tensors else {}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
+        if file_kind(path) == 'torch':
+            raise CheckpointError(
+                f'{path} is a torch/timm checkpoint, not an nfnet_jax one: convert it with '
+                f'`python -m convert.from_timm ARCHITECTURE --checkpoint {path} -o OUT.safetensors`'
+            ) from None
         raise CheckpointError(f'{path} is not a readable safetensors file (corrupt or truncated?): {err}') from None
     if metadata.get('format') != FORMAT:
         raise CheckpointError(
