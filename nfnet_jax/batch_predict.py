@@ -43,7 +43,9 @@ from tqdm import tqdm
 from nfnet_jax import parallel
 from nfnet_jax.cli import (
     add_distributed_arguments,
+    add_image_arguments,
     add_model_arguments,
+    apply_image_arguments,
     initialize_from_args,
     load_model,
     log,
@@ -77,6 +79,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument('--chunk-size', type=int, default=512, help='files per output chunk (default 512)')
     run.add_argument('--model-parallelism', type=int, default=1, help='devices splitting the weights (default 1)')
     run.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
+    add_image_arguments(run)
     add_distributed_arguments(run)
     merge = commands.add_parser('merge', help='write one file with every output, in input order')
     merge.add_argument('run_dir', type=Path, help='a run directory whose chunks are all finished')
@@ -187,6 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     initialize_from_args(args)  # before any JAX computation
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')
+    apply_image_arguments(args)
     files = input_files(args)
     mesh = parallel.make_mesh(args.model_parallelism)
     data_shards, processes, process = mesh.shape[parallel.DATA_AXIS], jax.process_count(), jax.process_index()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from PIL import Image
 from tqdm import tqdm
 
+from nfnet_jax.data import set_max_image_pixels
 from nfnet_jax.factory import create_model, load_checkpoint
 from nfnet_jax.model import NormFreeNet
 from nfnet_jax.parallel.mesh import initialize_distributed
@@ -66,6 +69,22 @@ def load_model(args: argparse.Namespace) -> NormFreeNet:
     if args.checkpoint is not None:
         return load_checkpoint(args.checkpoint)
     return create_model(args.model, pretrained=True)
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--max-image-pixels`, applied by `apply_image_arguments`."""
+    parser.add_argument(
+        '--max-image-pixels',
+        type=int,
+        default=Image.MAX_IMAGE_PIXELS,
+        help=f"larger images are reported as unreadable (default PIL's {Image.MAX_IMAGE_PIXELS:,}; 0: no limit)",
+    )
+
+
+def apply_image_arguments(args: argparse.Namespace) -> None:
+    """The pixel limit for this process's image reads; PIL's own warning is silenced, each such file being reported."""
+    set_max_image_pixels(args.max_image_pixels)
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from nfnet_jax.cli import add_model_arguments, load_model, log, progress, run_command
+from nfnet_jax.cli import (
+    add_image_arguments,
+    add_model_arguments,
+    apply_image_arguments,
+    load_model,
+    log,
+    progress,
+    run_command,
+)
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
 from nfnet_jax.files import atomic_write, check_output
 from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
@@ -34,6 +42,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--force', action='store_true', help='overwrite the --embeddings file if it exists')
     parser.add_argument('--batch-size', type=int, default=16, help='images per batch (default 16)')
     parser.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
+    add_image_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -45,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before the model is loaded.
     if args.batch_size < 1 or args.topk < 1:
         raise ValueError('--batch-size and --topk must be at least 1')
+    apply_image_arguments(args)
     if args.embeddings is not None:
         check_output(args.embeddings, args.force, suffix='.npy')
     files = find_images(args.inputs)

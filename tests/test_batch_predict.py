@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import random_params, relative_error
+from helpers import bomb_png, random_params, relative_error
 from multihost import free_port, run_processes
 from PIL import Image
 
@@ -190,3 +190,19 @@ def test_a_run_directory_holds_one_computation(images, checkpoint, tmp_path, cap
     (tmp_path / 'taken.npy').write_bytes(b'keep')
     assert batch_predict.main(['merge', str(out), str(tmp_path / 'taken.npy')]) == 2
     assert (tmp_path / 'taken.npy').read_bytes() == b'keep'
+
+
+def test_a_decompression_bomb_is_one_unreadable_file(images, checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # the command sets it; restored after
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    bomb_png(folder / 'bomb.png')
+    (folder / 'image0.png').write_bytes((images / 'image0.png').read_bytes())
+    assert run(folder, checkpoint, tmp_path / 'run') == 1
+    assert 'bomb.png: refused: 10,000,000,000 pixels, over the limit of 89,478,485' in capsys.readouterr().err
+    assert batch_predict.main(['merge', str(tmp_path / 'run'), str(tmp_path / 'top.jsonl')]) == 0
+    bomb, image = read_jsonl(tmp_path / 'top.jsonl')
+    assert 'decompression bomb' in bomb['error'] and 'topk' in image
+    # A lower limit refuses the 30x50 image too.
+    assert run(folder, checkpoint, tmp_path / 'strict', '--max-image-pixels', '1000') == 1
+    assert 'image0.png: refused: 1,500 pixels, over the limit of 1,000' in capsys.readouterr().err

@@ -20,7 +20,7 @@ import skimage.data
 import timm
 import timm.data
 import torch
-from helpers import FP32_RTOL, relative_error
+from helpers import FP32_RTOL, bomb_png, relative_error
 from PIL import Image
 
 from convert.from_timm import main as convert_main
@@ -94,6 +94,17 @@ def test_text_output_names_each_image_with_its_classes(offline_hub, folder, caps
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(folder / 'coffee.jpg') and lines[3] == str(folder / 'chelsea.png')
     assert len(lines) == 6 and all(line.strip().split()[0].endswith('%') for line in lines[1:3] + lines[4:6])
+
+
+def test_a_decompression_bomb_is_reported_and_the_run_goes_on(offline_hub, folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # the command sets it; restored after
+    bomb = bomb_png(tmp_path / 'bomb.png')
+    assert predict_main([str(bomb), str(folder / 'coffee.jpg'), '--model', TAG, '--json', '--topk', '1']) == 1
+    captured = capsys.readouterr()
+    assert f'{bomb}: refused: 10,000,000,000 pixels, over the limit of 89,478,485' in captured.err
+    assert [json.loads(line)['file'] for line in captured.out.splitlines()] == [str(folder / 'coffee.jpg')]
+    assert predict_main([str(folder / 'coffee.jpg'), '--model', TAG, '--max-image-pixels', '1000']) == 1
+    assert 'coffee.jpg: refused: 240,000 pixels, over the limit of 1,000' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
