@@ -53,7 +53,7 @@ from nfnet_jax.cli import (
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
-from nfnet_jax.files import atomic_write, refuse_existing
+from nfnet_jax.files import atomic_write, check_output, check_output_folder
 from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
 
 FORMAT = 'nfnet_jax.batch_predict'
@@ -217,6 +217,7 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f'{args.checkpoint}: no such checkpoint')
     # Refused before the model loads. Only process 0 may find the folder half-made by itself; the
     # others check a manifest only once it is there (it is written atomically).
+    check_output_folder(args.output)
     if process == 0 or (args.output / MANIFEST).exists():
         check_run_dir(args.output, settings)
 
@@ -335,7 +336,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise ValueError(f'{args.out}: this run holds {manifest["output"]}, merged into a {suffix} file')
     row_files = args.out.with_suffix('.files.txt')
     for out in (args.out, row_files) if embeddings else (args.out,):
-        refuse_existing(out, args.force)
+        check_output(out, args.force)
     num_chunks = -(-len(files) // manifest['chunk_size'])
     missing = [c for c in range(num_chunks) if not chunk_path(args.run_dir, c).exists()]
     if missing:

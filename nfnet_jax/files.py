@@ -1,16 +1,34 @@
 """Writing output files safely, for every command and library call that writes one.
 
-Outputs are checked before any long work starts (`check_output`), and written through a
-temporary file in the target folder that takes the final name only when it is complete
-(`atomic_write`): a crash, Ctrl-C or a failed check never leaves a half file under the name.
+Outputs are checked before any long work starts (`check_output`, `check_output_folder`): the
+file is not there (unless overwriting was asked for), and its folder exists or can be made
+and takes files. They are written through a temporary file in the target folder that takes
+the final name only when it is complete (`atomic_write`): a crash, Ctrl-C, SIGTERM (the
+commands turn it into an exception, `exit_on_signals`) or a failed check never leaves a half
+file under the name, nor the temporary file. Written files get the usual permissions (those
+the umask allows), not the temporary file's private ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+class OutputError(OSError):
+    """An output that cannot be written where it was asked for: said before any work is done."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or another signal asked for) received: raised like Ctrl-C, so every cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(f'stopped by {signal.Signals(signum).name}')
+        self.signum = signum
 
 
 def refuse_existing(path: str | os.PathLike, force: bool) -> None:
@@ -19,28 +37,86 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise FileExistsError(f'{path} already exists; pass --force (force=True) to overwrite it')
 
 
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Check that `folder` is a folder that takes new files, or can be made: raise OutputError if not.
+
+    Tried for real (a temporary file is made and removed in it, or in the nearest existing folder
+    above it), so read-only filesystems, permissions and ACLs all count, for root too.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = 'exists and is not a folder' if existing == folder else f'cannot be made: {existing} is not a folder'
+        raise OutputError(f'{folder} {what}')
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise OutputError(f'cannot write in {existing}: {err.strerror or err}') from None
+    return folder
+
+
 def check_output(path: str | os.PathLike, force: bool = False, suffix: str | None = None) -> Path:
-    """Check, before the work, that an output file can be written: right suffix, not there unless `force`."""
+    """Check, before the work, that an output file can be written: right suffix, not there unless `force`,
+    not a folder, and its folder exists (or can be made) and takes files."""
     path = Path(path)
     if suffix is not None and path.suffix != suffix:
         raise ValueError(f'{path}: the output must be a {suffix} file')
+    if path.is_dir():
+        raise OutputError(f'{path} is a folder; name the file to write')
     refuse_existing(path, force)
+    check_output_folder(path.parent)
     return path
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask can only be read by setting it, racing other threads)
+        with open('/proc/self/status', encoding='ascii') as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith('Umask:'))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> None:
     """`write(tmp_path)` into a temporary file beside `path`, then rename it to `path`: never a half file.
 
-    Refuses to replace an existing file unless `force`.
+    Refuses to replace an existing file unless `force`. The file gets the permissions a plain
+    `open` would give it (0o666 less the umask).
     """
     path = Path(path)
     refuse_existing(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
     try:
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exit_on_signals(*signums: int) -> Iterator[None]:
+    """Within the block, the signals (default SIGTERM) raise `Terminated` in the main thread, as Ctrl-C raises
+    KeyboardInterrupt: `atomic_write` and every `finally` clean up instead of the process vanishing mid-write."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    signums = signums or (signal.SIGTERM,)
+    try:
+        previous = {signum: signal.signal(signum, handler) for signum in signums}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

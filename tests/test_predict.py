@@ -111,7 +111,7 @@ def test_a_decompression_bomb_is_reported_and_the_run_goes_on(offline_hub, folde
     'args,message',
     [
         (['missing.jpg', '--model', TAG], 'missing.jpg: no such file or folder'),
-        (['IMAGES', '--model', TAG, '--embeddings', 'out.txt'], 'must end in .npy'),
+        (['IMAGES', '--model', TAG, '--embeddings', 'out.txt'], 'must be a .npy file'),
         (['IMAGES', '--model', TAG, '--batch-size', '0'], 'at least 1'),
         (['IMAGES', '--model', 'nfnet_f0'], 'no pretrained weights for nfnet_f0'),
     ],
