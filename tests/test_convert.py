@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -18,7 +19,16 @@ import nfnet_jax
 from convert import from_timm as cli
 from convert.from_timm import convert_state_dict, from_timm, unwrap_state_dict
 from convert.to_timm import to_timm
-from nfnet_jax.weights import CheckpointError, StateMismatchError, read_timm_checkpoint
+from nfnet_jax.configs import model_cfgs
+from nfnet_jax.model import abstract_model
+from nfnet_jax.weights import (
+    CheckpointError,
+    StateMismatchError,
+    param_shapes,
+    read_checkpoint_metadata,
+    read_timm_checkpoint,
+    save_checkpoint,
+)
 
 
 def timm_state_dict(name: str, seed: int = 0, **kwargs) -> dict[str, np.ndarray]:
@@ -326,6 +336,55 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         nfnet_jax.create_model('nfnet_l0', checkpoint_path=out)
     with pytest.raises(CheckpointError, match='not an nfnet_jax checkpoint'):
         nfnet_jax.load_checkpoint(_timm_file(tmp_path))
+
+
+def random_checkpoint(path, seed: int = 0):
+    shapes = param_shapes(abstract_model(model_cfgs['test_nfnet']))
+    rng = np.random.default_rng(seed)
+    params = {key: rng.standard_normal(shape).astype(np.float32) for key, shape in shapes.items()}
+    save_checkpoint(path, params, architecture='test_nfnet', num_classes=1000, global_pool='avg')
+    return params
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / 'model.safetensors'
+    params = random_checkpoint(path)
+    metadata = read_checkpoint_metadata(path)
+    assert json.loads(metadata['tensor_sha256']).keys() == params.keys()
+    old = tmp_path / 'old.safetensors'  # as written before checksums were saved: loads, unchecked
+    save_file(params, old, metadata={k: v for k, v in metadata.items() if k != 'tensor_sha256'})
+    assert nfnet_jax.load_checkpoint(old).num_classes == 1000
+
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    path.write_bytes(data)
+    for load in (
+        nfnet_jax.read_checkpoint,
+        nfnet_jax.load_checkpoint,
+        lambda p: nfnet_jax.create_model('test_nfnet', checkpoint_path=p),
+    ):
+        with pytest.raises(CheckpointError, match=rf'{path} is damaged: 1 tensors differ from the checksums saved'):
+            load(path)
+    assert nfnet_jax.read_checkpoint(path, verify=False)[0].keys() == params.keys()
+
+
+@pytest.mark.parametrize(
+    'edit,message',
+    [
+        ({'num_classes': 'abc'}, 'no valid head description'),
+        ({'architecture': None}, 'names no architecture'),
+        ({'architecture': 'resnet50'}, "names an unknown architecture 'resnet50'"),
+        ({'tensor_sha256': '{not json'}, 'tensor_sha256 metadata is not readable'),
+    ],
+)
+def test_hand_edited_metadata_is_a_checkpoint_error(tmp_path, edit, message):
+    path = tmp_path / 'model.safetensors'
+    params = random_checkpoint(path)
+    metadata = {k: v for k, v in (read_checkpoint_metadata(path) | edit).items() if v is not None}
+    save_file(params, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match=message):
+        nfnet_jax.load_checkpoint(path)
 
 
 def _timm_file(tmp_path):
