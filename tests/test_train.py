@@ -365,6 +365,24 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(saved_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_step_whose_bytes_changed_is_refused_naming_the_array(saved_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(saved_run, run)
+    # 64 bytes inverted in the middle of the largest data file: still decodes, to other values.
+    largest = max((p for p in (run / '2' / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    largest.write_bytes(data)
+    state = make_state(seed=5)
+    state_before = leaves(nnx.state(state))
+    pattern = r'step 2 in .* is damaged: 1 arrays differ from the checksums saved with them \([\w.]+\); nothing'
+    with TrainCheckpointer(run) as checkpointer, pytest.raises(CheckpointError, match=pattern):
+        checkpointer.restore(state)
+    for a, b in zip(leaves(nnx.state(state)), state_before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_state_paths_cover_params_optimizer_ema_and_rngs(trained):
     paths = [dotted_path(p) for p, _ in nnx.to_flat_state(nnx.state(trained[0]))]
     assert 'model.stem.conv1.kernel' in paths
