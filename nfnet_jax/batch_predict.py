@@ -3,12 +3,13 @@
     python -m nfnet_jax.batch_predict run IMAGES_OR_FOLDERS... --model dm_nfnet_f0.dm_in1k --output RUN_DIR
     python -m nfnet_jax.batch_predict merge RUN_DIR predictions.jsonl
 
-The files (folders searched recursively, or `--list FILE` with one path per line) are split
+The files (folders searched recursively, or `--list FILE`: one path per line, or NUL-separated) are split
 into chunks of `--chunk-size` consecutive files; chunk c belongs to process c % num_processes,
 which reads only its own chunks' images and writes each finished chunk atomically:
 
     RUN_DIR/manifest.json       what is computed: model, outputs, top-k, chunk size, the files' hash
-    RUN_DIR/files.txt           the input files in order; a file's line number (from 0) is its index
+    RUN_DIR/files.txt           the input files in order, a list file as --list reads; a file's place (from 0)
+                                is its index
     RUN_DIR/chunks/000042.npz   chunk 42's outputs: `index` (file indices), `probabilities` and `classes`
                                 (top-k) or `embeddings`, `failed` and `errors` for unreadable files,
                                 `process` (who wrote it)
@@ -53,7 +54,14 @@ from nfnet_jax.cli import (
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
-from nfnet_jax.files import atomic_write, check_output, check_output_folder
+from nfnet_jax.files import (
+    atomic_write,
+    check_output,
+    check_output_folder,
+    list_file_bytes,
+    name_fields,
+    read_list_file,
+)
 from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
 
 FORMAT = 'nfnet_jax.batch_predict'
@@ -70,7 +78,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest='command', required=True)
     run = commands.add_parser('run', help='compute (or resume computing) the outputs into a run directory')
     run.add_argument('inputs', nargs='*', type=Path, help='image files, or folders (searched recursively)')
-    run.add_argument('--list', type=Path, help='a text file naming one image path per line (instead of inputs)')
+    run.add_argument('--list', type=Path, help='a file naming one image per line, or NUL-separated (instead of inputs)')
     add_model_arguments(run)
     run.add_argument('--output', type=Path, required=True, help='the run directory (created, or resumed)')
     run.add_argument('--embeddings', action='store_true', help='pooled embeddings instead of top-k classes')
@@ -97,10 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def read_file_list(path: Path) -> list[Path]:
-    """The non-empty lines of a list file as paths (relative ones are relative to the working directory)."""
+    """The paths of a list file (`read_list_file`: one per line, or NUL-separated), relative to the working folder."""
     if not path.is_file():
         raise FileNotFoundError(f'{path}: no such list file')
-    return [Path(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+    return read_list_file(path)
 
 
 def input_files(args: argparse.Namespace) -> list[Path]:
@@ -124,8 +132,9 @@ def chunk_path(run_dir: Path, chunk: int) -> Path:
     return run_dir / CHUNKS / f'{chunk:06d}.npz'
 
 
-def file_list_text(files: Sequence[Path]) -> str:
-    return ''.join(f'{path}\n' for path in files)
+def file_list_bytes(files: Sequence[Path | str]) -> bytes:
+    """files.txt's bytes, which its manifest's hash covers: `list_file_bytes`, names exactly as they are."""
+    return list_file_bytes(files)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -157,7 +166,7 @@ def open_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path])
 def _create_or_check(run_dir: Path, settings: dict[str, Any], files: Sequence[Path]) -> None:
     if check_run_dir(run_dir, settings):
         return
-    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_text(file_list_text(files), encoding='utf-8'))
+    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_bytes(file_list_bytes(files)))
     manifest = json.dumps({'format': FORMAT, **settings}, indent=1)
     atomic_write(run_dir / MANIFEST, lambda tmp: Path(tmp).write_text(manifest, encoding='utf-8'))
 
@@ -211,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         'test_size': args.test_size,
         'chunk_size': args.chunk_size,
         'files': len(files),
-        'files_sha256': hashlib.sha256(file_list_text(files).encode()).hexdigest(),
+        'files_sha256': hashlib.sha256(file_list_bytes(files)).hexdigest(),
     }
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f'{args.checkpoint}: no such checkpoint')
@@ -326,10 +335,9 @@ def write_chunk(
 
 def _merge(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.run_dir)
-    files_text = (args.run_dir / FILE_LIST).read_text(encoding='utf-8')
-    if hashlib.sha256(files_text.encode()).hexdigest() != manifest['files_sha256']:
+    if hashlib.sha256((args.run_dir / FILE_LIST).read_bytes()).hexdigest() != manifest['files_sha256']:
         raise ValueError(f'{args.run_dir / FILE_LIST} does not match its manifest: the run directory was altered')
-    files = files_text.splitlines()
+    files = [str(path) for path in read_list_file(args.run_dir / FILE_LIST)]
     embeddings = manifest['output'] == 'embeddings'
     suffix = '.npy' if embeddings else '.jsonl'
     if args.out.suffix != suffix:
@@ -365,7 +373,7 @@ def _merge_predictions(
                 rows = {int(i): row for row, i in enumerate(chunk['index'])}
                 for i in sorted(rows.keys() | set(int(j) for j in chunk['failed'])):
                     if i in failed:
-                        f.write(json.dumps({'file': files[i], 'error': failed[i]}) + '\n')
+                        f.write(json.dumps({**name_fields(files[i]), 'error': failed[i]}) + '\n')
                         continue
                     row = rows[i]
                     top = [
@@ -394,8 +402,8 @@ def _merge_embeddings(chunks: list, files: list[str], out: Path, row_files: Path
         del array
 
     atomic_write(out, write, force=force)
-    names = ''.join(f'{files[int(i)]}\n' for chunk in chunks for i in chunk['index'])
-    atomic_write(row_files, lambda tmp: Path(tmp).write_text(names, encoding='utf-8'), force=force)
+    names = list_file_bytes(files[int(i)] for chunk in chunks for i in chunk['index'])
+    atomic_write(row_files, lambda tmp: Path(tmp).write_bytes(names), force=force)
     return rows
 
 

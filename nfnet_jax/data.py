@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from nfnet_jax.files import display_name
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
 
 DEFAULT_CROP_PCT = 0.875
@@ -198,11 +199,11 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         found = re.search(r'\((\d+) pixels\)', str(err))
         size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
         raise OSError(
-            f'{path}: refused: {size}, over the limit of {limit:,} (a decompression bomb?); '
+            f'{display_name(path)}: refused: {size}, over the limit of {limit:,} (a decompression bomb?); '
             'raise the limit with --max-image-pixels (set_max_image_pixels) if it is a real image'
         ) from None
     except Exception as err:  # PIL reports bad files with OSError, SyntaxError, ValueError, struct.error, ...
-        raise OSError(f'{path}: not a readable image ({type(err).__name__}: {err})') from None
+        raise OSError(f'{display_name(path)}: not a readable image ({type(err).__name__}: {err})') from None
 
 
 def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalTransform | Any) -> np.ndarray:
@@ -222,11 +223,12 @@ def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalT
 
 
 def find_images(inputs: Sequence[Path]) -> list[Path]:
-    """The files named, and every non-hidden file under the folders named, in sorted order."""
+    """The files named, and every non-hidden file (or broken link) under the folders named, in sorted order."""
     files = []
     for path in inputs:
         if path.is_dir():
-            found = (p for p in path.rglob('*') if p.is_file())
+            # Links that lead nowhere (dangling, loops) are listed too, to be reported by name when read.
+            found = (p for p in path.rglob('*') if p.is_file() or (p.is_symlink() and not p.is_dir()))
             files += sorted(p for p in found if not any(part.startswith('.') for part in p.relative_to(path).parts))
         elif path.is_file():
             files.append(path)
@@ -250,7 +252,7 @@ def batches(
         except OSError as err:
             return str(err)
         except Exception as err:  # the transform failing on one image stops nothing but that image
-            return f'{path}: {type(err).__name__}: {err}'
+            return f'{display_name(path)}: {type(err).__name__}: {err}'
 
     read_ahead = 4 * batch_size
     paths, arrays = [], []

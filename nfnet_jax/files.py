@@ -11,12 +11,48 @@ the umask allows), not the temporary file's private ones.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """A file name on one line, for text and messages: control characters and bytes that are not UTF-8
+    backslash-escaped (`new\\nline.png`, `bad\\xff.png`)."""
+    text = os.fsencode(path).decode('utf-8', 'backslashreplace')
+    return ''.join(ch if ch.isprintable() else ch.encode('unicode_escape').decode('ascii') for ch in text)
+
+
+def name_fields(path: str | os.PathLike) -> dict[str, str]:
+    """A file name for JSON, losslessly: `file` is the name as text; for a name that is not UTF-8, `file` shows
+    the bad bytes as U+FFFD and `file_bytes` holds the name's bytes in base64 (`os.fsdecode` of them gives
+    the path back)."""
+    raw = os.fsencode(path)
+    try:
+        return {'file': raw.decode('utf-8')}
+    except UnicodeDecodeError:
+        return {'file': raw.decode('utf-8', 'replace'), 'file_bytes': base64.b64encode(raw).decode('ascii')}
+
+
+def list_file_bytes(paths: Iterable[str | os.PathLike]) -> bytes:
+    """Paths as a list file: one per line, or NUL-terminated (as `find -print0`) if a name holds a newline.
+
+    The names' bytes are written as they are: names that are not UTF-8 survive.
+    """
+    names = [os.fsencode(path) for path in paths]
+    end = b'\0' if any(b'\n' in name for name in names) else b'\n'
+    return b''.join(name + end for name in names)
+
+
+def read_list_file(path: str | os.PathLike) -> list[Path]:
+    """The paths of a list file: NUL-separated if it holds a NUL, else one per line; blank lines are skipped."""
+    data = Path(path).read_bytes()
+    names = data.split(b'\0') if b'\0' in data else data.splitlines()
+    return [Path(os.fsdecode(name)) for name in names if name.strip()]
 
 
 class OutputError(OSError):

@@ -25,7 +25,7 @@ from nfnet_jax.cli import (
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
-from nfnet_jax.files import atomic_write, check_output
+from nfnet_jax.files import atomic_write, check_output, display_name, name_fields
 from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
 
 
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         for i, path in enumerate(paths):
             if args.embeddings is not None:
                 embedded.append(outputs[0][i])
-                line = json.dumps({'file': str(path), 'row': row}) if args.json else f'{row}\t{path}'
+                line = json.dumps({**name_fields(path), 'row': row}) if args.json else f'{row}\t{display_name(path)}'
                 row += 1
             else:
                 top = [(float(p), int(c)) for p, c in zip(outputs[0][i], outputs[1][i], strict=True)]
@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         atomic_write(args.embeddings, write, force=args.force)
         log(f'wrote {args.embeddings}: {array.shape[0]} embeddings of {array.shape[1]} floats (rows as listed)')
     if failed:
-        log(f'{len(failed)} of {len(files)} files could not be read: {", ".join(str(p) for p in failed)}')
+        log(f'{len(failed)} of {len(files)} files could not be read: {", ".join(display_name(p) for p in failed)}')
         return 1
     return 0
 

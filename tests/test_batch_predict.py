@@ -7,7 +7,9 @@ readable images in one batch; figures are relative errors max|ours - ref| / max|
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,34 @@ def test_a_decompression_bomb_is_one_unreadable_file(images, checkpoint, tmp_pat
     # A lower limit refuses the 30x50 image too.
     assert run(folder, checkpoint, tmp_path / 'strict', '--max-image-pixels', '1000') == 1
     assert 'image0.png: refused: 1,500 pixels, over the limit of 1,000' in capsys.readouterr().err
+
+
+def hostile_folder(folder: Path, source: Path) -> dict[str, bytes]:
+    """Images named with a space, a newline and a byte that is not UTF-8, a dangling link and a link loop."""
+    folder.mkdir()
+    names = {'space': b'with space.png', 'newline': b'new\nline.png', 'latin1': b'caf\xe9.png'}
+    for name in names.values():
+        Path(os.fsdecode(bytes(folder) + b'/' + name)).write_bytes(source.read_bytes())
+    (folder / 'dangling.png').symlink_to(folder / 'gone.png')
+    (folder / 'loop.png').symlink_to(folder / 'loop.png')
+    return names
+
+
+def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkpoint, tmp_path, capsys):
+    folder = tmp_path / 'images'
+    names = hostile_folder(folder, images / 'image0.png')
+    assert run(folder, checkpoint, tmp_path / 'run') == 1
+    err = capsys.readouterr().err
+    assert f'{folder}/dangling.png: not a readable image (FileNotFoundError' in err
+    assert f'{folder}/loop.png: not a readable image' in err
+    assert batch_predict.main(['merge', str(tmp_path / 'run'), str(tmp_path / 'top.jsonl')]) == 0
+    lines = read_jsonl(tmp_path / 'top.jsonl')
+    exact = [base64.b64decode(line['file_bytes']) if 'file_bytes' in line else line['file'].encode() for line in lines]
+    expected = sorted([*names.values(), b'dangling.png', b'loop.png'])
+    assert exact == [bytes(folder) + b'/' + name for name in expected]
+    assert [line['file'] for line in lines if 'file_bytes' in line] == [f'{folder}/caf\ufffd.png']
+    assert ['error' in line for line in lines] == [name in (b'dangling.png', b'loop.png') for name in expected]
+    # The run's own file list is a valid --list: the same computation, so it resumes with nothing to do.
+    listed = ['run', '--list', str(tmp_path / 'run' / 'files.txt'), '--checkpoint', str(checkpoint)]
+    assert batch_predict.main([*listed, '--output', str(tmp_path / 'run')]) == 0
+    assert '0 to do' in capsys.readouterr().err
