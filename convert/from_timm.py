@@ -94,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
     architecture, cfg = resolve_name(args.name)
     tagged = '.' in args.name
     num_classes = args.num_classes if args.num_classes is not None else cfg.num_classes
+    if num_classes < 0:
+        raise ValueError(f'--num-classes must be 0 or more (0: no classifier), not {num_classes}')
     check_output(args.output, args.force, suffix='.safetensors')
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f'no checkpoint at {args.checkpoint}')

@@ -189,6 +189,7 @@ def test_existing_output_is_never_replaced_without_force(tmp_path, capsys):
         (('nfnet_f9',), "unknown model 'nfnet_f9'; did you mean nfnet_f"),
         (('nfnet_l0.in22k',), 'it has: nfnet_l0.ra2_in1k'),
         (('test_nfnet', '--checkpoint', 'missing.pth'), 'no checkpoint at missing.pth'),
+        (('test_nfnet', '--num-classes', '-5'), '--num-classes must be 0 or more'),
         (('test_nfnet', '--checkpoint', 'weights.npz'), 'weights.npz is neither a torch checkpoint'),
     ],
 )
