@@ -29,6 +29,7 @@ chunks, resumes with the same process count, and the chunk folders are copied to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -58,6 +59,8 @@ from nfnet_jax.files import (
     atomic_write,
     check_output,
     check_output_folder,
+    display_name,
+    hold_lock,
     list_file_bytes,
     name_fields,
     read_list_file,
@@ -66,6 +69,7 @@ from nfnet_jax.prediction import class_names, compile_prediction, format_topk, p
 
 FORMAT = 'nfnet_jax.batch_predict'
 MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'
+LOCK_PREFIX = '.lock-process-'
 # Compared on resume: a run directory holds the outputs of exactly one computation.
 SETTINGS = ('model', 'checkpoint', 'output', 'topk', 'test_size', 'chunk_size', 'files', 'files_sha256')
 
@@ -164,38 +168,67 @@ def open_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path])
 
 
 def _create_or_check(run_dir: Path, settings: dict[str, Any], files: Sequence[Path]) -> None:
-    if check_run_dir(run_dir, settings):
+    if check_run_dir(run_dir, settings, files):
         return
     atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_bytes(file_list_bytes(files)))
     manifest = json.dumps({'format': FORMAT, **settings}, indent=1)
     atomic_write(run_dir / MANIFEST, lambda tmp: Path(tmp).write_text(manifest, encoding='utf-8'))
 
 
-def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> bool:
+def check_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path] | None = None) -> bool:
     """True if `run_dir` holds this computation (to resume), False if it is new or empty; else an error."""
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f'{run_dir} exists and is not a directory')
     if (run_dir / MANIFEST).exists():
-        check_settings(run_dir, settings)
+        check_settings(run_dir, settings, files)
         return True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not path.name.startswith(LOCK_PREFIX) for path in run_dir.iterdir()):
         raise FileExistsError(f'{run_dir} is not empty and has no {MANIFEST}: choose an empty or new --output')
     return False
 
 
-def check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+def check_settings(run_dir: Path, settings: dict[str, Any], files: Sequence[Path] | None = None) -> None:
     """Refuse a run directory that holds the outputs of another computation."""
     saved = read_manifest(run_dir)
     changed = [key for key in SETTINGS if saved.get(key) != settings[key]]
     if changed:
-        details = ', '.join(f'{key}: {saved.get(key)!r} there, {settings[key]!r} now' for key in changed)
+        details = ', '.join(
+            f'{key}: {saved.get(key)!r} there, {settings[key]!r} now' for key in changed if key != 'files_sha256'
+        )
+        if 'files_sha256' in changed:
+            details += (', ' if details else '') + 'the file list: ' + _list_difference(run_dir, files)
         raise ValueError(
-            f'{run_dir} holds another computation ({details}); resume it with the same inputs and options, '
-            'or choose a new --output'
+            f'{run_dir} holds another computation ({details}); resume it with the same inputs and options '
+            f'(its files: --list {run_dir / FILE_LIST}), or choose a new --output'
         )
 
 
+def _list_difference(run_dir: Path, files: Sequence[Path] | None) -> str:
+    """Where the run's file list and this one first part, and what each has there."""
+    try:
+        saved = read_list_file(run_dir / FILE_LIST)
+    except OSError:
+        return f'{FILE_LIST} is not readable'
+    if files is None:
+        return 'another one'
+    first = next((i for i, (a, b) in enumerate(zip(saved, files, strict=False)) if a != b), min(len(saved), len(files)))
+    there = display_name(saved[first]) if first < len(saved) else '(the end)'
+    now = display_name(files[first]) if first < len(files) else '(the end)'
+    more = f'; {len(saved)} files there, {len(files)} now' if len(saved) != len(files) else ''
+    return f'file {first} is {there} there, {now} now{more}'
+
+
 def _run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run_holding(args, stack)
+
+
+def lock_path(run_dir: Path, process: int) -> Path:
+    """The lock a run's process holds while it works: one per process index, so the hosts of one run share nothing."""
+    return run_dir / f'{LOCK_PREFIX}{process}'
+
+
+def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     initialize_from_args(args)  # before any JAX computation
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')
@@ -228,7 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     # others check a manifest only once it is there (it is written atomically).
     check_output_folder(args.output)
     if process == 0 or (args.output / MANIFEST).exists():
-        check_run_dir(args.output, settings)
+        check_run_dir(args.output, settings, files)
+    args.output.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(hold_lock(lock_path(args.output, process), 'batch_predict run'))
 
     model = load_model(args)
     predict = parallel.shard_inference(compile_prediction(model, args.embeddings, args.topk), mesh)

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import os
 import signal
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -156,3 +157,52 @@ def exit_on_signals(*signums: int) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike, what: str = 'run') -> Iterator[None]:
+    """Hold the lock file `path` (pid and host inside) for the block, so two runs never write one output.
+
+    A lock left by a process that no longer exists on this host (killed) is taken over; one held by a
+    live process, or by another host, is an error saying who holds it.
+    """
+    path = Path(path)
+    me = f'{os.getpid()} {socket.gethostname()}\n'
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid_text, _, host = path.read_text().strip().partition(' ')
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, host = -1, ''
+            if host == socket.gethostname() and pid > 0 and not _alive(pid):
+                path.unlink(missing_ok=True)  # a stale lock of a killed run
+                continue
+            where = f'process {pid} on {host}' if pid > 0 else 'another process'
+            raise FileExistsError(
+                f'another {what} ({where}) holds {path}: wait for it to finish, or stop it. If it is gone '
+                '(another host cannot be checked from here), delete that file and start again'
+            ) from None
+        with os.fdopen(fd, 'w') as f:
+            f.write(me)
+        break
+    else:
+        raise FileExistsError(f'could not take the lock {path}: it keeps being made by another process')
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == me:
+                path.unlink()

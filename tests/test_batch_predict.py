@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +172,14 @@ def test_a_run_directory_holds_one_computation(images, checkpoint, tmp_path, cap
     assert run(images, checkpoint, out, '--chunk-size', '20') == 2
     assert "holds another computation (output: 'embeddings' there, 'topk' now" in capsys.readouterr().err
     assert sorted(p.name for p in (out / 'chunks').iterdir()) == before
+    listed = find_images([images])
+    swapped = tmp_path / 'swapped.txt'
+    swapped.write_text(''.join(f'{path}\n' for path in [listed[1], listed[0], *listed[2:]]))
+    argv = ['run', '--list', str(swapped), '--checkpoint', str(checkpoint), '--output', str(out)]
+    assert batch_predict.main([*argv, '--embeddings', '--chunk-size', '20']) == 2
+    err = capsys.readouterr().err
+    assert f'the file list: file 0 is {listed[0]} there, {listed[1]} now' in err
+    assert f'(its files: --list {out / "files.txt"})' in err
     (tmp_path / 'dup.txt').write_text(f'{images / "image0.png"}\n{images / "image0.png"}\n')
     assert (
         batch_predict.main(
@@ -237,3 +248,21 @@ def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkp
     listed = ['run', '--list', str(tmp_path / 'run' / 'files.txt'), '--checkpoint', str(checkpoint)]
     assert batch_predict.main([*listed, '--output', str(tmp_path / 'run')]) == 0
     assert '0 to do' in capsys.readouterr().err
+
+
+def test_one_run_at_a_time_and_a_killed_runs_lock_is_taken_over(images, checkpoint, tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    lock = batch_predict.lock_path(out, 0)
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    try:
+        lock.write_text(f'{holder.pid} {socket.gethostname()}\n')
+        assert run(images, checkpoint, out) == 2
+        held = f'another batch_predict run (process {holder.pid} on {socket.gethostname()}) holds {lock}'
+        assert held in capsys.readouterr().err
+        assert sorted(path.name for path in out.iterdir()) == [lock.name]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(images, checkpoint, out, '--embeddings') == 1  # the holder was killed: its lock is stale
+    assert not lock.exists() and len(list((out / 'chunks').iterdir())) == 1
