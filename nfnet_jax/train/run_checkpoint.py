@@ -14,7 +14,10 @@ writes to the checkpoint directory.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,39 @@ def state_checksums(state: Any) -> dict[str, str]:
                 value = jax.random.key_data(value)
         checksums[dotted_path(path)] = array_sha256(np.asarray(value))
     return checksums
+
+
+def _is_orphan_read_error(record: logging.LogRecord) -> bool:
+    """asyncio's report of a tensorstore read that failed after nobody waited for it any more."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return (
+        record.getMessage().startswith(('Future exception was never retrieved', 'Task exception was never retrieved'))
+        and isinstance(exc, ValueError)
+        and re.match(r'[A-Z_]+: ', str(exc)) is not None  # tensorstore's status codes: DATA_LOSS: ..., NOT_FOUND: ...
+    )
+
+
+def _quiet_failed_restore_noise() -> None:
+    """Keep a failed orbax restore to its one clear CheckpointError (installed once, process-wide).
+
+    When one array of a damaged step fails, orbax closes its event loop while the other reads are
+    still running. Each then reports, as an unraisable exception, that the loop is closed, and
+    asyncio logs every failed read nobody waits for: one traceback per array, thousands for a big
+    state. Only those two reports are dropped; every other goes where it went.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, '_nfnet_jax_quiet', False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+            return
+        previous(unraisable)
+
+    hook._nfnet_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    logging.getLogger('asyncio').addFilter(lambda record: not _is_orphan_read_error(record))
 
 
 class TrainCheckpointer:
@@ -161,6 +197,7 @@ class TrainCheckpointer:
             raise CheckpointError(f'no finished checkpoint for step {step} in {self.directory}; it has {self.steps()}')
         self.check_compatible(state, step)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(state))
+        _quiet_failed_restore_noise()
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
