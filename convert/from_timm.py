@@ -74,7 +74,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         'name', help="architecture (timm's fresh init) or arch.tag (hub weights), e.g. dm_nfnet_f0.dm_in1k"
     )
     parser.add_argument('-o', '--output', required=True, type=Path, help='the .safetensors file to write')
-    parser.add_argument('--checkpoint', type=Path, help='a local timm checkpoint (.safetensors, .pth, .pt, .bin)')
+    parser.add_argument(
+        '--checkpoint', type=Path, help='a timm checkpoint: safetensors or torch (.pth, .pth.tar, .bin, ...)'
+    )
     parser.add_argument('--ema', action='store_true', help='take the EMA weights of a training checkpoint')
     parser.add_argument('--num-classes', type=int, help="classes of the checkpoint's classifier (default: the tag's)")
     parser.add_argument('--verify', action='store_true', help='compare with timm on a random batch before writing')
@@ -92,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
     architecture, cfg = resolve_name(args.name)
     tagged = '.' in args.name
     num_classes = args.num_classes if args.num_classes is not None else cfg.num_classes
+    if num_classes < 0:
+        raise ValueError(f'--num-classes must be 0 or more (0: no classifier), not {num_classes}')
     check_output(args.output, args.force, suffix='.safetensors')
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f'no checkpoint at {args.checkpoint}')

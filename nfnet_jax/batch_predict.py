@@ -3,12 +3,13 @@
     python -m nfnet_jax.batch_predict run IMAGES_OR_FOLDERS... --model dm_nfnet_f0.dm_in1k --output RUN_DIR
     python -m nfnet_jax.batch_predict merge RUN_DIR predictions.jsonl
 
-The files (folders searched recursively, or `--list FILE` with one path per line) are split
+The files (folders searched recursively, or `--list FILE`: one path per line, or NUL-separated) are split
 into chunks of `--chunk-size` consecutive files; chunk c belongs to process c % num_processes,
 which reads only its own chunks' images and writes each finished chunk atomically:
 
     RUN_DIR/manifest.json       what is computed: model, outputs, top-k, chunk size, the files' hash
-    RUN_DIR/files.txt           the input files in order; a file's line number (from 0) is its index
+    RUN_DIR/files.txt           the input files in order, a list file as --list reads; a file's place (from 0)
+                                is its index
     RUN_DIR/chunks/000042.npz   chunk 42's outputs: `index` (file indices), `probabilities` and `classes`
                                 (top-k) or `embeddings`, `failed` and `errors` for unreadable files,
                                 `process` (who wrote it)
@@ -28,6 +29,7 @@ chunks, resumes with the same process count, and the chunk folders are copied to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -43,7 +45,9 @@ from tqdm import tqdm
 from nfnet_jax import parallel
 from nfnet_jax.cli import (
     add_distributed_arguments,
+    add_image_arguments,
     add_model_arguments,
+    apply_image_arguments,
     initialize_from_args,
     load_model,
     log,
@@ -51,11 +55,21 @@ from nfnet_jax.cli import (
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
-from nfnet_jax.files import atomic_write, refuse_existing
+from nfnet_jax.files import (
+    atomic_write,
+    check_output,
+    check_output_folder,
+    display_name,
+    hold_lock,
+    list_file_bytes,
+    name_fields,
+    read_list_file,
+)
 from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
 
 FORMAT = 'nfnet_jax.batch_predict'
 MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'
+LOCK_PREFIX = '.lock-process-'
 # Compared on resume: a run directory holds the outputs of exactly one computation.
 SETTINGS = ('model', 'checkpoint', 'output', 'topk', 'test_size', 'chunk_size', 'files', 'files_sha256')
 
@@ -68,7 +82,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest='command', required=True)
     run = commands.add_parser('run', help='compute (or resume computing) the outputs into a run directory')
     run.add_argument('inputs', nargs='*', type=Path, help='image files, or folders (searched recursively)')
-    run.add_argument('--list', type=Path, help='a text file naming one image path per line (instead of inputs)')
+    run.add_argument('--list', type=Path, help='a file naming one image per line, or NUL-separated (instead of inputs)')
     add_model_arguments(run)
     run.add_argument('--output', type=Path, required=True, help='the run directory (created, or resumed)')
     run.add_argument('--embeddings', action='store_true', help='pooled embeddings instead of top-k classes')
@@ -77,6 +91,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument('--chunk-size', type=int, default=512, help='files per output chunk (default 512)')
     run.add_argument('--model-parallelism', type=int, default=1, help='devices splitting the weights (default 1)')
     run.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
+    add_image_arguments(run)
     add_distributed_arguments(run)
     merge = commands.add_parser('merge', help='write one file with every output, in input order')
     merge.add_argument('run_dir', type=Path, help='a run directory whose chunks are all finished')
@@ -94,10 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def read_file_list(path: Path) -> list[Path]:
-    """The non-empty lines of a list file as paths (relative ones are relative to the working directory)."""
+    """The paths of a list file (`read_list_file`: one per line, or NUL-separated), relative to the working folder."""
     if not path.is_file():
         raise FileNotFoundError(f'{path}: no such list file')
-    return [Path(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
+    return read_list_file(path)
 
 
 def input_files(args: argparse.Namespace) -> list[Path]:
@@ -121,8 +136,9 @@ def chunk_path(run_dir: Path, chunk: int) -> Path:
     return run_dir / CHUNKS / f'{chunk:06d}.npz'
 
 
-def file_list_text(files: Sequence[Path]) -> str:
-    return ''.join(f'{path}\n' for path in files)
+def file_list_bytes(files: Sequence[Path | str]) -> bytes:
+    """files.txt's bytes, which its manifest's hash covers: `list_file_bytes`, names exactly as they are."""
+    return list_file_bytes(files)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -152,41 +168,71 @@ def open_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path])
 
 
 def _create_or_check(run_dir: Path, settings: dict[str, Any], files: Sequence[Path]) -> None:
-    if check_run_dir(run_dir, settings):
+    if check_run_dir(run_dir, settings, files):
         return
-    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_text(file_list_text(files), encoding='utf-8'))
+    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_bytes(file_list_bytes(files)))
     manifest = json.dumps({'format': FORMAT, **settings}, indent=1)
     atomic_write(run_dir / MANIFEST, lambda tmp: Path(tmp).write_text(manifest, encoding='utf-8'))
 
 
-def check_run_dir(run_dir: Path, settings: dict[str, Any]) -> bool:
+def check_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path] | None = None) -> bool:
     """True if `run_dir` holds this computation (to resume), False if it is new or empty; else an error."""
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f'{run_dir} exists and is not a directory')
     if (run_dir / MANIFEST).exists():
-        check_settings(run_dir, settings)
+        check_settings(run_dir, settings, files)
         return True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(not path.name.startswith(LOCK_PREFIX) for path in run_dir.iterdir()):
         raise FileExistsError(f'{run_dir} is not empty and has no {MANIFEST}: choose an empty or new --output')
     return False
 
 
-def check_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+def check_settings(run_dir: Path, settings: dict[str, Any], files: Sequence[Path] | None = None) -> None:
     """Refuse a run directory that holds the outputs of another computation."""
     saved = read_manifest(run_dir)
     changed = [key for key in SETTINGS if saved.get(key) != settings[key]]
     if changed:
-        details = ', '.join(f'{key}: {saved.get(key)!r} there, {settings[key]!r} now' for key in changed)
+        details = ', '.join(
+            f'{key}: {saved.get(key)!r} there, {settings[key]!r} now' for key in changed if key != 'files_sha256'
+        )
+        if 'files_sha256' in changed:
+            details += (', ' if details else '') + 'the file list: ' + _list_difference(run_dir, files)
         raise ValueError(
-            f'{run_dir} holds another computation ({details}); resume it with the same inputs and options, '
-            'or choose a new --output'
+            f'{run_dir} holds another computation ({details}); resume it with the same inputs and options '
+            f'(its files: --list {run_dir / FILE_LIST}), or choose a new --output'
         )
 
 
+def _list_difference(run_dir: Path, files: Sequence[Path] | None) -> str:
+    """Where the run's file list and this one first part, and what each has there."""
+    try:
+        saved = read_list_file(run_dir / FILE_LIST)
+    except OSError:
+        return f'{FILE_LIST} is not readable'
+    if files is None:
+        return 'another one'
+    first = next((i for i, (a, b) in enumerate(zip(saved, files, strict=False)) if a != b), min(len(saved), len(files)))
+    there = display_name(saved[first]) if first < len(saved) else '(the end)'
+    now = display_name(files[first]) if first < len(files) else '(the end)'
+    more = f'; {len(saved)} files there, {len(files)} now' if len(saved) != len(files) else ''
+    return f'file {first} is {there} there, {now} now{more}'
+
+
 def _run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run_holding(args, stack)
+
+
+def lock_path(run_dir: Path, process: int) -> Path:
+    """The lock a run's process holds while it works: one per process index, so the hosts of one run share nothing."""
+    return run_dir / f'{LOCK_PREFIX}{process}'
+
+
+def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     initialize_from_args(args)  # before any JAX computation
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')
+    apply_image_arguments(args)
     files = input_files(args)
     mesh = parallel.make_mesh(args.model_parallelism)
     data_shards, processes, process = mesh.shape[parallel.DATA_AXIS], jax.process_count(), jax.process_index()
@@ -207,14 +253,17 @@ def _run(args: argparse.Namespace) -> int:
         'test_size': args.test_size,
         'chunk_size': args.chunk_size,
         'files': len(files),
-        'files_sha256': hashlib.sha256(file_list_text(files).encode()).hexdigest(),
+        'files_sha256': hashlib.sha256(file_list_bytes(files)).hexdigest(),
     }
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise FileNotFoundError(f'{args.checkpoint}: no such checkpoint')
     # Refused before the model loads. Only process 0 may find the folder half-made by itself; the
     # others check a manifest only once it is there (it is written atomically).
+    check_output_folder(args.output)
     if process == 0 or (args.output / MANIFEST).exists():
-        check_run_dir(args.output, settings)
+        check_run_dir(args.output, settings, files)
+    args.output.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(hold_lock(lock_path(args.output, process), 'batch_predict run'))
 
     model = load_model(args)
     predict = parallel.shard_inference(compile_prediction(model, args.embeddings, args.topk), mesh)
@@ -321,17 +370,16 @@ def write_chunk(
 
 def _merge(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.run_dir)
-    files_text = (args.run_dir / FILE_LIST).read_text(encoding='utf-8')
-    if hashlib.sha256(files_text.encode()).hexdigest() != manifest['files_sha256']:
+    if hashlib.sha256((args.run_dir / FILE_LIST).read_bytes()).hexdigest() != manifest['files_sha256']:
         raise ValueError(f'{args.run_dir / FILE_LIST} does not match its manifest: the run directory was altered')
-    files = files_text.splitlines()
+    files = [str(path) for path in read_list_file(args.run_dir / FILE_LIST)]
     embeddings = manifest['output'] == 'embeddings'
     suffix = '.npy' if embeddings else '.jsonl'
     if args.out.suffix != suffix:
         raise ValueError(f'{args.out}: this run holds {manifest["output"]}, merged into a {suffix} file')
     row_files = args.out.with_suffix('.files.txt')
     for out in (args.out, row_files) if embeddings else (args.out,):
-        refuse_existing(out, args.force)
+        check_output(out, args.force)
     num_chunks = -(-len(files) // manifest['chunk_size'])
     missing = [c for c in range(num_chunks) if not chunk_path(args.run_dir, c).exists()]
     if missing:
@@ -360,7 +408,7 @@ def _merge_predictions(
                 rows = {int(i): row for row, i in enumerate(chunk['index'])}
                 for i in sorted(rows.keys() | set(int(j) for j in chunk['failed'])):
                     if i in failed:
-                        f.write(json.dumps({'file': files[i], 'error': failed[i]}) + '\n')
+                        f.write(json.dumps({**name_fields(files[i]), 'error': failed[i]}) + '\n')
                         continue
                     row = rows[i]
                     top = [
@@ -389,8 +437,8 @@ def _merge_embeddings(chunks: list, files: list[str], out: Path, row_files: Path
         del array
 
     atomic_write(out, write, force=force)
-    names = ''.join(f'{files[int(i)]}\n' for chunk in chunks for i in chunk['index'])
-    atomic_write(row_files, lambda tmp: Path(tmp).write_text(names, encoding='utf-8'), force=force)
+    names = list_file_bytes(files[int(i)] for chunk in chunks for i in chunk['index'])
+    atomic_write(row_files, lambda tmp: Path(tmp).write_bytes(names), force=force)
     return rows
 
 

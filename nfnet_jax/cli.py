@@ -4,20 +4,25 @@ the model source flags, and the multi-host flags."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from PIL import Image
 from tqdm import tqdm
 
+from nfnet_jax.data import set_max_image_pixels
 from nfnet_jax.factory import create_model, load_checkpoint
+from nfnet_jax.files import OutputError, Terminated, exit_on_signals
 from nfnet_jax.model import NormFreeNet
 from nfnet_jax.parallel.mesh import initialize_distributed
 from nfnet_jax.weights.params import CheckpointError
 
 # Errors that mean the input was wrong: the message says what to do, a traceback would only hide it.
-USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, OutputError, ValueError)
 # In a log file (not a terminal), progress is one whole line at most this often instead of a redraw per step.
 LOG_INTERVAL_S = 10.0
 
@@ -27,12 +32,21 @@ def log(message: str) -> None:
 
 
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """`run(args)`, with a user error printed as `error: ...` and exit code 2."""
+    """`run(args)`, with a user error printed as `error: ...` and exit code 2.
+
+    SIGTERM stops it as Ctrl-C does, by an exception: outputs being written are removed, never
+    left half written; the exit code is then 128 + the signal's number, as the shell reports it.
+    """
     try:
-        return run(args)
+        with exit_on_signals():
+            return run(args)
     except USER_ERRORS as err:
         log(f'error: {err}')
         return 2
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
+        log(f'stopped by {signal.Signals(signum).name}: nothing half written was left')
+        return 128 + signum
 
 
 class _LineProgress(tqdm):
@@ -87,6 +101,22 @@ def load_model(args: argparse.Namespace, **model_kwargs: Any) -> NormFreeNet:
     if args.checkpoint is not None:
         return load_checkpoint(args.checkpoint, **model_kwargs)
     return create_model(args.model, pretrained=True, **model_kwargs)
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--max-image-pixels`, applied by `apply_image_arguments`."""
+    parser.add_argument(
+        '--max-image-pixels',
+        type=int,
+        default=Image.MAX_IMAGE_PIXELS,
+        help=f"larger images are reported as unreadable (default PIL's {Image.MAX_IMAGE_PIXELS:,}; 0: no limit)",
+    )
+
+
+def apply_image_arguments(args: argparse.Namespace) -> None:
+    """The pixel limit for this process's image reads; PIL's own warning is silenced, each such file being reported."""
+    set_max_image_pixels(args.max_image_pixels)
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from nfnet_jax.files import display_name
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
 
 if TYPE_CHECKING:
@@ -121,7 +123,10 @@ class EvalTransform:
         return tuple(round(255 * v) for v in self.mean)
 
     def __call__(self, image: ImageLike) -> np.ndarray:
-        pixels = np.asarray(self.resize_and_crop(to_rgb(image)), dtype=np.float32) / np.float32(255)
+        image = to_rgb(image)
+        if image.width * image.height == 0:
+            raise ValueError(f'an empty image ({image.width}x{image.height} pixels) has nothing to classify')
+        pixels = np.asarray(self.resize_and_crop(image), dtype=np.float32) / np.float32(255)
         return (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
 
@@ -205,27 +210,64 @@ def create_transform(
     return EvalTransform(img_size, scale_size, crop_mode, interpolation, tuple(mean), tuple(std))
 
 
+def set_max_image_pixels(pixels: int | None) -> None:
+    """PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, a process-wide setting) for every image read
+    after this: larger images are refused by `load_image`, by name. None or 0 lifts the limit."""
+    if pixels is not None and pixels < 0:
+        raise ValueError(f'the image pixel limit must be positive (0: none), not {pixels}')
+    Image.MAX_IMAGE_PIXELS = pixels or None
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB, so a truncated or non-image file fails here, by name."""
+    """Open and fully decode an image file as RGB; any failure is an OSError naming the file.
+
+    A truncated or non-image file, an empty (0-pixel) image, and one larger than PIL's
+    decompression-bomb limit (`set_max_image_pixels`; PIL itself only warns up to twice it) fail
+    here, so a caller can report the file and go on.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
     try:
         with Image.open(path) as image:
+            if limit and image.width * image.height > limit:
+                raise Image.DecompressionBombError(f'Image size ({image.width * image.height} pixels)')
+            if image.width * image.height == 0:
+                raise ValueError(f'an empty image ({image.width}x{image.height} pixels)')
             image.load()
             return to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as err:  # PIL reports bad files with all three
-        raise OSError(f'{path}: not a readable image ({err})') from None
+    except Image.DecompressionBombError as err:  # PIL's own, at twice the limit, or ours above
+        found = re.search(r'\((\d+) pixels\)', str(err))
+        size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
+        raise OSError(
+            f'{display_name(path)}: refused: {size}, over the limit of {limit:,} (a decompression bomb?); '
+            'raise the limit with --max-image-pixels (set_max_image_pixels) if it is a real image'
+        ) from None
+    except Exception as err:  # PIL reports bad files with OSError, SyntaxError, ValueError, struct.error, ...
+        raise OSError(f'{display_name(path)}: not a readable image ({type(err).__name__}: {err})') from None
 
 
 def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalTransform | Any) -> np.ndarray:
-    """Images or image paths through `transform`, stacked into one float32 NHWC batch."""
-    return np.stack([transform(load_image(im) if isinstance(im, (str, os.PathLike)) else im) for im in images])
+    """Images or image paths through `transform`, stacked into one float32 NHWC batch.
+
+    Every file is tried; if any cannot be read, one OSError names each of them.
+    """
+    arrays, errors = [], []
+    for image in images:
+        try:
+            arrays.append(transform(load_image(image) if isinstance(image, (str, os.PathLike)) else image))
+        except OSError as err:
+            errors.append(str(err))
+    if errors:
+        raise OSError(f'{len(errors)} of {len(images)} images could not be read:\n' + '\n'.join(errors))
+    return np.stack(arrays)
 
 
 def find_images(inputs: Sequence[Path]) -> list[Path]:
-    """The files named, and every non-hidden file under the folders named, in sorted order."""
+    """The files named, and every non-hidden file (or broken link) under the folders named, in sorted order."""
     files = []
     for path in inputs:
         if path.is_dir():
-            found = (p for p in path.rglob('*') if p.is_file())
+            # Links that lead nowhere (dangling, loops) are listed too, to be reported by name when read.
+            found = (p for p in path.rglob('*') if p.is_file() or (p.is_symlink() and not p.is_dir()))
             files += sorted(p for p in found if not any(part.startswith('.') for part in p.relative_to(path).parts))
         elif path.is_file():
             files.append(path)
@@ -248,6 +290,8 @@ def batches(
             return transform(load_image(path))
         except OSError as err:
             return str(err)
+        except Exception as err:  # the transform failing on one image stops nothing but that image
+            return f'{display_name(path)}: {type(err).__name__}: {err}'
 
     read_ahead = 4 * batch_size
     paths, arrays = [], []

@@ -136,6 +136,10 @@ def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet | Fea
     `kwargs` are `create_model`'s: another `num_classes` or `global_pool` gets a fresh classifier.
     """
     metadata = read_checkpoint_metadata(path)
+    if 'architecture' not in metadata:
+        raise CheckpointError(f'{path}: its metadata names no architecture (was it edited?)')
+    if metadata['architecture'] not in model_cfgs:
+        raise CheckpointError(f'{path}: its metadata names an unknown architecture {metadata["architecture"]!r}')
     name = metadata.get('model_name') or metadata['architecture']
     return create_model(name, checkpoint_path=path, **(checkpoint_head(metadata) | kwargs))
 

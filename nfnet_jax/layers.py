@@ -404,7 +404,10 @@ class ClassifierHead(nnx.Module):
         self.fc = self._make_fc(num_classes, rngs)
 
     def _make_fc(self, num_classes: int, rngs: nnx.Rngs) -> nnx.Linear | None:
-        if num_classes <= 0:
+        # timm takes a negative count as 0; it is always a mistake, so it is refused here.
+        if not hasattr(num_classes, '__index__') or num_classes < 0:
+            raise ValueError(f'num_classes must be a whole number, 0 or more (0: no classifier), not {num_classes!r}')
+        if num_classes == 0:
             return None
         return nnx.Linear(
             self.num_features,

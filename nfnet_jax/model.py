@@ -323,6 +323,11 @@ class NormFreeNet(nnx.Module):
 
     def check_input(self, x: Array) -> None:
         """Reject inputs that would silently compute garbage: wrong rank, layout, channels or dtype."""
+        if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
+            raise TypeError(
+                f'expected an array (jax or numpy) of NHWC images, got a {type(x).__name__}; '
+                'convert it with jnp.asarray(x, jnp.float32)'
+            )
         shape = tuple(x.shape)
         if len(shape) != 4:
             raise ValueError(f'expected a 4-D NHWC image batch (N, H, W, {self.in_chans}), got shape {shape}')

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from nfnet_jax.cli import add_model_arguments, load_model, log, progress, run_command
+from nfnet_jax.cli import (
+    add_image_arguments,
+    add_model_arguments,
+    apply_image_arguments,
+    load_model,
+    log,
+    progress,
+    run_command,
+)
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
-from nfnet_jax.files import atomic_write, check_output
+from nfnet_jax.files import atomic_write, check_output, display_name, name_fields
 from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
 
 
@@ -34,6 +42,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--force', action='store_true', help='overwrite the --embeddings file if it exists')
     parser.add_argument('--batch-size', type=int, default=16, help='images per batch (default 16)')
     parser.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
+    add_image_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -45,6 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     # Everything that can be checked is checked before the model is loaded.
     if args.batch_size < 1 or args.topk < 1:
         raise ValueError('--batch-size and --topk must be at least 1')
+    apply_image_arguments(args)
     if args.embeddings is not None:
         check_output(args.embeddings, args.force, suffix='.npy')
     files = find_images(args.inputs)
@@ -74,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         for i, path in enumerate(paths):
             if args.embeddings is not None:
                 embedded.append(outputs[0][i])
-                line = json.dumps({'file': str(path), 'row': row}) if args.json else f'{row}\t{path}'
+                line = json.dumps({**name_fields(path), 'row': row}) if args.json else f'{row}\t{display_name(path)}'
                 row += 1
             else:
                 top = [(float(p), int(c)) for p, c in zip(outputs[0][i], outputs[1][i], strict=True)]
@@ -93,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
         atomic_write(args.embeddings, write, force=args.force)
         log(f'wrote {args.embeddings}: {array.shape[0]} embeddings of {array.shape[1]} floats (rows as listed)')
     if failed:
-        log(f'{len(failed)} of {len(files)} files could not be read: {", ".join(str(p) for p in failed)}')
+        log(f'{len(failed)} of {len(files)} files could not be read: {", ".join(display_name(p) for p in failed)}')
         return 1
     return 0
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nfnet_jax.data import imagenet_labels, imagenet_synsets
+from nfnet_jax.files import display_name, name_fields
 from nfnet_jax.inference import InferenceFn, compile_forward
 from nfnet_jax.model import NormFreeNet
 
@@ -50,10 +51,10 @@ def class_names(num_classes: int) -> tuple[list[str], list[str]]:
 
 
 def format_topk(path: Path, top: list[tuple[float, int]], labels: list[str], synsets: list[str], as_json: bool) -> str:
-    """One image's top-k as text lines, or as one JSON object (`{"file", "topk": [...]}`)."""
+    """One image's top-k as text lines, or as one JSON object (`{"file", "topk": [...]}`; the name: `name_fields`)."""
     if as_json:
         entries = [{'index': c, 'label': labels[c], 'synset': synsets[c], 'probability': round(p, 6)} for p, c in top]
-        return json.dumps({'file': str(path), 'topk': entries})
-    lines = [str(path)]
+        return json.dumps({**name_fields(path), 'topk': entries})
+    lines = [display_name(path)]
     lines += [f'  {100 * p:6.2f}%  {labels[c]}' + (f' ({synsets[c]})' if synsets[c] else '') for p, c in top]
     return '\n'.join(lines)

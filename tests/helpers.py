@@ -14,6 +14,7 @@ from nfnet_jax.numerics import FP32_RTOL, relative_error
 
 __all__ = [
     'FP32_RTOL',
+    'bomb_png',
     'count_sharded',
     'make_train_state',
     'leaves',
@@ -129,4 +130,20 @@ def stage_hub_checkpoint(cache: Path, state_dict: dict, repo_id: str, revision: 
     (repo / 'refs' / 'main').write_text(revision)
     path = repo / 'snapshots' / revision / 'model.safetensors'
     save_file({key: value.contiguous() for key, value in state_dict.items()}, path)
+    return path
+
+
+def bomb_png(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
+    """A tiny PNG whose header claims `width` x `height` pixels (a decompression bomb's shape): 8-bit grayscale,
+    one empty compressed block. PIL refuses it at open, before decoding anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+
+    header = struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b'')
+    )
     return path

@@ -7,13 +7,18 @@ readable images in one batch; figures are relative errors max|ours - ref| / max|
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import random_params, relative_error
+from helpers import bomb_png, random_params, relative_error
 from multihost import free_port, run_processes
 from PIL import Image
 
@@ -107,10 +112,8 @@ def test_an_interrupted_run_resumes_without_redoing_chunks(images, checkpoint, r
         written.append(chunk)
 
     monkeypatch.setattr(batch_predict, 'write_chunk', interrupted_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        batch_predict.main(
-            ['run', '--list', str(list_file), '--checkpoint', str(checkpoint), '--output', str(out), *options]
-        )
+    argv = ['run', '--list', str(list_file), '--checkpoint', str(checkpoint), '--output', str(out), *options]
+    assert batch_predict.main(argv) == 130  # 128 + SIGINT, as a shell reports Ctrl-C
     finished = {path.name: path.stat().st_mtime_ns for path in (out / 'chunks').glob('*.npz')}
     assert sorted(finished) == ['000000.npz', '000001.npz'] and not list((out / 'chunks').glob('000002*'))
     assert batch_predict.main(['merge', str(out), str(tmp_path / 'early.npy')]) == 2  # refuses a partial run
@@ -169,6 +172,14 @@ def test_a_run_directory_holds_one_computation(images, checkpoint, tmp_path, cap
     assert run(images, checkpoint, out, '--chunk-size', '20') == 2
     assert "holds another computation (output: 'embeddings' there, 'topk' now" in capsys.readouterr().err
     assert sorted(p.name for p in (out / 'chunks').iterdir()) == before
+    listed = find_images([images])
+    swapped = tmp_path / 'swapped.txt'
+    swapped.write_text(''.join(f'{path}\n' for path in [listed[1], listed[0], *listed[2:]]))
+    argv = ['run', '--list', str(swapped), '--checkpoint', str(checkpoint), '--output', str(out)]
+    assert batch_predict.main([*argv, '--embeddings', '--chunk-size', '20']) == 2
+    err = capsys.readouterr().err
+    assert f'the file list: file 0 is {listed[0]} there, {listed[1]} now' in err
+    assert f'(its files: --list {out / "files.txt"})' in err
     (tmp_path / 'dup.txt').write_text(f'{images / "image0.png"}\n{images / "image0.png"}\n')
     assert (
         batch_predict.main(
@@ -190,3 +201,68 @@ def test_a_run_directory_holds_one_computation(images, checkpoint, tmp_path, cap
     (tmp_path / 'taken.npy').write_bytes(b'keep')
     assert batch_predict.main(['merge', str(out), str(tmp_path / 'taken.npy')]) == 2
     assert (tmp_path / 'taken.npy').read_bytes() == b'keep'
+
+
+def test_a_decompression_bomb_is_one_unreadable_file(images, checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # the command sets it; restored after
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    bomb_png(folder / 'bomb.png')
+    (folder / 'image0.png').write_bytes((images / 'image0.png').read_bytes())
+    assert run(folder, checkpoint, tmp_path / 'run') == 1
+    assert 'bomb.png: refused: 10,000,000,000 pixels, over the limit of 89,478,485' in capsys.readouterr().err
+    assert batch_predict.main(['merge', str(tmp_path / 'run'), str(tmp_path / 'top.jsonl')]) == 0
+    bomb, image = read_jsonl(tmp_path / 'top.jsonl')
+    assert 'decompression bomb' in bomb['error'] and 'topk' in image
+    # A lower limit refuses the 30x50 image too.
+    assert run(folder, checkpoint, tmp_path / 'strict', '--max-image-pixels', '1000') == 1
+    assert 'image0.png: refused: 1,500 pixels, over the limit of 1,000' in capsys.readouterr().err
+
+
+def hostile_folder(folder: Path, source: Path) -> dict[str, bytes]:
+    """Images named with a space, a newline and a byte that is not UTF-8, a dangling link and a link loop."""
+    folder.mkdir()
+    names = {'space': b'with space.png', 'newline': b'new\nline.png', 'latin1': b'caf\xe9.png'}
+    for name in names.values():
+        Path(os.fsdecode(bytes(folder) + b'/' + name)).write_bytes(source.read_bytes())
+    (folder / 'dangling.png').symlink_to(folder / 'gone.png')
+    (folder / 'loop.png').symlink_to(folder / 'loop.png')
+    return names
+
+
+def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkpoint, tmp_path, capsys):
+    folder = tmp_path / 'images'
+    names = hostile_folder(folder, images / 'image0.png')
+    assert run(folder, checkpoint, tmp_path / 'run') == 1
+    err = capsys.readouterr().err
+    assert f'{folder}/dangling.png: not a readable image (FileNotFoundError' in err
+    assert f'{folder}/loop.png: not a readable image' in err
+    assert batch_predict.main(['merge', str(tmp_path / 'run'), str(tmp_path / 'top.jsonl')]) == 0
+    lines = read_jsonl(tmp_path / 'top.jsonl')
+    exact = [base64.b64decode(line['file_bytes']) if 'file_bytes' in line else line['file'].encode() for line in lines]
+    expected = sorted([*names.values(), b'dangling.png', b'loop.png'])
+    assert exact == [bytes(folder) + b'/' + name for name in expected]
+    assert [line['file'] for line in lines if 'file_bytes' in line] == [f'{folder}/caf\ufffd.png']
+    assert ['error' in line for line in lines] == [name in (b'dangling.png', b'loop.png') for name in expected]
+    # The run's own file list is a valid --list: the same computation, so it resumes with nothing to do.
+    listed = ['run', '--list', str(tmp_path / 'run' / 'files.txt'), '--checkpoint', str(checkpoint)]
+    assert batch_predict.main([*listed, '--output', str(tmp_path / 'run')]) == 0
+    assert '0 to do' in capsys.readouterr().err
+
+
+def test_one_run_at_a_time_and_a_killed_runs_lock_is_taken_over(images, checkpoint, tmp_path, capsys):
+    out = tmp_path / 'run'
+    out.mkdir()
+    lock = batch_predict.lock_path(out, 0)
+    holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+    try:
+        lock.write_text(f'{holder.pid} {socket.gethostname()}\n')
+        assert run(images, checkpoint, out) == 2
+        held = f'another batch_predict run (process {holder.pid} on {socket.gethostname()}) holds {lock}'
+        assert held in capsys.readouterr().err
+        assert sorted(path.name for path in out.iterdir()) == [lock.name]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(images, checkpoint, out, '--embeddings') == 1  # the holder was killed: its lock is stale
+    assert not lock.exists() and len(list((out / 'chunks').iterdir())) == 1

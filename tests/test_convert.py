@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import subprocess
 import sys
 
@@ -17,7 +19,16 @@ import nfnet_jax
 from convert import from_timm as cli
 from convert.from_timm import convert_state_dict, from_timm, unwrap_state_dict
 from convert.to_timm import to_timm
-from nfnet_jax.weights import CheckpointError, StateMismatchError
+from nfnet_jax.configs import model_cfgs
+from nfnet_jax.model import abstract_model
+from nfnet_jax.weights import (
+    CheckpointError,
+    StateMismatchError,
+    param_shapes,
+    read_checkpoint_metadata,
+    read_timm_checkpoint,
+    save_checkpoint,
+)
 
 
 def timm_state_dict(name: str, seed: int = 0, **kwargs) -> dict[str, np.ndarray]:
@@ -178,7 +189,8 @@ def test_existing_output_is_never_replaced_without_force(tmp_path, capsys):
         (('nfnet_f9',), "unknown model 'nfnet_f9'; did you mean nfnet_f"),
         (('nfnet_l0.in22k',), 'it has: nfnet_l0.ra2_in1k'),
         (('test_nfnet', '--checkpoint', 'missing.pth'), 'no checkpoint at missing.pth'),
-        (('test_nfnet', '--checkpoint', 'weights.npz'), "unknown checkpoint type '.npz'"),
+        (('test_nfnet', '--num-classes', '-5'), '--num-classes must be 0 or more'),
+        (('test_nfnet', '--checkpoint', 'weights.npz'), 'weights.npz is neither a torch checkpoint'),
     ],
 )
 def test_bad_names_and_paths_fail_fast(tmp_path, capsys, monkeypatch, argv, message):
@@ -213,7 +225,77 @@ def test_pth_files_are_never_unpickled_as_code(tmp_path, capsys):
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {'x': torch.zeros(1)}, 'hook': print}, path)  # a callable needs full unpickling
     assert run('test_nfnet', '--checkpoint', path, '-o', tmp_path / 'out.safetensors') == 2
-    assert 'could not be read as a torch checkpoint' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'holds builtins.print: objects other than tensors' in err
+    assert 'weights_only' not in err  # torch's advice to unpickle anyway is never passed on
+
+
+def timm_training_checkpoint(state_dict: dict[str, np.ndarray], ema: dict[str, np.ndarray] | None) -> dict:
+    """What timm's train.py saves (`CheckpointSaver.save_checkpoint`): weights, EMA and the run beside them."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    checkpoint = {
+        'epoch': 7,
+        'arch': 'normfreenet',
+        'arch_name': 'test_nfnet',
+        'state_dict': {f'module.{k}': torch.from_numpy(v) for k, v in state_dict.items()},
+        'optimizer': optimizer.state_dict(),
+        'version': 2,
+        'args': argparse.Namespace(model='test_nfnet', lr=np.float64(0.1), mean=np.array([0.5, 0.5]), amp=True),
+        'metric': np.float64(71.25),
+    }
+    if ema is not None:
+        checkpoint['state_dict_ema'] = {k: torch.from_numpy(v) for k, v in ema.items()}
+    return checkpoint
+
+
+@pytest.mark.parametrize(
+    'name,legacy',
+    [
+        ('model_best.pth.tar', False),
+        ('checkpoint-7.pth.tar', True),
+        ('last.tar', False),
+        ('pytorch_model.bin', False),
+        ('run.ckpt', False),
+        ('weights.pt', True),
+        ('no_suffix_at_all', False),
+    ],
+)
+def test_timm_training_checkpoints_of_every_name_and_format(tmp_path, test_nfnet_sd, name, legacy):
+    ema = {key: value * 0.5 for key, value in test_nfnet_sd.items()}
+    path = tmp_path / name
+    torch.save(timm_training_checkpoint(test_nfnet_sd, ema), path, _use_new_zipfile_serialization=not legacy)
+    plain, averaged = read_timm_checkpoint(path), read_timm_checkpoint(path, use_ema=True)
+    np.testing.assert_array_equal(plain['head.fc.bias'], test_nfnet_sd['head.fc.bias'])
+    np.testing.assert_array_equal(averaged['head.fc.bias'], ema['head.fc.bias'])
+
+
+def test_checkpoints_are_read_by_content_not_name(tmp_path, capsys, test_nfnet_sd):
+    disguised = tmp_path / 'model.pth'  # a safetensors file under a torch name
+    save_file(test_nfnet_sd, disguised)
+    np.testing.assert_array_equal(read_timm_checkpoint(disguised)['head.fc.bias'], test_nfnet_sd['head.fc.bias'])
+    pickled = tmp_path / 'model.safetensors'  # and a torch file under a safetensors name
+    torch.save({k: torch.from_numpy(v) for k, v in test_nfnet_sd.items()}, pickled)
+    np.testing.assert_array_equal(read_timm_checkpoint(pickled)['head.fc.bias'], test_nfnet_sd['head.fc.bias'])
+
+
+def test_ema_only_checkpoint_asks_for_ema(tmp_path, capsys, test_nfnet_sd):
+    checkpoint = timm_training_checkpoint(test_nfnet_sd, test_nfnet_sd)
+    del checkpoint['state_dict']
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save(checkpoint, path)
+    assert run('test_nfnet', '--checkpoint', path, '-o', tmp_path / 'out.safetensors') == 2
+    assert 'holds only EMA weights (state_dict_ema): pass --ema' in capsys.readouterr().err
+    assert run('test_nfnet', '--checkpoint', path, '--ema', '-o', tmp_path / 'out.safetensors') == 0
+
+
+def test_load_checkpoint_of_a_torch_file_says_convert(tmp_path, test_nfnet_sd):
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save(timm_training_checkpoint(test_nfnet_sd, None), path)
+    with pytest.raises(CheckpointError, match='is a torch/timm checkpoint.*python -m convert.from_timm'):
+        nfnet_jax.load_checkpoint(path)
 
 
 def test_another_architecture_writes_nothing(tmp_path, capsys):
@@ -255,6 +337,55 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         nfnet_jax.create_model('nfnet_l0', checkpoint_path=out)
     with pytest.raises(CheckpointError, match='not an nfnet_jax checkpoint'):
         nfnet_jax.load_checkpoint(_timm_file(tmp_path))
+
+
+def random_checkpoint(path, seed: int = 0):
+    shapes = param_shapes(abstract_model(model_cfgs['test_nfnet']))
+    rng = np.random.default_rng(seed)
+    params = {key: rng.standard_normal(shape).astype(np.float32) for key, shape in shapes.items()}
+    save_checkpoint(path, params, architecture='test_nfnet', num_classes=1000, global_pool='avg')
+    return params
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / 'model.safetensors'
+    params = random_checkpoint(path)
+    metadata = read_checkpoint_metadata(path)
+    assert json.loads(metadata['tensor_sha256']).keys() == params.keys()
+    old = tmp_path / 'old.safetensors'  # as written before checksums were saved: loads, unchecked
+    save_file(params, old, metadata={k: v for k, v in metadata.items() if k != 'tensor_sha256'})
+    assert nfnet_jax.load_checkpoint(old).num_classes == 1000
+
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    path.write_bytes(data)
+    for load in (
+        nfnet_jax.read_checkpoint,
+        nfnet_jax.load_checkpoint,
+        lambda p: nfnet_jax.create_model('test_nfnet', checkpoint_path=p),
+    ):
+        with pytest.raises(CheckpointError, match=rf'{path} is damaged: 1 tensors differ from the checksums saved'):
+            load(path)
+    assert nfnet_jax.read_checkpoint(path, verify=False)[0].keys() == params.keys()
+
+
+@pytest.mark.parametrize(
+    'edit,message',
+    [
+        ({'num_classes': 'abc'}, 'no valid head description'),
+        ({'architecture': None}, 'names no architecture'),
+        ({'architecture': 'resnet50'}, "names an unknown architecture 'resnet50'"),
+        ({'tensor_sha256': '{not json'}, 'tensor_sha256 metadata is not readable'),
+    ],
+)
+def test_hand_edited_metadata_is_a_checkpoint_error(tmp_path, edit, message):
+    path = tmp_path / 'model.safetensors'
+    params = random_checkpoint(path)
+    metadata = {k: v for k, v in (read_checkpoint_metadata(path) | edit).items() if v is not None}
+    save_file(params, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match=message):
+        nfnet_jax.load_checkpoint(path)
 
 
 def _timm_file(tmp_path):

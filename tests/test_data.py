@@ -13,6 +13,7 @@ import pytest
 import skimage.data
 import timm
 import timm.data
+from helpers import bomb_png
 from PIL import Image
 
 import nfnet_jax
@@ -141,6 +142,25 @@ def test_unreadable_files_fail_by_name(tmp_path):
     for name in ('notes.txt', 'cut.jpg', 'missing.png'):
         with pytest.raises(OSError, match=name):
             data.load_image(tmp_path / name)
+
+
+def test_every_image_failure_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # restored after the test
+    bomb = bomb_png(tmp_path / 'bomb.png')
+    assert bomb.stat().st_size < 100
+    with pytest.raises(OSError, match=r'bomb.png: refused: 10,000,000,000 pixels, over the limit of 89,478,485'):
+        data.load_image(bomb)
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(tmp_path / 'small.png')
+    data.set_max_image_pixels(5000)  # PIL itself would only warn below 10000 pixels
+    with pytest.raises(OSError, match='small.png: refused: 10,000 pixels, over the limit of 5,000'):
+        data.load_image(tmp_path / 'small.png')
+    data.set_max_image_pixels(10_000)
+    assert data.load_image(tmp_path / 'small.png').size == (100, 100)
+    transform = data.create_transform(input_size=32)
+    with pytest.raises(OSError, match=r'1 of 2 images could not be read:\n.*bomb.png: refused'):
+        data.load_batch([tmp_path / 'small.png', bomb], transform)
+    with pytest.raises(ValueError, match=r'an empty image \(0x0 pixels\)'):
+        transform(np.zeros((0, 0, 3), np.uint8))
 
 
 def test_bad_settings_say_what_exists():

@@ -114,6 +114,13 @@ def test_bad_input_is_explained(model, shape, dtype, error, message):
             call(bad)
 
 
+def test_a_list_or_a_negative_class_count_is_explained(model):
+    with pytest.raises(TypeError, match='got a list; convert it with jnp.asarray'):
+        model(np.zeros((1, 32, 32, 3), np.float32).tolist())
+    with pytest.raises(ValueError, match='num_classes must be a whole number, 0 or more'):
+        nfnet_jax.create_model('test_nfnet', num_classes=-5)
+
+
 def test_forward_intermediates_indices_and_stop_early(model, x):
     final, taps = model.forward_intermediates(x)
     assert [t.shape[-1] for t in taps] == [info['num_chs'] for info in model.feature_info]

@@ -8,6 +8,7 @@ JSON keeps 6 decimals), embeddings to relative error max|ours - timm| / max|timm
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import skimage.data
 import timm
 import timm.data
 import torch
-from helpers import FP32_RTOL, relative_error
+from helpers import FP32_RTOL, bomb_png, relative_error
 from PIL import Image
 
 from convert.from_timm import main as convert_main
@@ -94,6 +95,38 @@ def test_text_output_names_each_image_with_its_classes(offline_hub, folder, caps
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == str(folder / 'coffee.jpg') and lines[3] == str(folder / 'chelsea.png')
     assert len(lines) == 6 and all(line.strip().split()[0].endswith('%') for line in lines[1:3] + lines[4:6])
+
+
+def test_a_decompression_bomb_is_reported_and_the_run_goes_on(offline_hub, folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # the command sets it; restored after
+    bomb = bomb_png(tmp_path / 'bomb.png')
+    assert predict_main([str(bomb), str(folder / 'coffee.jpg'), '--model', TAG, '--json', '--topk', '1']) == 1
+    captured = capsys.readouterr()
+    assert f'{bomb}: refused: 10,000,000,000 pixels, over the limit of 89,478,485' in captured.err
+    assert [json.loads(line)['file'] for line in captured.out.splitlines()] == [str(folder / 'coffee.jpg')]
+    assert predict_main([str(folder / 'coffee.jpg'), '--model', TAG, '--max-image-pixels', '1000']) == 1
+    assert 'coffee.jpg: refused: 240,000 pixels, over the limit of 1,000' in capsys.readouterr().err
+
+
+def test_hostile_file_names_are_listed_losslessly(offline_hub, folder, tmp_path, capsys):
+    images = tmp_path / 'images'
+    images.mkdir()
+    for name in (b'with space.jpg', b'new\nline.jpg', b'caf\xe9.jpg'):
+        Path(os.fsdecode(bytes(images) + b'/' + name)).write_bytes((folder / 'coffee.jpg').read_bytes())
+    (images / 'dangling.jpg').symlink_to(images / 'gone.jpg')
+    assert predict_main([str(images), '--model', TAG, '--json', '--topk', '1']) == 1
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert [row.get('file_bytes') for row in rows] == [
+        base64.b64encode(bytes(images) + b'/caf\xe9.jpg').decode(),
+        None,
+        None,
+    ]
+    assert [row['file'] for row in rows[1:]] == [f'{images}/new\nline.jpg', f'{images}/with space.jpg']
+    assert f'{images}/dangling.jpg: not a readable image (FileNotFoundError' in captured.err
+    assert predict_main([str(images), '--model', TAG, '--topk', '1']) == 1
+    text = capsys.readouterr().out.splitlines()
+    assert text[0::2] == [f'{images}/caf\\xe9.jpg', f'{images}/new\\nline.jpg', f'{images}/with space.jpg']
 
 
 @pytest.mark.parametrize(

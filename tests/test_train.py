@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -350,6 +352,54 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(saved_run, tmp_path):
     with TrainCheckpointer(run) as checkpointer, pytest.raises(CheckpointError, match='corrupt'):
         checkpointer.restore(state)
     assert directory_digest(run) == files_before
+    for a, b in zip(leaves(nnx.state(state)), state_before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+_RESTORE_DAMAGED = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_train import make_state
+from nfnet_jax.train import TrainCheckpointer
+from nfnet_jax.weights import CheckpointError
+run = Path(sys.argv[1])
+state = make_state(seed=5)
+for _ in range(5):  # the reports come at random times: more tries, more chances for one
+    with TrainCheckpointer(run) as checkpointer:
+        try:
+            checkpointer.restore(state)
+        except CheckpointError as err:
+            print(f'error: {{err}}'[:200], file=sys.stderr)
+"""
+
+
+def test_a_failed_restore_says_one_thing_not_thousands(saved_run, tmp_path):
+    """A real process: the reads orbax leaves running report at random times, up to the process's exit."""
+    run = tmp_path / 'run'
+    shutil.copytree(saved_run, run)
+    for manifest in (run / '2' / 'state').rglob('manifest.ocdbt'):  # every array's read then fails
+        manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    script = _RESTORE_DAMAGED.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, '-c', script, str(run)], capture_output=True, text=True, timeout=300)
+    assert result.stderr.count('error: checkpoint step 2') == 5 and 'could not be read' in result.stderr
+    assert 'Event loop is closed' not in result.stderr and 'never retrieved' not in result.stderr, result.stderr[:3000]
+
+
+def test_a_step_whose_bytes_changed_is_refused_naming_the_array(saved_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(saved_run, run)
+    # 64 bytes inverted in the middle of the largest data file: still decodes, to other values.
+    largest = max((p for p in (run / '2' / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
+    largest.write_bytes(data)
+    state = make_state(seed=5)
+    state_before = leaves(nnx.state(state))
+    pattern = r'step 2 in .* is damaged: 1 arrays differ from the checksums saved with them \([\w.]+\); nothing'
+    with TrainCheckpointer(run) as checkpointer, pytest.raises(CheckpointError, match=pattern):
+        checkpointer.restore(state)
     for a, b in zip(leaves(nnx.state(state)), state_before, strict=True):
         np.testing.assert_array_equal(a, b)
 

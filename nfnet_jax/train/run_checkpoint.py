@@ -6,22 +6,30 @@ temporary directory and renames it only when every file is complete, so a save c
 listed as a step and never restored. Beside the state, each step stores a small JSON record
 of the run (the model's class, the architecture, head and input of every NFNet in it, every
 state path with its shape), so a checkpoint of another model or another optimizer is refused
-with a list of what differs, before anything is read into the run. Restoring never writes to the checkpoint directory.
+with a list of what differs, before anything is read into the run. The record also holds the
+SHA-256 of every array (`checksums`), checked after a restore and before the state changes: a
+step whose files changed after they were written is refused, naming the arrays. Steps saved
+without checksums restore unchecked. Restoring never writes to the checkpoint directory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from nfnet_jax.model import NormFreeNet, find_nfnets
 from nfnet_jax.train.state import TrainState
-from nfnet_jax.weights.params import CheckpointError, check_shapes, flat_state
+from nfnet_jax.weights.file import array_sha256
+from nfnet_jax.weights.params import CheckpointError, check_shapes, dotted_path, flat_state
 
 FORMAT = 'nfnet_jax.train'
 _STATE, _RUN = 'state', 'run'
@@ -74,6 +82,58 @@ def state_shapes(state: TrainState) -> dict[str, list[int]]:
     return {path: list(var.shape) for path, var in flat_state(state)}
 
 
+def state_checksums(state: Any) -> dict[str, str]:
+    """SHA-256 of every array of a state (a TrainState, or an nnx.State) by path, PRNG keys as their data.
+
+    Arrays this process does not hold whole (shards of a multi-host run) are left out.
+    """
+    if isinstance(state, nnx.Module):
+        state = nnx.state(state)
+    checksums = {}
+    for path, value in nnx.to_flat_state(state):
+        value = value.get_value() if isinstance(value, nnx.Variable) else value
+        if isinstance(value, jax.Array):
+            if not value.is_fully_addressable:
+                continue
+            if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+                value = jax.random.key_data(value)
+        checksums[dotted_path(path)] = array_sha256(np.asarray(value))
+    return checksums
+
+
+def _is_orphan_read_error(record: logging.LogRecord) -> bool:
+    """asyncio's report of a tensorstore read that failed after nobody waited for it any more."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return (
+        record.getMessage().startswith(('Future exception was never retrieved', 'Task exception was never retrieved'))
+        and isinstance(exc, ValueError)
+        and re.match(r'[A-Z_]+: ', str(exc)) is not None  # tensorstore's status codes: DATA_LOSS: ..., NOT_FOUND: ...
+    )
+
+
+def _quiet_failed_restore_noise() -> None:
+    """Keep a failed orbax restore to its one clear CheckpointError (installed once, process-wide).
+
+    When one array of a damaged step fails, orbax closes its event loop while the other reads are
+    still running. Each then reports, as an unraisable exception, that the loop is closed, and
+    asyncio logs every failed read nobody waits for: one traceback per array, thousands for a big
+    state. Only those two reports are dropped; every other goes where it went.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, '_nfnet_jax_quiet', False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+            return
+        previous(unraisable)
+
+    hook._nfnet_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    logging.getLogger('asyncio').addFilter(lambda record: not _is_orphan_read_error(record))
+
+
 class TrainCheckpointer:
     """Saves a `TrainState` every time `save` is called and restores the latest (or a given) step.
 
@@ -110,7 +170,10 @@ class TrainCheckpointer:
                 'restore it to continue that run, or use another directory'
             )
         args = ocp.args.Composite(
-            **{_STATE: ocp.args.StandardSave(nnx.state(state)), _RUN: ocp.args.JsonSave(describe_run(state))}
+            **{
+                _STATE: ocp.args.StandardSave(nnx.state(state)),
+                _RUN: ocp.args.JsonSave(describe_run(state) | {'checksums': state_checksums(state)}),
+            }
         )
         self._manager.save(step, args=args)
         return step
@@ -162,6 +225,7 @@ class TrainCheckpointer:
             raise CheckpointError(f'no finished checkpoint for step {step} in {self.directory}; it has {self.steps()}')
         self.check_compatible(state, step)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(state))
+        _quiet_failed_restore_noise()
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
@@ -171,8 +235,23 @@ class TrainCheckpointer:
                 f'checkpoint step {step} in {self.directory} could not be read (corrupt or truncated?): '
                 f'{type(err).__name__}: {err}'
             ) from None
+        self.verify(step, restored[_STATE])
         nnx.update(state, restored[_STATE])
         return step
+
+    def verify(self, step: int, restored: nnx.State) -> None:
+        """Raise a CheckpointError naming every array of a restored step that differs from its saved checksum."""
+        saved = self.read_run(step).get('checksums')
+        if not saved:
+            return  # saved before checksums were recorded
+        found = state_checksums(restored)
+        damaged = sorted(path for path in saved.keys() & found.keys() if saved[path] != found[path])
+        if damaged:
+            raise CheckpointError(
+                f'checkpoint step {step} in {self.directory} is damaged: {len(damaged)} arrays differ from the '
+                f'checksums saved with them ({", ".join(damaged[:5])}{" ..." if len(damaged) > 5 else ""}); '
+                'nothing was restored. Restore an earlier step'
+            )
 
     def wait(self) -> None:
         """Block until every save started so far is finished."""

@@ -6,6 +6,7 @@ The conversion needs only numpy (safetensors to read files); torch is imported o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,15 @@ from flax import nnx
 from nfnet_jax.configs import model_cfgs
 from nfnet_jax.model import abstract_model
 from nfnet_jax.pretrained import PretrainedCfg, pretrained_cfgs, resolve_name
+from nfnet_jax.weights.file import file_kind
 from nfnet_jax.weights.params import CheckpointError, StateMismatchError, check_shapes, flat_params, param_shapes
 from nfnet_jax.weights.table import flax_rule, timm_rule
 
 # Where training checkpoints keep the weights, in timm's order of preference.
 _WRAPPER_KEYS = ('state_dict', 'model')
 _EMA_WRAPPER_KEYS = ('state_dict_ema', 'model_ema')
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
+# The names timm's checkpoints go by; files are read by their content, not by these.
+TIMM_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.tar', '.pt', '.bin', '.ckpt')
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
@@ -46,6 +49,11 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> d
         checkpoint = checkpoint[found]
     elif use_ema:
         raise CheckpointError(f'no EMA weights in this checkpoint (looked for {", ".join(_EMA_WRAPPER_KEYS)})')
+    elif ema_only := [key for key in _EMA_WRAPPER_KEYS if isinstance(checkpoint.get(key), Mapping)]:
+        raise CheckpointError(
+            f'this training checkpoint holds only EMA weights ({", ".join(ema_only)}): '
+            'pass --ema (use_ema=True) to convert them'
+        )
     state_dict = {}
     for key, value in checkpoint.items():
         if not hasattr(value, 'shape'):
@@ -122,37 +130,98 @@ def to_timm(params: Mapping[str, np.ndarray] | nnx.Module) -> dict[str, np.ndarr
     return state_dict
 
 
+def training_checkpoint_globals() -> list[Any]:
+    """What timm's train.py pickles beside the weights, and nothing more: the types `torch.load` may rebuild.
+
+    `args` is an `argparse.Namespace`; metrics and arguments may be numpy scalars or arrays
+    (pickled as numpy's `scalar` and `_reconstruct`, and its dtypes). numpy 1 pickles these
+    under `numpy.core`, numpy 2 under `numpy._core`: both names are allowed. None of them runs code.
+    """
+    import argparse
+
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    allowed: list[Any] = [argparse.Namespace, np.ndarray, np.dtype]
+    allowed += sorted({type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDGUS'}, key=str)
+    for name in ('scalar', '_reconstruct'):
+        function = getattr(multiarray, name)
+        allowed += [(function, f'numpy.core.multiarray.{name}'), (function, f'numpy._core.multiarray.{name}')]
+    return allowed
+
+
+def _refused_globals(torch: Any, path: Path) -> list[str]:
+    """Every global a zip checkpoint names that is not allowed (legacy pickles cannot be listed: [])."""
+    allowed = set()
+    for entry in training_checkpoint_globals():
+        allowed |= set(entry[1:]) if isinstance(entry, tuple) else {f'{entry.__module__}.{entry.__qualname__}'}
+    try:
+        with open(path, 'rb') as f:
+            return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(f) if name not in allowed]
+    except Exception:  # noqa: BLE001 (only the names torch met first are known then)
+        return []
+
+
+def _read_torch_file(path: Path) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f'{path} is a torch checkpoint; reading it needs torch: pip install "nfnet-jax[timm]", '
+            'or convert from a .safetensors file instead'
+        ) from None
+    try:
+        # An open file, not the path: torch would pick a reader from the name's suffix, not the content.
+        with open(path, 'rb') as f, torch.serialization.safe_globals(training_checkpoint_globals()):
+            return torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises many types for bad pickles; none is worth a traceback
+        text = str(err)
+    # torch's own message advises weights_only=False, which would let the file run code: never repeated here.
+    refused = sorted(set(re.findall(r'GLOBAL ([\w.]+)', text)))
+    if refused:
+        refused = _refused_globals(torch, path) or refused
+        raise CheckpointError(
+            f'{path} holds {", ".join(refused)}: objects other than tensors and the training metadata timm saves '
+            '(epoch, args, metric, optimizer state, numpy values). They are not unpickled, since unpickling them '
+            'could run code. Save the weights alone (torch.save(model.state_dict(), PATH), or safetensors) '
+            'and convert that file.'
+        )
+    detail = text.split('WeightsUnpickler error:')[-1].strip().splitlines()[0] if text.strip() else ''
+    if 'weights_only' in detail:
+        detail = ''
+    raise CheckpointError(
+        f'{path} could not be read as a torch checkpoint (corrupt or truncated?)' + (f': {detail}' if detail else '')
+    )
+
+
 def read_timm_checkpoint(path: str | Path, use_ema: bool = False) -> dict[str, np.ndarray]:
-    """A timm checkpoint file as a numpy state dict: `.safetensors`, or `.pth/.pt/.bin/.ckpt` via torch."""
+    """A timm checkpoint file as a numpy state dict, read by content, whatever its name.
+
+    Safetensors, or torch's formats (`.pth`, `.pth.tar`, `.tar`, `.pt`, `.bin`, `.ckpt`: zip or
+    legacy pickle), plain state dicts or timm's training checkpoints (`state_dict`, `model`,
+    their EMA twins, `module.` prefixes). torch reads with `weights_only=True`, allowing only the
+    types of `training_checkpoint_globals`: a checkpoint can never run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'no checkpoint at {path}')
-    if path.suffix == '.safetensors':
+    kind = file_kind(path)
+    if kind == 'safetensors':
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
-            return unwrap_state_dict(load_file(path), use_ema)
+            checkpoint = load_file(path)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f'{path} is not a readable safetensors file (corrupt or truncated?): {err}') from None
-    if path.suffix in TORCH_SUFFIXES:
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError(
-                f'reading {path.suffix} files needs torch: pip install "nfnet-jax[timm]", '
-                'or convert from the .safetensors file instead'
-            ) from None
-        try:
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as err:  # torch raises many types for bad pickles; none is worth a traceback
-            raise CheckpointError(
-                f'{path} could not be read as a torch checkpoint (corrupt or truncated?): {err}'
-            ) from None
+        return unwrap_state_dict(checkpoint, use_ema)
+    if kind == 'torch':
+        checkpoint = _read_torch_file(path)
         if not isinstance(checkpoint, Mapping):
             raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
         return unwrap_state_dict(checkpoint, use_ema)
-    raise CheckpointError(f'{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pth, .pt or .bin')
+    raise CheckpointError(
+        f'{path} is neither a torch checkpoint (zip or pickle) nor a safetensors file, whatever its name; '
+        f'expected a timm checkpoint ({", ".join(TIMM_SUFFIXES)})'
+    )
 
 
 def hub_checkpoint(cfg: PretrainedCfg) -> Path:
