@@ -15,6 +15,8 @@ import optax
 from nfnet_jax.train.agc import adaptive_clip_grad
 from nfnet_jax.train.paths import PathPredicate, is_bias_or_gain, is_classifier, path_mask
 
+OPTIMIZERS = ('sgd', 'adamw')
+
 
 def warmup_cosine_schedule(
     learning_rate: float, total_steps: int, warmup_steps: int = 0, end_learning_rate: float = 0.0
@@ -40,8 +42,12 @@ def nfnet_optimizer(
     clip_factor: float | None = 0.01,
     agc_exclude: PathPredicate | None = is_classifier,
     no_decay: PathPredicate = is_bias_or_gain,
+    opt: str = 'sgd',
 ) -> optax.GradientTransformation:
     """AGC, then masked weight decay, then SGD with (Nesterov) momentum, in the paper's order.
+
+    `opt='adamw'` keeps AGC and the mask but takes AdamW instead (torch's defaults: betas
+    (0.9, 0.999), eps 1e-8, the weight decay decoupled: `lr * weight_decay * param`).
 
     `learning_rate` is a float or a schedule (`warmup_cosine_schedule`). `clip_factor=None`
     turns AGC off. `agc_exclude` and `no_decay` take dotted param paths (`head.fc.kernel`):
@@ -49,9 +55,18 @@ def nfnet_optimizer(
     Weight decay is added to the gradient (coupled, like torch's SGD and DeepMind's code),
     so it is scaled by the learning rate.
     """
+    if opt not in OPTIMIZERS:
+        raise ValueError(f'unknown optimizer {opt!r}; choose one of {", ".join(OPTIMIZERS)}')
     steps = []
     if clip_factor is not None:
         steps.append(adaptive_clip_grad(clip_factor, exclude=agc_exclude))
+    if opt == 'adamw':
+
+        def decayed(params):
+            return path_mask(lambda p: not no_decay(p), params)
+
+        steps.append(optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decayed))
+        return optax.chain(*steps)
     if weight_decay:
         steps.append(
             optax.add_decayed_weights(weight_decay, mask=lambda params: path_mask(lambda p: not no_decay(p), params))
