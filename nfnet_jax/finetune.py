@@ -488,6 +488,7 @@ def end_of_epoch(
             extra = {
                 'class_names': json.dumps(list(val_loader.samples.class_names)),
                 'model_name': model.pretrained_cfg.name if model.pretrained_cfg is not None else '',
+                'input_size': json.dumps([model.in_chans, *val_loader.transform.img_size]),
                 'finetune': json.dumps({'step': step, 'epoch': epoch, 'weights': which, 'top1': best}),
             }
             save_checkpoint(
