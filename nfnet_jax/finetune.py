@@ -313,6 +313,10 @@ def _run(args: argparse.Namespace) -> int:
     train, val = read_data(args)
     settings = settings_of(args, train, val)
     check_output(args, settings)
+    if jax.process_count() > 1:  # every process has seen --output as it was before process 0 writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices('nfnet_jax.finetune: output checked')
     leader = jax.process_index() == 0
     out = args.output
     has_checkpoint = args.resume and any(p.name.isdigit() for p in (out / 'checkpoints').glob('*'))
