@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grain
 import numpy as np
+
+try:
+    import grain
+except ImportError as err:  # an optional dependency: say how to get it
+    raise ImportError('nfnet_jax.pipeline needs grain: pip install "nfnet-jax[finetune]"') from err
 
 from nfnet_jax.data import load_image
 
