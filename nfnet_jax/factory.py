@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -131,7 +133,8 @@ def adapt_first_conv(
 
 
 def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet | FeatureListNet:
-    """Build whatever model a weights file holds: architecture and head from its metadata.
+    """Build whatever model a weights file holds: architecture and head from its metadata (and the input
+    size it was trained at, when the metadata has one).
 
     `kwargs` are `create_model`'s: another `num_classes` or `global_pool` gets a fresh classifier.
     """
@@ -141,7 +144,11 @@ def load_checkpoint(path: str | os.PathLike, **kwargs: Any) -> NormFreeNet | Fea
     if metadata['architecture'] not in model_cfgs:
         raise CheckpointError(f'{path}: its metadata names an unknown architecture {metadata["architecture"]!r}')
     name = metadata.get('model_name') or metadata['architecture']
-    return create_model(name, checkpoint_path=path, **(checkpoint_head(metadata) | kwargs))
+    model = create_model(name, checkpoint_path=path, **(checkpoint_head(metadata) | kwargs))
+    if 'input_size' in metadata and isinstance(model, NormFreeNet) and model.pretrained_cfg is not None:
+        size = tuple(int(v) for v in json.loads(metadata['input_size']))  # trained at another size (finetune)
+        model.pretrained_cfg = dataclasses.replace(model.pretrained_cfg, input_size=size, test_input_size=None)
+    return model
 
 
 def from_timm(timm_model: Any) -> NormFreeNet:

@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     predict = compile_prediction(model, args.embeddings is not None, args.topk)
     config = resolve_model_data_config(model, use_test_size=args.test_size)
     transform = create_transform(**config)
-    labels, synsets = class_names(model.num_classes)
+    labels, synsets = class_names(model.num_classes, args.checkpoint)
     size = 'x'.join(str(v) for v in config['input_size'][1:])
     log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -13,6 +14,7 @@ from nfnet_jax.data import imagenet_labels, imagenet_synsets
 from nfnet_jax.files import display_name, name_fields
 from nfnet_jax.inference import InferenceFn, compile_forward
 from nfnet_jax.model import NormFreeNet
+from nfnet_jax.weights.file import read_checkpoint_metadata
 
 
 def top_k_probabilities(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -42,8 +44,12 @@ def pad_rows(images: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([images, np.zeros((rows - len(images), *images.shape[1:]), images.dtype)])
 
 
-def class_names(num_classes: int) -> tuple[list[str], list[str]]:
-    """Names and WordNet ids: ImageNet-1k's for a 1000-class head, otherwise 'class N' and ''."""
+def class_names(num_classes: int, checkpoint: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """Names and WordNet ids: a checkpoint's own class names (`python -m nfnet_jax.finetune` saves them),
+    else ImageNet-1k's for a 1000-class head, otherwise 'class N' and ''."""
+    saved = json.loads(read_checkpoint_metadata(checkpoint).get('class_names', 'null')) if checkpoint else None
+    if isinstance(saved, list) and len(saved) == num_classes:
+        return [str(name) for name in saved], ['' for _ in saved]
     if num_classes == 1000:
         return imagenet_labels(), imagenet_synsets()
     names = [f'class {i}' for i in range(num_classes)]

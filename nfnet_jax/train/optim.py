@@ -8,6 +8,8 @@ clip factor 0.01 leaving the classifier unclipped, label smoothing 0.1, an EMA o
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,6 +17,8 @@ from flax import nnx
 
 from nfnet_jax.train.agc import Exclude, adaptive_clip_grad
 from nfnet_jax.train.paths import PathPredicate, is_bias_or_gain, is_classifier, path_mask
+
+OPTIMIZERS = ('sgd', 'adamw')
 
 
 def warmup_cosine_schedule(
@@ -42,8 +46,12 @@ def nfnet_optimizer(
     agc_exclude: Exclude = is_classifier,
     no_decay: PathPredicate = is_bias_or_gain,
     model: nnx.Module | None = None,
+    opt: str = 'sgd',
 ) -> optax.GradientTransformation:
     """AGC, then masked weight decay, then SGD with (Nesterov) momentum, in the paper's order.
+
+    `opt='adamw'` keeps AGC and the mask but takes AdamW instead (torch's defaults: betas
+    (0.9, 0.999), eps 1e-8, the weight decay decoupled: `lr * weight_decay * param`).
 
     `learning_rate` is a float or a schedule (`warmup_cosine_schedule`). `clip_factor=None`
     turns AGC off. `agc_exclude` and `no_decay` take dotted param paths (`head.fc.kernel`):
@@ -53,13 +61,20 @@ def nfnet_optimizer(
     Weight decay is added to the gradient (coupled, like torch's SGD and DeepMind's code),
     so it is scaled by the learning rate.
     """
+    if opt not in OPTIMIZERS:
+        raise ValueError(f'unknown optimizer {opt!r}; choose one of {", ".join(OPTIMIZERS)}')
     steps = []
     if clip_factor is not None:
         steps.append(adaptive_clip_grad(clip_factor, exclude=agc_exclude, model=model))
+
+    def decayed(params: Any) -> Any:
+        return path_mask(lambda p: not no_decay(p), params)
+
+    if opt == 'adamw':
+        steps.append(optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=decayed))
+        return optax.chain(*steps)
     if weight_decay:
-        steps.append(
-            optax.add_decayed_weights(weight_decay, mask=lambda params: path_mask(lambda p: not no_decay(p), params))
-        )
+        steps.append(optax.add_decayed_weights(weight_decay, mask=decayed))
     steps.append(optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
     return optax.chain(*steps)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nfnet_jax import lowering
+from nfnet_jax.train.mixup import soft_target_cross_entropy
 from nfnet_jax.train.optim import cross_entropy_loss
 from nfnet_jax.train.state import TrainState
 
@@ -24,12 +25,18 @@ Metrics = dict[str, jax.Array]
 def train_step_fn(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> Metrics:
     """One optimizer step on a batch (NHWC images, int labels), updating `state` in place.
 
+    `labels` may also be soft targets (N, classes), as `nfnet_jax.train.Mixup` makes them: the
+    loss is then timm's SoftTargetCrossEntropy (the targets carry the smoothing) and the
+    accuracy counts the argmax of the targets.
+
     Runs the model in whatever mode it is in: call `state.model.train()` for dropout and
     drop path. Not jitted: compose it into your own `nnx.jit` / `nnx.shard_map`, or use `train_step`.
     """
 
     def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
         logits = model(images)
+        if labels.ndim == 2:
+            return soft_target_cross_entropy(logits, labels), logits
         return cross_entropy_loss(logits, labels, label_smoothing), logits
 
     # Gradients of what the optimizer updates only: a frozen backbone costs no weight gradients.
@@ -38,11 +45,12 @@ def train_step_fn(state: TrainState, images: jax.Array, labels: jax.Array, label
     state.optimizer.update(state.model, grads)
     if state.ema is not None:
         state.ema.update(state.model, state.optimizer.step[...])
-    return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == labels)}
+    hard_labels = jnp.argmax(labels, -1) if labels.ndim == 2 else labels
+    return {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == hard_labels)}
 
 
 def eval_step_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
-    """Summed loss, number correct and number of examples on a batch; labels < 0 mark padding.
+    """Summed loss, number correct (top-1 and top-5) and number of examples on a batch; labels < 0 mark padding.
 
     Sums rather than means, so a data set split into padded batches of one shape averages right
     (and compiles once).
@@ -52,7 +60,13 @@ def eval_step_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Met
     safe_labels = jnp.where(valid, labels, 0)
     losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), safe_labels[:, None], axis=-1)[:, 0]
     correct = (jnp.argmax(logits, -1) == labels) & valid
-    return {'loss_sum': jnp.sum(jnp.where(valid, losses, 0.0)), 'correct': jnp.sum(correct), 'count': jnp.sum(valid)}
+    top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == labels[:, None], axis=-1) & valid
+    return {
+        'loss_sum': jnp.sum(jnp.where(valid, losses, 0.0)),
+        'correct': jnp.sum(correct),
+        'correct_top5': jnp.sum(top5),
+        'count': jnp.sum(valid),
+    }
 
 
 def pure_train_step(

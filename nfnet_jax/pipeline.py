@@ -1,0 +1,388 @@
+"""An input pipeline for training on your own images: folders or list files, decoded and augmented by grain workers.
+
+- `image_folder(root)` finds timm's ImageFolder samples (one sub-folder per class, class names in
+  natural sort order, files in natural sort order, timm's extensions); `list_file(path)` reads
+  `path<TAB>label` or `path,label` lines. `split` holds out a seeded, per-class fraction.
+- `TrainLoader` yields global steps of training batches: each epoch a fresh permutation drawn
+  from (seed, epoch); each global batch the next `global_batch_size` samples of it (the last,
+  partial batch of an epoch dropped, as timm's train loader does); each process reads only its
+  own rows (`nfnet_jax.parallel.process_rows`), in the order `parallel.global_batch` joins them.
+- Every sample's augmentation draws come from `numpy.random.default_rng((seed, epoch, index))`,
+  `index` being the sample's place in the data set. A batch is therefore a function of
+  (seed, step) only: it does not depend on the number of grain workers or processes, and a
+  loader started at step `s` yields exactly what an uninterrupted one yields from `s` on. The
+  position to save with a training checkpoint is `loader.position(step)`.
+- A file that cannot be decoded is replaced by the next sample of the epoch's order (so every
+  batch keeps its shape and stays deterministic); its name comes back with the batch
+  (`batch.skipped`) for the caller to report and count.
+
+The work runs in grain's `MapDataset`: worker processes (`workers`) decode and augment, each
+producing whole batches, while the main process trains.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    import grain
+except ImportError as err:  # an optional dependency: say how to get it
+    raise ImportError('nfnet_jax.pipeline needs grain: pip install "nfnet-jax[finetune]"') from err
+
+from nfnet_jax.data import load_image
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')  # timm's ImageFolder reads these, and only these
+# A decode failure is replaced by the next sample of the epoch; this many failures in a row mean the data is gone.
+MAX_REPLACEMENTS = 64
+
+
+def natural_key(text: str) -> list[Any]:
+    """timm's sort key: digit runs compare as numbers ('class2' < 'class10'), case ignored."""
+    return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', text.lower())]
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Image files, their class indices and the class names (index -> name)."""
+
+    files: tuple[str, ...]
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    source: str = ''
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Samples:
+        indices = np.asarray(indices, np.int64)
+        return Samples(tuple(self.files[i] for i in indices), self.labels[indices], self.class_names, self.source)
+
+    def counts(self) -> np.ndarray:
+        """How many samples each class has."""
+        return np.bincount(self.labels, minlength=len(self.class_names))
+
+
+def image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = None) -> Samples:
+    """timm's ImageFolder: the images under each sub-folder of `root` (searched recursively), one class per folder.
+
+    Class indices follow the folder names in natural sort order, unless `class_names` gives them
+    (a validation folder must use the training folder's). Raises a ValueError naming the problem
+    for an empty folder, image files outside any class folder, or a class folder with no image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f'{root}: no such folder')
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')), key=lambda p: p.name)
+    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose:
+        raise ValueError(
+            f'{root} has image files outside any class folder ({", ".join(sorted(loose)[:3])}...): '
+            'put each class in its own sub-folder'
+        )
+    if not folders:
+        raise ValueError(f'{root} has no class folders: expected one sub-folder of images per class')
+    names = sorted((p.name for p in folders), key=natural_key) if class_names is None else list(class_names)
+    index = {name: i for i, name in enumerate(names)}
+    samples: list[tuple[str, int]] = []
+    for folder in folders:
+        found = [
+            os.path.join(dirpath, name)
+            for dirpath, _, files in os.walk(folder, followlinks=True)
+            for name in files
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
+        if not found:
+            raise ValueError(f'class folder {folder} holds no image ({", ".join(IMAGE_EXTENSIONS)} files)')
+        if folder.name not in index:
+            raise ValueError(f'{folder}: class {folder.name!r} is not one of the training classes')
+        samples += [(path, index[folder.name]) for path in found]
+    samples.sort(key=lambda s: natural_key(s[0]))
+    return _samples(samples, names, str(root))
+
+
+def list_file(path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Samples:
+    """Samples from a text file of `path<TAB>label` lines, or a CSV of `path,label` (a header line is skipped).
+
+    Relative paths are relative to the list file. Labels are class names (indexed in natural
+    sort order, or as `class_names` gives them) or, when every label is a whole number, class
+    indices. Every file must exist: the missing ones are named in one error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such list file')
+    text = path.read_text(encoding='utf-8')
+    delimiter = '\t' if '\t' in text else ','
+    rows = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row and any(c.strip() for c in row)]
+    if rows and rows[0][0].strip().lower() in ('path', 'file', 'filename', 'image'):
+        rows = rows[1:]
+    bad = [i for i, row in enumerate(rows) if len(row) != 2]
+    if bad:
+        raise ValueError(f'{path}: line {bad[0] + 1} is not "path{delimiter!r}label": {rows[bad[0]]}')
+    files = [str(path.parent / row[0].strip()) for row in rows]
+    labels = [row[1].strip() for row in rows]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(
+            f'{path} names {len(missing)} missing file(s): {", ".join(missing[:5])}{"..." if len(missing) > 5 else ""}'
+        )
+    if class_names is not None:
+        names = list(class_names)
+    elif all(label.isdigit() for label in labels):
+        names = [str(i) for i in range(max(int(label) for label in labels) + 1)] if labels else []
+    else:
+        names = sorted(set(labels), key=natural_key)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f'{path}: labels {unknown[:5]} are not among the classes {names[:10]}')
+    return _samples([(f, index[label]) for f, label in zip(files, labels, strict=True)], names, str(path))
+
+
+def read_samples(source: str | os.PathLike, class_names: Sequence[str] | None = None) -> Samples:
+    """A folder (`image_folder`) or a list file (`list_file`)."""
+    return image_folder(source, class_names) if Path(source).is_dir() else list_file(source, class_names)
+
+
+def _samples(samples: list[tuple[str, int]], names: Sequence[str], source: str) -> Samples:
+    files = tuple(s[0] for s in samples)
+    return Samples(files, np.array([s[1] for s in samples], np.int32), tuple(names), source)
+
+
+def split(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """(train, held out): `fraction` of every class (rounded, at least one of a class with two or more), seeded."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f'the validation fraction must be between 0 and 1, got {fraction}')
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = []
+    for label in range(len(samples.class_names)):
+        members = rng.permutation(np.flatnonzero(samples.labels == label))
+        count = min(max(round(fraction * len(members)), 1), len(members) - 1) if len(members) > 1 else 0
+        held.append(members[:count])
+    held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    kept = np.setdiff1d(np.arange(len(samples)), held_out)
+    return samples.subset(kept), samples.subset(held_out)
+
+
+def check_samples(samples: Samples, what: str, min_classes: int = 2) -> None:
+    """Refuse, before any long work, what cannot train: too few classes, or a class whose images all fail to decode.
+
+    Each class's files are opened in order until one decodes, so a class of unreadable files is
+    found however big the data set is (and a readable data set costs one decode per class).
+    """
+    if len(samples) == 0:
+        raise ValueError(f'{what} ({samples.source}) holds no images')
+    present = np.flatnonzero(samples.counts())
+    if len(present) < min_classes:
+        raise ValueError(
+            f'{what} ({samples.source}) has {len(present)} class(es) with images; fine-tuning a classifier needs at '
+            f'least {min_classes}'
+        )
+    for label in present:
+        files = [f for f, lab in zip(samples.files, samples.labels, strict=True) if lab == label]
+        errors = []
+        for file in files:
+            try:
+                load_image(file)
+                break
+            except OSError as err:
+                errors.append(str(err))
+        else:
+            raise ValueError(
+                f'{what}: class {samples.class_names[label]!r} has no readable image ({len(files)} files; '
+                f'first error: {errors[0]})'
+            )
+
+
+@dataclass
+class Batch:
+    """This process's rows of one global batch: images (N, H, W, C) float32, labels (N,) int32."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    step: int
+    skipped: list[str] = field(default_factory=list)  # files that failed to decode, replaced by the next sample
+
+
+def _load(samples: Samples, order: np.ndarray, at: int, transform: Callable, rng_for: Callable | None) -> tuple:
+    """The sample at place `at` of `order`, or the next readable one; (image, label, skipped files)."""
+    skipped = []
+    for offset in range(MAX_REPLACEMENTS):
+        index = int(order[(at + offset) % len(order)])
+        try:
+            image = load_image(samples.files[index])
+        except OSError:
+            skipped.append(samples.files[index])
+            continue
+        pixels = transform(image) if rng_for is None else transform(image, rng_for(index))
+        return pixels, samples.labels[index], skipped
+    raise OSError(f'{MAX_REPLACEMENTS} files in a row could not be read, the last {skipped[-1]}: is the data there?')
+
+
+def _stack(rows: Sequence[tuple], step: int) -> Batch:
+    return Batch(
+        np.stack([r[0] for r in rows]).astype(np.float32, copy=False),
+        np.array([r[1] for r in rows], np.int32),
+        step,
+        [f for r in rows for f in r[2]],
+    )
+
+
+def _iterate(dataset: grain.MapDataset, workers: int, threads: int) -> Iterator[Any]:
+    """`dataset` read in order, by `workers` grain processes (0: `threads` threads of this process).
+
+    Each worker reads with `threads` threads too, so it has several batches in flight (PIL
+    releases the GIL while it decodes and resizes): with one thread, throughput fell by a third.
+    """
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=4))
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app, take the defaults
+            flags.FLAGS.mark_as_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(iter_dataset)
+
+
+class TrainLoader:
+    """Training batches for global steps `start_step` ..: this process's rows of each, augmented by `transform`.
+
+    `transform(image, rng)` is a training transform (`nfnet_jax.data.create_transform(...,
+    is_training=True)`). `process_index` / `process_count` default to JAX's, so each host of a
+    multi-host run reads only its own share.
+    """
+
+    def __init__(
+        self,
+        samples: Samples,
+        transform: Callable[[Any, np.random.Generator], np.ndarray],
+        global_batch_size: int,
+        *,
+        seed: int = 0,
+        epochs: int = 1,
+        start_step: int = 0,
+        workers: int = 0,
+        threads: int = 4,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if global_batch_size % process_count:
+            raise ValueError(f'the batch size {global_batch_size} must be a multiple of the {process_count} processes')
+        if len(samples) < global_batch_size:
+            raise ValueError(
+                f'{len(samples)} training images are fewer than one batch of {global_batch_size}: lower --batch-size'
+            )
+        self.samples, self.transform, self.seed, self.epochs = samples, transform, seed, epochs
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.first_row = process_index * self.local_batch_size
+        self.steps_per_epoch = len(samples) // global_batch_size
+        self.total_steps = epochs * self.steps_per_epoch
+        if not 0 <= start_step <= self.total_steps:
+            raise ValueError(f'start step {start_step} is outside the run of {self.total_steps} steps')
+        self.start_step, self.workers, self.threads = start_step, workers, threads
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of the samples: a function of (seed, epoch) alone."""
+        return _epoch_order(len(self.samples), self.seed, epoch)
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where the loader stands after `step` global steps: what a checkpoint saves to resume it."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        return {
+            'step': step,
+            'epoch': epoch,
+            'batch_in_epoch': batch,
+            'samples_seen': step * self.global_batch_size,
+            'seed': self.seed,
+            'global_batch_size': self.global_batch_size,
+            'num_samples': len(self.samples),
+        }
+
+    def batch(self, step: int) -> Batch:
+        """This process's rows of global step `step` (what iterating yields, computed here)."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        start = batch * self.global_batch_size + self.first_row
+        seed = self.seed
+
+        def rng_for(index: int) -> np.random.Generator:
+            return np.random.default_rng((seed, epoch, index))
+
+        rows = [_load(self.samples, order, start + r, self.transform, rng_for) for r in range(self.local_batch_size)]
+        return _stack(rows, step)
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step
+
+    def __iter__(self) -> Iterator[Batch]:
+        dataset = grain.MapDataset.range(self.start_step, self.total_steps).map(self.batch)
+        return _iterate(dataset, self.workers, self.threads)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng((seed, epoch)).permutation(num_samples)
+
+
+class EvalLoader:
+    """Evaluation batches of every sample once, in order, through `transform` (an eval transform).
+
+    Every global batch has `global_batch_size` rows; the last is padded with zero images
+    labelled -1, which `nfnet_jax.train.eval_step_fn` leaves out of its sums. A file that fails
+    to decode is left out the same way, and named in `batch.skipped`.
+    """
+
+    def __init__(
+        self,
+        samples: Samples,
+        transform: Callable[[Any], np.ndarray],
+        global_batch_size: int,
+        *,
+        workers: int = 0,
+        threads: int = 4,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        self.samples, self.transform, self.workers, self.threads = samples, transform, workers, threads
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.first_row = process_index * self.local_batch_size
+        self.num_batches = -(-len(samples) // global_batch_size)
+        height, width = transform.img_size
+        self.image_shape = (height, width, len(transform.mean))
+
+    def batch(self, index: int) -> Batch:
+        rows = []
+        for r in range(self.local_batch_size):
+            at = index * self.global_batch_size + self.first_row + r
+            if at >= len(self.samples):
+                rows.append((np.zeros(self.image_shape, np.float32), -1, []))
+                continue
+            try:
+                rows.append((self.transform(load_image(self.samples.files[at])), self.samples.labels[at], []))
+            except OSError:  # counted as skipped, left out of the accuracy like padding
+                rows.append((np.zeros(self.image_shape, np.float32), -1, [self.samples.files[at]]))
+        return _stack(rows, index)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        return _iterate(grain.MapDataset.range(self.num_batches).map(self.batch), self.workers, self.threads)
