@@ -277,7 +277,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error('--batch and --repeats must be at least 1 and --size at least 32')
     for path in (args.json, args.plot if args.sweep else None):  # checked now, not after minutes of work
         if path is not None:
-            refuse_existing(path, args.force)
+            try:
+                refuse_existing(path, args.force)
+            except FileExistsError as err:
+                parser.error(str(err))
         if path is not None and not path.parent.is_dir():
             parser.error(f'cannot write {path}: {path.parent} is not a directory')
     return args

@@ -86,6 +86,9 @@ def stop_while_writing(tmp_path: Path, signum: int, module: str, function: str, 
         stderr=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parents[1],
+        # A pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec: give the
+        # child the default, as a command started from a shell has, so Python turns Ctrl-C into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = iter(process.stdout.readline, '')
