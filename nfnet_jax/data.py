@@ -155,23 +155,16 @@ def create_transform(
     crop_pct: float | None = None,
     crop_mode: str | None = None,
     no_aug: bool = False,
-    scale: tuple[float, float] | None = None,
-    ratio: tuple[float, float] | None = None,
-    hflip: float = 0.5,
-    vflip: float = 0.0,
-    color_jitter: float | Sequence[float] | None = 0.4,
-    color_jitter_prob: float | None = None,
-    grayscale_prob: float = 0.0,
-    auto_augment: str | None = None,
-    re_prob: float = 0.0,
-    re_mode: str = 'const',
-    re_count: int = 1,
+    **train_options: Any,
 ) -> EvalTransform | TrainTransform:
     """timm's `create_transform`: `input_size` is an int, (H, W) or (C, H, W).
 
     Defaults are timm's: bilinear, crop_pct 0.875, center crop. `is_training=True` gives
-    `nfnet_jax.augment.TrainTransform` (timm's training transform, taking the training options
-    below crop_mode), or with `no_aug` timm's resize and center crop; otherwise an EvalTransform.
+    `nfnet_jax.augment.TrainTransform` (timm's training transform; `train_options` are
+    `create_train_transform`'s: scale, ratio, hflip, vflip, color_jitter, color_jitter_prob,
+    grayscale_prob, auto_augment, re_prob, re_mode, re_count, with timm's defaults), or with
+    `no_aug` timm's resize and center crop; otherwise an EvalTransform (training options are
+    ignored, as in timm).
     """
     if is_training:
         from nfnet_jax.augment import create_no_aug_transform, create_train_transform  # they build on this module
@@ -179,23 +172,7 @@ def create_transform(
         img_size = input_size if isinstance(input_size, int) else input_size[-2:]
         if no_aug:
             return create_no_aug_transform(img_size, interpolation, mean, std)
-        return create_train_transform(
-            img_size,
-            scale=scale,
-            ratio=ratio,
-            hflip=hflip,
-            vflip=vflip,
-            color_jitter=color_jitter,
-            color_jitter_prob=color_jitter_prob,
-            grayscale_prob=grayscale_prob,
-            auto_augment=auto_augment,
-            interpolation=interpolation,
-            mean=mean,
-            std=std,
-            re_prob=re_prob,
-            re_mode=re_mode,
-            re_count=re_count,
-        )
+        return create_train_transform(img_size, interpolation=interpolation, mean=mean, std=std, **train_options)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f'unknown interpolation {interpolation!r}; choose one of {", ".join(INTERPOLATIONS)}')
     crop_mode = crop_mode or 'center'

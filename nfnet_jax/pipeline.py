@@ -50,6 +50,15 @@ def natural_key(text: str) -> list[Any]:
     return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', text.lower())]
 
 
+def this_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(this process's index, the number of processes): JAX's, unless both are given (tests, tools)."""
+    if process_index is None or process_count is None:
+        import jax
+
+        return jax.process_index(), jax.process_count()
+    return process_index, process_count
+
+
 @dataclass(frozen=True)
 class Samples:
     """Image files, their class indices and the class names (index -> name)."""
@@ -274,10 +283,7 @@ class TrainLoader:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
+        process_index, process_count = this_process(process_index, process_count)
         if global_batch_size % process_count:
             raise ValueError(f'the batch size {global_batch_size} must be a multiple of the {process_count} processes')
         if len(samples) < global_batch_size:
@@ -356,10 +362,7 @@ class EvalLoader:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index, process_count = jax.process_index(), jax.process_count()
+        process_index, process_count = this_process(process_index, process_count)
         self.samples, self.transform, self.workers, self.threads = samples, transform, workers, threads
         self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
