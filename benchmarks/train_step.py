@@ -4,10 +4,11 @@
 
 Both sides do the same work per step: forward, cross entropy with label smoothing 0.1,
 backward, timm's AGC (clip 0.01, head excluded), SGD with Nesterov momentum and weight decay.
-timm runs eager in float32 (NCHW and channels_last), on the GPU when torch sees one; nfnet_jax
+timm runs in float32 eager (NCHW and channels_last) and under `torch.compile` (channels_last;
+forward and backward compiled, the optimizer eager), on the GPU when torch sees one; nfnet_jax
 runs its jitted `train_step` in float32 on JAX's default device. Timed steps alternate between
 the configurations, so load from other processes hits them alike; each reports the median
-seconds per step and its first step (compilation included for JAX).
+seconds per step and its first step (compilation included), and nfnet_jax's speed against each.
 """
 
 from __future__ import annotations
@@ -23,11 +24,16 @@ import numpy as np
 
 from nfnet_jax.cli import progress
 
+JAX_CONFIG = 'nfnet_jax jit'
+
 
 def timm_step(
-    model, channels_last: bool, images: np.ndarray, labels: np.ndarray, device: str = 'cpu'
+    model, channels_last: bool, images: np.ndarray, labels: np.ndarray, device: str = 'cpu', compile: bool = False
 ) -> Callable[[], None]:
-    """One timm training step on `device` ('cpu' or 'cuda'), returning when its work is done."""
+    """One timm training step on `device` ('cpu' or 'cuda'), returning when its work is done.
+
+    With `compile`, the model's forward and backward run through `torch.compile`.
+    """
     import torch
     from timm.models import model_parameters
     from timm.utils.agc import adaptive_clip_grad
@@ -38,10 +44,11 @@ def timm_step(
     y = torch.from_numpy(labels).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=2e-5)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    forward = torch.compile(model) if compile else model
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(forward(x), y).backward()
         adaptive_clip_grad(model_parameters(model, exclude_head=True), clip_factor=0.01)
         optimizer.step()
         if device != 'cpu':
@@ -63,30 +70,41 @@ def jax_step(timm_model, images: np.ndarray, labels: np.ndarray) -> Callable[[],
     return step
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--model', default='dm_nfnet_f0')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=160)
-    parser.add_argument('--steps', type=int, default=5, help='timed steps per configuration')
-    args = parser.parse_args(argv)
-
+def build_steps(model_name: str, batch: int, size: int, device: str, compile: bool) -> dict[str, Callable[[], None]]:
+    """The configurations' steps on one random batch, timm's init converted for nfnet_jax."""
     import copy
 
     import timm
     import torch
 
     rng = np.random.default_rng(0)
-    images = rng.standard_normal((args.batch, args.size, args.size, 3)).astype(np.float32)
-    labels = rng.integers(0, 1000, args.batch)
+    images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, 1000, batch)
     torch.manual_seed(0)
-    reference = timm.create_model(args.model)
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    reference = timm.create_model(model_name)
     steps = {
         'timm eager NCHW': timm_step(copy.deepcopy(reference), False, images, labels, device),
         'timm eager channels_last': timm_step(copy.deepcopy(reference), True, images, labels, device),
-        f'nfnet_jax jit ({jax.default_backend()})': jax_step(reference, images, labels),
     }
+    if compile:
+        steps['timm compile channels_last'] = timm_step(copy.deepcopy(reference), True, images, labels, device, True)
+    steps[f'{JAX_CONFIG} ({jax.default_backend()})'] = jax_step(reference, images, labels)
+    return steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--model', default='dm_nfnet_f0')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--size', type=int, default=160)
+    parser.add_argument('--steps', type=int, default=5, help='timed steps per configuration')
+    parser.add_argument('--skip-compile', action='store_true', help='leave out torch.compile (minutes on CPU)')
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    steps = build_steps(args.model, args.batch, args.size, device, not args.skip_compile)
     first, times = {}, {name: [] for name in steps}
     for name, step in progress(steps.items(), desc='first steps (compiling)'):
         start = time.perf_counter()
@@ -98,15 +116,18 @@ def main(argv: list[str] | None = None) -> None:
             step()
             times[name].append(time.perf_counter() - start)
 
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ours = next(value for name, value in medians.items() if name.startswith(JAX_CONFIG))
     print(
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, float32, '
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
         f'jax {jax.__version__} on {jax.devices()[0].device_kind}'
     )
-    print('| configuration | median s/step | steps/s | images/s | first step s |\n|---|---|---|---|---|')
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f'| {name} | {median:.2f} | {1 / median:.3f} | {args.batch / median:.1f} | {first[name]:.1f} |')
+    print('| configuration | median s/step | images/s | first step s | nfnet_jax / this |\n|---|---|---|---|---|')
+    for name, median in medians.items():
+        print(f'| {name} | {median:.2f} | {args.batch / median:.2f} | {first[name]:.1f} | {median / ours:.2f}x |')
+    best_timm = min(value for name, value in medians.items() if not name.startswith(JAX_CONFIG))
+    print(f'nfnet_jax / best timm: {best_timm / ours:.2f}x')
 
 
 if __name__ == '__main__':
