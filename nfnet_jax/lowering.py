@@ -11,7 +11,11 @@ XLA:CPU hands convolutions to YNNPACK by default. On NFNets' 3x3 convolutions (o
 see `conv2d`) XLA's own Eigen convolutions are faster: 110-140 GFLOP/s against YNNPACK's
 95-120 on the shapes of dm_nfnet_f0 at batch 8 on an AVX2 machine, 7-8% more images/s for the
 whole network. So on CPU the list of op kinds given to YNNPACK is XLA's default without
-convolutions: matmuls and reductions stay there. Other platforms compile with XLA's defaults.
+convolutions: matmuls and reductions stay there. Training steps on CPU also take XLA's
+memory-optimised scheduler: measured on dm_nfnet_f0's step (batch 8, 160 px, an AVX-512 Xeon) it
+cuts the step's temporary memory from 810 to 552 MiB and runs 1.10x faster, with the same
+results bit for bit. Inference keeps the default scheduler (-13 to -29% memory, but 2-4% slower).
+Other platforms compile with XLA's defaults.
 """
 
 from __future__ import annotations
@@ -26,11 +30,17 @@ import jax.numpy as jnp
 Array = jax.Array
 
 CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+CPU_TRAINING_OPTIONS = {**CPU_OPTIONS, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 
 
-def compiler_options(platform: str | None) -> dict[str, str] | None:
-    """The options for `jax.jit(..., compiler_options=)` on `platform` ('cpu', 'gpu', 'tpu'); None: XLA's defaults."""
-    return dict(CPU_OPTIONS) if platform == 'cpu' else None
+def compiler_options(platform: str | None, training: bool = False) -> dict[str, str] | None:
+    """The options for `jax.jit(..., compiler_options=)` on `platform` ('cpu', 'gpu', 'tpu'); None: XLA's defaults.
+
+    `training`: the options for a training step (forward, backward and update in one program).
+    """
+    if platform != 'cpu':
+        return None
+    return dict(CPU_TRAINING_OPTIONS if training else CPU_OPTIONS)
 
 
 def platform_of(tree: Any) -> str | None:
@@ -47,9 +57,9 @@ def platform_of(tree: Any) -> str | None:
     return jax.default_backend() if first is None else next(iter(first.devices())).platform
 
 
-def jit(fn: Callable[..., Any], platform: str | None, **jit_kwargs: Any) -> Callable[..., Any]:
+def jit(fn: Callable[..., Any], platform: str | None, training: bool = False, **jit_kwargs: Any) -> Callable[..., Any]:
     """`jax.jit(fn, **jit_kwargs)` with the compiler options of `platform` (a top-level jit only)."""
-    return jax.jit(fn, compiler_options=compiler_options(platform), **jit_kwargs)
+    return jax.jit(fn, compiler_options=compiler_options(platform, training), **jit_kwargs)
 
 
 def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = None, **conv_kwargs: Any) -> Array:

@@ -165,16 +165,19 @@ def test_every_top_level_jit_compiles_with_the_platform_options(tmp_path):
     env.pop('JAX_COMPILATION_CACHE_DIR', None)  # every program must compile (and be dumped), none come from the cache
     subprocess.run([sys.executable, str(worker)], check=True, cwd=REPO, env=env, timeout=600)
     fusion_types: dict[str, list[list[str]]] = {}
+    schedulers: dict[str, list[list[str]]] = {}
     for path in (tmp_path / 'dump').glob('*.debug_options'):
-        name = path.name.split('.')[1]
-        fusion_types.setdefault(name, []).append(
-            re.findall(r'xla_cpu_experimental_ynn_fusion_type: (\w+)', path.read_text(errors='replace'))
-        )
+        name, text = path.name.split('.')[1], path.read_text(errors='replace')
+        fusion_types.setdefault(name, []).append(re.findall(r'xla_cpu_experimental_ynn_fusion_type: (\w+)', text))
+        schedulers.setdefault(name, []).append(re.findall(r'xla_cpu_scheduler_type: (\w+)', text))
     ours = ['LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT', 'LIBRARY_FUSION_TYPE_REDUCE']
     assert ours == nfnet_jax.compiler_options('cpu')['xla_cpu_experimental_ynn_fusion_type'].split(',')
     for name in ('jit_apply', 'jit_pure_train_step', 'jit_pure_eval_step'):  # plain and sharded, each
         assert fusion_types.get(name) == [ours, ours], name
     assert fusion_types.get('jit_users_jit') == [[]]
+    # Training steps alone take the memory-optimised scheduler.
+    assert schedulers['jit_pure_train_step'] == [['CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED']] * 2
+    assert schedulers['jit_apply'] == schedulers['jit_pure_eval_step'] == [[], []]
 
 
 def test_bfloat16_compute_from_float32_params():

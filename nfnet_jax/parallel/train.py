@@ -61,6 +61,7 @@ class ShardedTrainer:
         self._train = lowering.jit(
             partial(pure_train_step, label_smoothing=label_smoothing),
             platform,
+            training=True,
             static_argnums=0,
             in_shardings=(self.state_shardings, data, data),
             out_shardings=(self.state_shardings, metrics),

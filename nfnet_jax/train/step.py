@@ -91,7 +91,7 @@ def pure_eval_step(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, 
 def compiled_steps(platform: str | None) -> tuple[Callable[..., tuple[nnx.State, Metrics]], Callable[..., Metrics]]:
     """The jitted (pure_train_step, pure_eval_step) with `platform`'s compiler options (None: XLA's defaults)."""
     return (
-        lowering.jit(pure_train_step, platform, static_argnums=(0, 4)),
+        lowering.jit(pure_train_step, platform, training=True, static_argnums=(0, 4)),
         lowering.jit(pure_eval_step, platform, static_argnums=0),
     )
 
