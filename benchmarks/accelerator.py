@@ -44,10 +44,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from benchmarks.markdown import fmt, table
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ('parity', 'vs_timm', 'train_step', 'sharded_inference')
@@ -273,14 +274,6 @@ def write_reports(report: dict[str, Any], json_path: Path, markdown_path: Path) 
     atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(markdown, encoding='utf-8'), force=True)
 
 
-def fmt(value: Any, spec: str = '.2f') -> str:
-    if value is None:
-        return 'n/a'
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
-
-
 def render_markdown(report: dict[str, Any]) -> str:
     machine, env = report['machine'], report.get('environment') or {}
     lines = [
@@ -292,8 +285,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         '',
         '## Machine',
         '',
-        '| item | value |',
-        '|---|---|',
     ]
     gpus = machine.get('gpus') or []
     rows = [
@@ -312,15 +303,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         ('python', machine.get('python')),
         ('nfnet_jax commit', machine.get('nfnet_jax_commit')),
     ]
-    lines += [f'| {name} | {fmt(value)} |' for name, value in rows]
-    lines += ['', '## Steps', '', '| step | status | seconds | budget s | notes |', '|---|---|---|---|---|']
+    lines += table(('item', 'value'), rows)
+    steps = []
     for name, step in report['steps'].items():
         notes = [step.get('error') or '', *(f'skipped {s["what"]}: {s["why"]}' for s in step.get('skipped', []))]
         notes += [f'{e["what"]}: {e["error"]}' for e in step.get('errors', [])]
-        lines.append(
-            f'| {name} | {step["status"]} | {fmt(step.get("elapsed_s"), ".0f")} | {fmt(step.get("budget_s"), ".0f")} '
-            f'| {"; ".join(n for n in notes if n).replace("|", "/")} |'
-        )
+        seconds = (fmt(step.get(key), '.0f') for key in ('elapsed_s', 'budget_s'))
+        steps.append((name, step['status'], *seconds, '; '.join(n for n in notes if n).replace('|', '/')))
+    lines += ['', '## Steps', '', *table(('step', 'status', 'seconds', 'budget s', 'notes'), steps)]
     for name, render in (
         ('parity', render_parity),
         ('vs_timm', render_vs_timm),
@@ -338,19 +328,17 @@ def render_parity(results: dict[str, Any]) -> list[str]:
         'max|ours - timm| / max|timm| over each output, against timm float32 on the CPU; '
         f'the tolerance is {results.get("tolerance")}.',
         '',
-        '| model | size | nfnet_jax highest | nfnet_jax default | fast path (highest) | fast path (default) '
-        '| timm on device, TF32 off | timm on device, torch defaults | pass |',
-        '|---|---|---|---|---|---|---|---|---|',
     ]
-    for model, sizes in results.get('models', {}).items():
-        for size, r in sizes.items():
-            lines.append(
-                f'| {model} | {size} | {fmt(r.get("highest"), ".1e")} | {fmt(r.get("default"), ".1e")} '
-                f'| {fmt(r.get("fast path highest"), ".1e")} | {fmt(r.get("fast path default"), ".1e")} '
-                f'| {fmt(r.get("timm on device, TF32 off"), ".1e")} | {fmt(r.get("timm on device, defaults"), ".1e")} '
-                f'| {"yes" if r.get("pass") else "NO"} |'
-            )
-    return lines
+    columns = ('nfnet_jax highest', 'nfnet_jax default', 'fast path (highest)', 'fast path (default)')
+    columns += ('timm on device, TF32 off', 'timm on device, torch defaults')
+    keys = ('highest', 'default', 'fast path highest', 'fast path default')
+    keys += ('timm on device, TF32 off', 'timm on device, defaults')
+    rows = [
+        (model, size, *(fmt(r.get(key), '.1e') for key in keys), 'yes' if r.get('pass') else 'NO')
+        for model, sizes in results.get('models', {}).items()
+        for size, r in sizes.items()
+    ]
+    return lines + table(('model', 'size', *columns, 'pass'), rows)
 
 
 def render_vs_timm(results: dict[str, Any]) -> list[str]:
@@ -359,17 +347,17 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
         'calls per configuration, round-robin. bfloat16: timm under autocast, nfnet_jax with dtype=bfloat16; '
         'float32: both at their default precision (on NVIDIA GPUs, TF32 convolutions).',
         '',
-        '| dtype | batch | configuration | images/s median (best) | ms/batch | first call s | nfnet_jax / this |',
-        '|---|---|---|---|---|---|---|',
     ]
+    columns = ('dtype', 'batch', 'configuration', 'images/s median (best)', 'ms/batch', 'first call s')
+    rows = []
     for run in results.get('runs', []):
         ours = run['results'].get('nfnet_jax jit', {}).get('images_per_s')
         for name, r in run['results'].items():
             ratio = f'{ours / r["images_per_s"]:.2f}x' if ours else 'n/a'
-            lines.append(
-                f'| {run["dtype"]} | {run["batch"]} | {name} | {r["images_per_s"]:.1f} ({r["best_images_per_s"]:.1f}) '
-                f'| {1e3 * statistics.median(r["run_s"]):.2f} | {r["first_call_s"]:.1f} | {ratio} |'
-            )
+            rate = f'{r["images_per_s"]:.1f} ({r["best_images_per_s"]:.1f})'
+            ms = 1e3 * statistics.median(r['run_s'])
+            rows.append((run['dtype'], run['batch'], name, rate, f'{ms:.2f}', f'{r["first_call_s"]:.1f}', ratio))
+    lines += table((*columns, 'nfnet_jax / this'), rows)
     errors = [
         f'{run["dtype"]} batch {run["batch"]}: {run["logits_rel_error_vs_timm"]:.1e}' for run in results.get('runs', [])
     ]
@@ -383,17 +371,13 @@ def render_train(results: dict[str, Any]) -> list[str]:
         f'{results.get("model")}, batch {results.get("batch")} at {results.get("size")}x{results.get("size")}, '
         'float32 on both sides (default precision), SGD + AGC as benchmarks.train_step.',
         '',
-        '| configuration | median s/step | images/s | first step s | timed steps |',
-        '|---|---|---|---|---|',
     ]
+    rows = []
     for name, r in results.get('configs', {}).items():
         median = statistics.median(r['step_s']) if r['step_s'] else None
         images = results['batch'] / median if median else None
-        lines.append(
-            f'| {name} | {fmt(median, ".3f")} | {fmt(images, ".1f")} | {fmt(r["first_step_s"], ".1f")} '
-            f'| {len(r["step_s"])} |'
-        )
-    return lines
+        rows.append((name, fmt(median, '.3f'), fmt(images, '.1f'), fmt(r['first_step_s'], '.1f'), len(r['step_s'])))
+    return lines + table(('configuration', 'median s/step', 'images/s', 'first step s', 'timed steps'), rows)
 
 
 def render_sharded(results: dict[str, Any]) -> list[str]:
@@ -401,12 +385,10 @@ def render_sharded(results: dict[str, Any]) -> list[str]:
         f'{results.get("model")}, float32, global batch {results.get("batch")} at {results.get("size")}x'
         f'{results.get("size")}, {results.get("devices")} {results.get("platform")} device(s).',
         '',
-        '| configuration | images/s median | images/s best | first call s |',
-        '|---|---|---|---|',
     ]
-    for name, r in results.get('configs', {}).items():
-        lines.append(f'| {name} | {r["images_s_median"]:.1f} | {r["images_s_best"]:.1f} | {r["first_s"]:.1f} |')
-    return lines
+    keys = ('images_s_median', 'images_s_best', 'first_s')
+    rows = [(name, *(f'{r[key]:.1f}' for key in keys)) for name, r in results.get('configs', {}).items()]
+    return lines + table(('configuration', 'images/s median', 'images/s best', 'first call s'), rows)
 
 
 # --- the watching process --------------------------------------------------------------------------------------------
@@ -868,15 +850,10 @@ def parity(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
 
 
 def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
-    import jax.numpy as jnp
-    import timm
     import torch
 
-    import nfnet_jax
     from benchmarks import vs_timm as bench
     from nfnet_jax.cli import log, progress
-    from nfnet_jax.numerics import relative_error
-    from nfnet_jax.weights import convert_state_dict
 
     _, torch_device = check_devices(gpu)
     if gpu:
@@ -895,17 +872,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
         for name, seconds in (first_calls or {}).items():
             results[name].first_call_s = seconds
         log(bench.table(results))
-        return dict(
-            dtype=dtype,
-            batch=batch,
-            size=size,
-            results={
-                name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s)
-                for name, r in results.items()
-            },
-            ratios=bench.ratios(results),
-            logits_rel_error_vs_timm=relative_error(logits[bench.JAX_CONFIG], logits[bench.TIMM_CONFIGS[0]]),
-        )
+        return dict(dtype=dtype, **bench.shape_record(results, logits))
 
     plain_s: list[float] = []  # each shape's time without torch.compile
     compile_s: list[float] = []  # torch.compile's first call per shape
@@ -934,15 +901,8 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
             if built.get('dtype') != dtype:
                 built.clear()
                 gc.collect()
-                torch.manual_seed(0)
-                timm_model = timm.create_model(model_name, pretrained=False).eval().to(torch_device)
-                params = convert_state_dict({k: v.cpu() for k, v in timm_model.state_dict().items()}, model_name)
-                jax_dtype = jnp.bfloat16 if dtype == 'bfloat16' else None
-                built.update(
-                    dtype=dtype,
-                    timm=timm_model,
-                    jax=nfnet_jax.create_model(model_name, params=params, dtype=jax_dtype),
-                )
+                timm_model, jax_model = bench.build_models(model_name, dtype, torch_device)
+                built.update(dtype=dtype, timm=timm_model, jax=jax_model)
             runners = bench.build_runners(batch, size, dtype, gpu, built['timm'], built['jax'], use_compile)
             compiled = bench.TIMM_CONFIGS[2]
             compiled_call = runners.pop(compiled, None)  # torch.compile compiles on its first call

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import markdown
+
 CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 
@@ -79,11 +81,8 @@ def measure(model_name: str, batch: int, size: int, cache: Path) -> dict[str, di
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     columns = ('import_s', 'build_model_s', 'prepare_s', 'first_call_s', 'second_call_s', 'cache_hits')
-    lines = ['| process | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
-    for name, r in results.items():
-        cells = [f'{r[c]:.2f}' if isinstance(r[c], float) else str(r[c]) for c in columns]
-        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+    rows = [(name, *(r[c] for c in columns)) for name, r in results.items()]
+    return '\n'.join(markdown.table(('process', *columns), rows))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

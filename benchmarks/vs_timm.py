@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks import markdown
+
 SWEEP_BATCHES = (1, 8, 32)
 SWEEP_SIZES = (192, 256, 320)
 TIMM_CONFIGS = ('timm eager NCHW', 'timm eager channels_last', 'timm compile channels_last')
@@ -109,6 +111,23 @@ def _rss_kib(field_name: str) -> int:
     raise OSError(f'{field_name} not in /proc/self/status')
 
 
+def build_models(model_name: str, dtype: str, torch_device: str) -> tuple[Any, Any]:
+    """timm's model (its own random init, seeded, in eval mode on `torch_device`) and nfnet_jax's, converted
+    from it and computing in bfloat16 when `dtype` is 'bfloat16'."""
+    import jax.numpy as jnp
+    import timm
+    import torch
+
+    import nfnet_jax
+    from nfnet_jax.weights import convert_state_dict
+
+    torch.manual_seed(0)
+    timm_model = timm.create_model(model_name, pretrained=False).eval().to(torch_device)
+    params = convert_state_dict(timm_model.state_dict(), model_name)
+    jax_model = nfnet_jax.create_model(model_name, params=params, dtype=jnp.bfloat16 if dtype == 'bfloat16' else None)
+    return timm_model, jax_model
+
+
 def build_runners(
     batch: int, size: int, dtype: str, gpu: bool, timm_model: Any, jax_model: Any, compile_timm: bool
 ) -> dict[str, Callable[[], Any]]:
@@ -187,6 +206,24 @@ def ratios(results: dict[str, Result]) -> dict[str, float]:
     return out
 
 
+def shape_record(results: dict[str, Result], logits: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One measured shape as the JSON reports keep it: every configuration's figures, the speed ratios, and
+    nfnet_jax's logits against timm eager's."""
+    from nfnet_jax.numerics import relative_error
+
+    first = next(iter(results.values()))
+    return dict(
+        batch=first.batch,
+        size=first.size,
+        results={
+            name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s)
+            for name, r in results.items()
+        },
+        ratios=ratios(results),
+        logits_rel_error_vs_timm=relative_error(logits[JAX_CONFIG], logits[TIMM_CONFIGS[0]]),
+    )
+
+
 def table(results: dict[str, Result]) -> str:
     ours = results[JAX_CONFIG].images_per_s
     header = (
@@ -198,19 +235,23 @@ def table(results: dict[str, Result]) -> str:
         'ms/batch (median)',
         'first call s',
         'peak MiB first / warm call',
+        'nfnet_jax / this',
     )
-    lines = ['| ' + ' | '.join((*header, 'nfnet_jax / this')) + ' |', '|---' * (len(header) + 1) + '|']
-
-    def mib(value: float | None) -> str:
-        return 'n/a' if value is None else f'{value:.0f}'
-
-    for r in results.values():
-        lines.append(
-            f'| {r.name} | {r.batch} | {r.size} | {r.images_per_s:.2f} | {r.best_images_per_s:.2f} '
-            f'| {1e3 * statistics.median(r.run_s):.1f} | {r.first_call_s:.1f} '
-            f'| {mib(r.first_call_peak_mib)} / {mib(r.warm_call_peak_mib)} | {ours / r.images_per_s:.2f}x |'
+    rows = [
+        (
+            r.name,
+            r.batch,
+            r.size,
+            r.images_per_s,
+            r.best_images_per_s,
+            f'{1e3 * statistics.median(r.run_s):.1f}',
+            f'{r.first_call_s:.1f}',
+            f'{markdown.fmt(r.first_call_peak_mib, ".0f")} / {markdown.fmt(r.warm_call_peak_mib, ".0f")}',
+            f'{ours / r.images_per_s:.2f}x',
         )
-    return '\n'.join(lines)
+        for r in results.values()
+    ]
+    return '\n'.join(markdown.table(header, rows))
 
 
 def environment(dtype: str, gpu: bool) -> dict[str, Any]:
@@ -288,26 +329,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    import jax.numpy as jnp
-    import timm
     import torch
 
-    import nfnet_jax
     from nfnet_jax.cli import progress
     from nfnet_jax.files import atomic_write
-    from nfnet_jax.numerics import relative_error
-    from nfnet_jax.weights import convert_state_dict
 
     gpu = torch.cuda.is_available()
     dtype = args.dtype or ('bfloat16' if gpu else 'float32')
     shapes = [(b, s) for s in SWEEP_SIZES for b in SWEEP_BATCHES] if args.sweep else [(args.batch, args.size)]
 
     print(f'building {args.model} in timm and converting it to nfnet_jax ...', file=sys.stderr)
-    torch.manual_seed(0)
-    timm_model = timm.create_model(args.model, pretrained=False).eval().to('cuda' if gpu else 'cpu')
-    params = convert_state_dict(timm_model.state_dict(), args.model)
-    jax_model = nfnet_jax.create_model(args.model, params=params, dtype=jnp.bfloat16 if dtype == 'bfloat16' else None)
-    del params
+    timm_model, jax_model = build_models(args.model, dtype, 'cuda' if gpu else 'cpu')
 
     report: dict[str, Any] = dict(model=args.model, repeats=args.repeats, **environment(dtype, gpu), runs=[])
     calls_per_shape = len(TIMM_CONFIGS) + 1 - args.skip_compile
@@ -315,16 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for batch, size in shapes:
             runners = build_runners(batch, size, dtype, gpu, timm_model, jax_model, not args.skip_compile)
             results, logits = measure(runners, batch, size, args.repeats, gpu, bar)
-            run = dict(
-                batch=batch,
-                size=size,
-                results={
-                    name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s)
-                    for name, r in results.items()
-                },
-                ratios=ratios(results),
-                logits_rel_error_vs_timm=relative_error(logits[JAX_CONFIG], logits[TIMM_CONFIGS[0]]),
-            )
+            run = shape_record(results, logits)
             report['runs'].append(run)
             bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
             bar.write(table(results))

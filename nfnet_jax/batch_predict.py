@@ -48,6 +48,7 @@ from nfnet_jax.cli import (
     add_image_arguments,
     add_model_arguments,
     apply_image_arguments,
+    check_model_arguments,
     initialize_from_args,
     load_model,
     log,
@@ -255,8 +256,7 @@ def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         'files': len(files),
         'files_sha256': hashlib.sha256(file_list_bytes(files)).hexdigest(),
     }
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise FileNotFoundError(f'{args.checkpoint}: no such checkpoint')
+    check_model_arguments(args)
     # Refused before the model loads. Only process 0 may find the folder half-made by itself; the
     # others check a manifest only once it is there (it is written atomically).
     check_output_folder(args.output)

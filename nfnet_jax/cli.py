@@ -19,6 +19,7 @@ from nfnet_jax.factory import create_model, load_checkpoint
 from nfnet_jax.files import OutputError, Terminated, exit_on_signals
 from nfnet_jax.model import NormFreeNet
 from nfnet_jax.parallel.mesh import initialize_distributed
+from nfnet_jax.pretrained import resolve_name
 from nfnet_jax.weights.params import CheckpointError
 
 # Errors that mean the input was wrong: the message says what to do, a traceback would only hide it.
@@ -86,11 +87,23 @@ def progress(
     return _LineProgress(iterable, total=total, file=file, mininterval=LOG_INTERVAL_S, **kwargs)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model NAME.TAG | --checkpoint FILE`, read by `load_model`."""
+def add_model_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model_help: str = 'pretrained arch.tag from the Hugging Face hub, e.g. dm_nfnet_f0.dm_in1k',
+) -> None:
+    """`--model NAME.TAG | --checkpoint FILE` (one of them required), checked by `check_model_arguments` and read
+    by `load_model`. `model_help` is for a command that reads `--model` its own way."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument('--model', help='pretrained arch.tag from the Hugging Face hub, e.g. dm_nfnet_f0.dm_in1k')
+    source.add_argument('--model', help=model_help)
     source.add_argument('--checkpoint', type=Path, help='a checkpoint written by python -m convert.from_timm')
+
+
+def check_model_arguments(args: argparse.Namespace) -> None:
+    """`add_model_arguments`' flags checked before anything is loaded: a known name, or a checkpoint that is there."""
+    if args.model is not None:
+        resolve_name(args.model)
+    elif not args.checkpoint.is_file():
+        raise FileNotFoundError(f'no checkpoint at {args.checkpoint}')
 
 
 def load_model(args: argparse.Namespace, **model_kwargs: Any) -> NormFreeNet:

@@ -7,7 +7,7 @@ Field names, defaults and every table entry are copied from timm 1.0.31
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -113,22 +113,8 @@ def _dm_nfnet_cfg(
     skipinit: bool = True,
 ) -> NfCfg:
     """NFNet-F as DeepMind trained them: gamma in the activations, SAME padding, skipinit gains."""
-    return NfCfg(
-        depths=depths,
-        channels=channels,
-        stem_type='deep_quad',
-        stem_chs=128,
-        group_size=128,
-        bottle_ratio=0.5,
-        extra_conv=True,
-        gamma_in_act=True,
-        same_padding=True,
-        skipinit=skipinit,
-        num_features=int(channels[-1] * 2.0),
-        act_layer=act_layer,
-        attn_layer='se',
-        attn_kwargs=dict(rd_ratio=0.5),
-    )
+    cfg = _nfnet_cfg(depths, channels, act_layer=act_layer)
+    return replace(cfg, gamma_in_act=True, same_padding=True, skipinit=skipinit)
 
 
 _light = dict(feat_mult=1.5, group_size=64, bottle_ratio=0.25, act_layer='silu')

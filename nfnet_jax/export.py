@@ -24,10 +24,9 @@ import jax.numpy as jnp
 
 import nfnet_jax
 from nfnet_jax import inference
-from nfnet_jax.cli import add_model_arguments, load_model, log, run_command
+from nfnet_jax.cli import add_model_arguments, check_model_arguments, load_model, log, run_command
 from nfnet_jax.files import atomic_write, check_output
 from nfnet_jax.model import NormFreeNet
-from nfnet_jax.pretrained import resolve_name
 
 OUTPUTS = ('logits', 'embeddings', 'features')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
@@ -150,10 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f'--size must be at least 1, not {args.size}')
     check_output(args.out, args.force)
     check_output(sidecar_path(args.out), args.force)
-    if args.model is not None:
-        resolve_name(args.model)
-    elif not args.checkpoint.is_file():
-        raise FileNotFoundError(f'no checkpoint at {args.checkpoint}')
+    check_model_arguments(args)
 
     model = load_model(args, dtype=DTYPES[args.dtype], precision=args.precision)
     exported = export_inference(model, output=args.output, batch=batch, size=args.size, platforms=platforms)

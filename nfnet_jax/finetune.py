@@ -38,7 +38,15 @@ import numpy as np
 from flax import nnx
 
 from nfnet_jax import parallel, pipeline
-from nfnet_jax.cli import add_distributed_arguments, initialize_from_args, log, progress, run_command
+from nfnet_jax.cli import (
+    add_distributed_arguments,
+    add_model_arguments,
+    check_model_arguments,
+    initialize_from_args,
+    log,
+    progress,
+    run_command,
+)
 from nfnet_jax.data import create_transform, resolve_model_data_config
 from nfnet_jax.factory import create_model
 from nfnet_jax.files import atomic_write
@@ -63,9 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument('--val-split', type=float, help='hold out this fraction of --data, per class (default 0.1)')
     data.add_argument('--workers', type=int, default=4, help='grain worker processes decoding and augmenting')
     model = parser.add_argument_group('model')
-    source = model.add_mutually_exclusive_group(required=True)
-    source.add_argument('--model', help='NAME.TAG: pretrained hub weights; NAME: fresh weights (or --pretrained)')
-    source.add_argument('--checkpoint', type=Path, help='converted weights (python -m convert.from_timm)')
+    add_model_arguments(model, 'NAME.TAG: pretrained hub weights; NAME: fresh weights (or --pretrained)')
     model.add_argument('--pretrained', action='store_true', help="with --model NAME: the default tag's weights")
     model.add_argument('--image-size', type=int, help="training and validation size (default: the model's)")
     model.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
@@ -131,10 +137,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError('pass --val or --val-split, not both')
     if args.warmup_epochs < 0 or args.warmup_epochs >= args.epochs:
         raise ValueError(f'--warmup-epochs ({args.warmup_epochs}) must be in [0, --epochs ({args.epochs}))')
-    if args.model is not None:
-        resolve_name(args.model)
-    elif not args.checkpoint.is_file():
-        raise FileNotFoundError(f'--checkpoint {args.checkpoint}: no such file')
+    check_model_arguments(args)
     if args.pretrained and (args.model is None or '.' in args.model):
         raise ValueError('--pretrained goes with --model NAME (a NAME.TAG is pretrained already)')
 

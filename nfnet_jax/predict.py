@@ -19,6 +19,7 @@ from nfnet_jax.cli import (
     add_image_arguments,
     add_model_arguments,
     apply_image_arguments,
+    check_model_arguments,
     load_model,
     log,
     progress,
@@ -55,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.topk < 1:
         raise ValueError('--batch-size and --topk must be at least 1')
     apply_image_arguments(args)
+    check_model_arguments(args)
     if args.embeddings is not None:
         check_output(args.embeddings, args.force, suffix='.npy')
     files = find_images(args.inputs)

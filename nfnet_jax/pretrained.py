@@ -49,19 +49,6 @@ def _cfg(name: str, hub: bool = False, **kwargs) -> PretrainedCfg:
     return PretrainedCfg(architecture, tag, hf_hub_id=f'timm/{name}' if hub else None, **kwargs)
 
 
-def _dm(name: str, size: int, test_size: int, crop_pct: float) -> PretrainedCfg:
-    pool = size // 32
-    return _cfg(
-        name,
-        hub=True,
-        input_size=(3, size, size),
-        test_input_size=(3, test_size, test_size),
-        pool_size=(pool, pool),
-        crop_pct=crop_pct,
-        crop_mode='squash',
-    )
-
-
 def _sized(name: str, size: int, test_size: int, pool: int, hub: bool = False, **kwargs) -> PretrainedCfg:
     return _cfg(
         name,
@@ -71,6 +58,10 @@ def _sized(name: str, size: int, test_size: int, pool: int, hub: bool = False, *
         pool_size=(pool, pool),
         **kwargs,
     )
+
+
+def _dm(name: str, size: int, test_size: int, crop_pct: float) -> PretrainedCfg:
+    return _sized(name, size, test_size, size // 32, hub=True, crop_pct=crop_pct, crop_mode='squash')
 
 
 _RESNET = dict(first_conv='stem.conv')

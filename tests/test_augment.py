@@ -29,8 +29,9 @@ import torch
 import torchvision.transforms
 from PIL import Image
 
-from nfnet_jax import augment, data
-from nfnet_jax import auto_augment as aa
+from nfnet_jax import data
+from nfnet_jax.data import augment
+from nfnet_jax.data import auto_augment as aa
 
 KS_MAX = 0.062  # two-sample KS critical value at p = 0.001 for n = m = 2000: 1.95 * sqrt(2 / 2000)
 N_DRAWS = 2000

@@ -30,6 +30,14 @@ def load_plain_conv(ours: nnx.Conv, theirs) -> None:
     ours.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
 
 
+def assert_matches_timm(ours: nnx.Module, theirs: torch.nn.Module, x: np.ndarray) -> None:
+    """Our layer on NHWC `x` gives timm's output on it (NCHW), in the same shape, within float32 tolerance."""
+    expected = nhwc(theirs(nchw(x)))
+    out = np.asarray(ours(jnp.asarray(x)))
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < FP32_RTOL
+
+
 def timm_conv(same_padding: bool):
     return tl.ScaledStdConv2dSame if same_padding else tl.ScaledStdConv2d
 
@@ -63,10 +71,7 @@ def test_scaled_std_conv_matches_timm(same_padding, kernel_size, stride, groups,
     )
     load_ws_conv(ours, theirs)
     x = rng.standard_normal((2, *size, 8)).astype(np.float32)
-    expected = nhwc(theirs(nchw(x)))
-    out = np.asarray(ours(jnp.asarray(x)))
-    assert out.shape == expected.shape
-    assert relative_error(out, expected) < FP32_RTOL
+    assert_matches_timm(ours, theirs, x)
 
 
 def test_standardisation_uses_biased_variance_and_eps():
@@ -98,7 +103,7 @@ def test_squeeze_excite_matches_timm(channels, rd_ratio, rd_divisor, rng):
     load_plain_conv(ours.fc1, theirs.fc1)
     load_plain_conv(ours.fc2, theirs.fc2)
     x = rng.standard_normal((2, 5, 7, channels)).astype(np.float32)
-    assert relative_error(ours(jnp.asarray(x)), nhwc(theirs(nchw(x)))) < FP32_RTOL
+    assert_matches_timm(ours, theirs, x)
 
 
 @pytest.mark.parametrize('channels', [16, 64, 256, 1536, 3072])
@@ -109,7 +114,7 @@ def test_eca_matches_timm(channels, rng):
     assert ours.conv.kernel.shape[0] == theirs.conv.kernel_size[0]
     ours.conv.kernel[...] = jnp.asarray(ECA_CONV1D.to_flax(theirs.conv.weight.detach().numpy()))
     x = rng.standard_normal((2, 3, 5, channels)).astype(np.float32)
-    assert relative_error(ours(jnp.asarray(x)), nhwc(theirs(nchw(x)))) < FP32_RTOL
+    assert_matches_timm(ours, theirs, x)
 
 
 @pytest.mark.parametrize('stride,size', [(2, (13, 9)), (2, (12, 12)), (2, (1, 3)), (1, (7, 5))])
@@ -120,10 +125,7 @@ def test_downsample_avg_matches_timm_on_odd_sizes(stride, size, rng):
     ours = layers.DownsampleAvg(8, 16, stride, conv_layer, rngs=nnx.Rngs(0))
     load_ws_conv(ours.conv, theirs.conv)
     x = rng.standard_normal((2, *size, 8)).astype(np.float32)
-    expected = nhwc(theirs(nchw(x)))
-    out = np.asarray(ours(jnp.asarray(x)))
-    assert out.shape == expected.shape
-    assert relative_error(out, expected) < FP32_RTOL
+    assert_matches_timm(ours, theirs, x)
 
 
 def test_avg_pool_ceil_averages_only_covered_pixels():

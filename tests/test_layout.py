@@ -29,6 +29,70 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+def module_name(path: Path) -> str:
+    """The dotted name of a file under ROOT: nfnet_jax/data/__init__.py is nfnet_jax.data."""
+    parts = path.relative_to(ROOT).with_suffix('').parts
+    return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+PROJECT = {module_name(path): path for top in ('nfnet_jax', 'convert') for path in (ROOT / top).rglob('*.py')}
+
+
+def project_imports(name: str, node: ast.AST | None = None) -> set[str]:
+    """The project modules that module `name` (or `node`, a part of it) imports, at any depth.
+
+    `from a.b import c` is an import of the module a.b.c where there is one, else of a.b; relative
+    imports are resolved. A package a submodule sits in is not counted: Python loads it first anyway.
+    """
+    path = PROJECT[name]
+    package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+    found = set()
+    for child in ast.walk(node or ast.parse(path.read_text(encoding='utf-8'))):
+        if isinstance(child, ast.Import):
+            found |= {alias.name for alias in child.names}
+        elif isinstance(child, ast.ImportFrom):
+            base = package.rsplit('.', child.level - 1)[0] if child.level else ''
+            base = '.'.join(part for part in (base, child.module) if part)
+            found |= {f'{base}.{alias.name}' if f'{base}.{alias.name}' in PROJECT else base for alias in child.names}
+    return {module for module in found if module in PROJECT and module != name}
+
+
+def test_dependencies_go_one_way():
+    """No import cycle among nfnet_jax's and convert's modules, counting imports in functions and under
+    TYPE_CHECKING too: a cycle is not fixed by hiding one of its imports."""
+    graph = {name: project_imports(name) for name in PROJECT}
+    done: set[str] = set()
+
+    def cycle_from(name: str, path: list[str]) -> list[str] | None:
+        for module in sorted(graph[name]):
+            if module in path:
+                return path[path.index(module) :] + [module]
+            if module not in done and (found := cycle_from(module, [*path, module])):
+                return found
+        done.add(name)
+        return None
+
+    assert [cycle for name in sorted(graph) if (cycle := cycle_from(name, [name]))] == []
+
+
+# Deliberate lazy imports, each with its reason: (module, imported module) -> why.
+LAZY_IMPORTS = {
+    ('nfnet_jax.parallel', 'nfnet_jax.parallel.train'): 'the deprecated ShardedTrainer alias; it loads optax and orbax',
+}
+
+
+def test_no_function_imports_the_project():
+    """Project modules are imported at the top of a module, where the dependency shows, not in a function."""
+    in_functions = {
+        (name, module)
+        for name, path in PROJECT.items()
+        for function in ast.walk(ast.parse(path.read_text(encoding='utf-8')))
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for module in project_imports(name, function)
+    }
+    assert in_functions == set(LAZY_IMPORTS)
+
+
 def test_the_library_never_imports_the_command_package():
     offenders = {
         str(path.relative_to(ROOT)): sorted(name for name in imported_modules(path) if name.split('.')[0] == 'convert')

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from nfnet_jax.data import INTERPOLATIONS
+from nfnet_jax.data.transforms import INTERPOLATIONS
 
 LEVEL_DENOM = 10.0  # magnitude M maps to the fraction M / 10 of each op's range
 RANDOM_INTERPOLATION = ('bilinear', 'bicubic')

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from nfnet_jax import auto_augment as aa
-from nfnet_jax.data import INTERPOLATIONS, EvalTransform, ImageLike, Size, to_rgb
+from nfnet_jax.data import auto_augment as aa
+from nfnet_jax.data.transforms import INTERPOLATIONS, EvalTransform, ImageLike, Size, image_size, normalize, to_rgb
 from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 RE_MODES = ('const', 'rand', 'pixel')
@@ -161,12 +161,6 @@ class RandomErasing:
         return image
 
 
-def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """torchvision's to_tensor then Normalize, in HWC: the same float32 arithmetic, so the same numbers."""
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
-    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
 @dataclass(frozen=True)
 class TrainTransform:
     """timm's training transform from a PIL image (any mode) or uint8 array to a float32 HWC array.
@@ -266,7 +260,7 @@ def create_train_transform(
         )
     if re_mode not in RE_MODES:
         raise ValueError(f'unknown re_mode {re_mode!r}; choose one of {", ".join(RE_MODES)}')
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size[-2:])
+    size = image_size(img_size)
     policy = None
     if auto_augment:
         hparams = aa.Hparams(
@@ -312,6 +306,6 @@ def create_no_aug_transform(
     size, so an int is the eval transform's 'center' mode at crop 1 and a pair its 'squash' mode.
     """
     interpolation = 'bilinear' if interpolation == 'random' else interpolation
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(v) for v in img_size[-2:])
+    size = image_size(img_size)
     mode = 'center' if isinstance(img_size, int) else 'squash'
     return EvalTransform(size, size, mode, interpolation, tuple(mean), tuple(std))

@@ -1,0 +1,122 @@
+"""Image files: finding them, reading them safely (with a decompression-bomb limit), and batching them.
+
+Kept apart from the transforms, which take images already in memory: this module is the one that
+touches the file system, and every failure to read a file is an OSError naming it, so a command can
+report the file and go on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nfnet_jax.data.transforms import EvalTransform, ImageLike, to_rgb
+from nfnet_jax.files import display_name
+
+
+def set_max_image_pixels(pixels: int | None) -> None:
+    """PIL's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`, a process-wide setting) for every image read
+    after this: larger images are refused by `load_image`, by name. None or 0 lifts the limit."""
+    if pixels is not None and pixels < 0:
+        raise ValueError(f'the image pixel limit must be positive (0: none), not {pixels}')
+    Image.MAX_IMAGE_PIXELS = pixels or None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB; any failure is an OSError naming the file.
+
+    A truncated or non-image file, an empty (0-pixel) image, and one larger than PIL's
+    decompression-bomb limit (`set_max_image_pixels`; PIL itself only warns up to twice it) fail
+    here, so a caller can report the file and go on.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as image:
+            if limit and image.width * image.height > limit:
+                raise Image.DecompressionBombError(f'Image size ({image.width * image.height} pixels)')
+            if image.width * image.height == 0:
+                raise ValueError(f'an empty image ({image.width}x{image.height} pixels)')
+            image.load()
+            return to_rgb(image)
+    except Image.DecompressionBombError as err:  # PIL's own, at twice the limit, or ours above
+        found = re.search(r'\((\d+) pixels\)', str(err))
+        size = f'{int(found[1]):,} pixels' if found else 'too many pixels'
+        raise OSError(
+            f'{display_name(path)}: refused: {size}, over the limit of {limit:,} (a decompression bomb?); '
+            'raise the limit with --max-image-pixels (set_max_image_pixels) if it is a real image'
+        ) from None
+    except Exception as err:  # PIL reports bad files with OSError, SyntaxError, ValueError, struct.error, ...
+        raise OSError(f'{display_name(path)}: not a readable image ({type(err).__name__}: {err})') from None
+
+
+def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalTransform | Any) -> np.ndarray:
+    """Images or image paths through `transform`, stacked into one float32 NHWC batch.
+
+    Every file is tried; if any cannot be read, one OSError names each of them.
+    """
+    arrays, errors = [], []
+    for image in images:
+        try:
+            arrays.append(transform(load_image(image) if isinstance(image, (str, os.PathLike)) else image))
+        except OSError as err:
+            errors.append(str(err))
+    if errors:
+        raise OSError(f'{len(errors)} of {len(images)} images could not be read:\n' + '\n'.join(errors))
+    return np.stack(arrays)
+
+
+def find_images(inputs: Sequence[Path]) -> list[Path]:
+    """The files named, and every non-hidden file (or broken link) under the folders named, in sorted order."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            # Links that lead nowhere (dangling, loops) are listed too, to be reported by name when read.
+            found = (p for p in path.rglob('*') if p.is_file() or (p.is_symlink() and not p.is_dir()))
+            files += sorted(p for p in found if not any(part.startswith('.') for part in p.relative_to(path).parts))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f'{path}: no such file or folder')
+    return files
+
+
+def batches(
+    files: Sequence[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
+) -> Iterator[tuple[list[Path], np.ndarray]]:
+    """The readable images in batches of `batch_size`; unreadable files go to `on_error` and are skipped.
+
+    Images are decoded and transformed on threads (PIL releases the GIL) while the device runs,
+    at most a few batches ahead, so memory stays bounded however many files there are.
+    """
+
+    def prepare(path: Path) -> np.ndarray | str:
+        try:
+            return transform(load_image(path))
+        except OSError as err:
+            return str(err)
+        except Exception as err:  # the transform failing on one image stops nothing but that image
+            return f'{display_name(path)}: {type(err).__name__}: {err}'
+
+    read_ahead = 4 * batch_size
+    paths, arrays = [], []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for start in range(0, len(files), read_ahead):
+            window = files[start : start + read_ahead]
+            for path, result in zip(window, pool.map(prepare, window), strict=True):
+                if isinstance(result, str):
+                    on_error(path, result)
+                    continue
+                paths.append(path)
+                arrays.append(result)
+                if len(arrays) == batch_size:
+                    yield paths, np.stack(arrays)
+                    paths, arrays = [], []
+    if arrays:
+        yield paths, np.stack(arrays)
