@@ -932,11 +932,6 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
 
 
 def train_step(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
-    import copy
-
-    import jax
-    import numpy as np
-    import timm
     import torch
 
     from benchmarks import train_step as bench
@@ -946,17 +941,9 @@ def train_step(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     if gpu:
         torch.backends.cudnn.benchmark = True
     batch, size = settings['batch'], settings['size']
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
-    labels = rng.integers(0, 1000, batch)
-    torch.manual_seed(0)
-    reference = timm.create_model(settings['model'])
     ctx.results.update(model=settings['model'], batch=batch, size=size, timm_device=torch_device, configs={})
-    steps = {
-        'timm eager NCHW': bench.timm_step(copy.deepcopy(reference), False, images, labels, torch_device),
-        'timm eager channels_last': bench.timm_step(copy.deepcopy(reference), True, images, labels, torch_device),
-        f'nfnet_jax jit ({jax.default_backend()})': bench.jax_step(reference, images, labels),
-    }
+    # torch.compile of a training step takes minutes: more than this step's budget.
+    steps = bench.build_steps(settings['model'], batch, size, torch_device, compile=False)
     configs = ctx.results['configs']
     for name, step in progress(steps.items(), desc='train_step: first steps (compiling)'):
         with ctx.part(f'first step of {name}'):
