@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.vs_timm import JAX_CONFIG
 from nfnet_jax.cli import progress
-
-JAX_CONFIG = 'nfnet_jax jit'
 
 
 def timm_step(
