@@ -56,8 +56,9 @@ class InferenceFn:
 
     `apply` is jitted with XLA's default options, so it can be nested in other jits and
     exported; `compiled` is the same function jitted with the compiler options of the state's
-    platform (`nfnet_jax.lowering`), which only a top-level jit may take. A call runs `compiled`,
-    or `apply` when it is traced inside another jit.
+    platform (`nfnet_jax.lowering`), which only a top-level jit may take, and on CPU running a large
+    batch in chunks of images (`lowering.in_chunks`). A call runs `compiled`, or `apply` when it
+    is traced inside another jit.
     """
 
     apply: Callable[[nnx.State, Array], Any]
@@ -90,10 +91,17 @@ class InferenceFn:
         return jax.export.export(closed, platforms=None if platforms is None else tuple(platforms))(spec)
 
 
-def jit_inference(pure: Callable[[nnx.State, Array], Any], state: nnx.State, **jit_kwargs: Any) -> InferenceFn:
-    """`pure` jitted twice (see `InferenceFn`), with `jit_kwargs` (shardings) for both, bound to `state`."""
+def jit_inference(
+    pure: Callable[[nnx.State, Array], Any], state: nnx.State, per_image: bool = False, **jit_kwargs: Any
+) -> InferenceFn:
+    """`pure` jitted twice (see `InferenceFn`), with `jit_kwargs` (shardings) for both, bound to `state`.
+
+    `per_image`: `pure` computes every image on its own, so `compiled` may run a large batch in
+    chunks on CPU (`lowering.in_chunks`).
+    """
     platform = lowering.platform_of(state)
-    return InferenceFn(jax.jit(pure, **jit_kwargs), state, lowering.jit(pure, platform, **jit_kwargs))
+    top_level = lowering.in_chunks(pure, platform) if per_image else pure
+    return InferenceFn(jax.jit(pure, **jit_kwargs), state, lowering.jit(top_level, platform, **jit_kwargs))
 
 
 def inference_model(model: M) -> M:
@@ -115,19 +123,21 @@ def inference_model(model: M) -> M:
     return folded
 
 
-def compile_forward(model: M, forward: Callable[[M, Array], Any]) -> InferenceFn:
+def compile_forward(model: M, forward: Callable[[M, Array], Any], per_image: bool = True) -> InferenceFn:
     """Jit `forward(model, images)` as a pure function of the folded model's state.
 
     `model` is any NNX module (an NFNet, or a model of your own with NFNets inside); `forward`
     receives its folded copy in eval mode and may call any of its methods, e.g.
     `compile_forward(net, lambda m, x: m.neck(m.backbone.forward_intermediates(x, intermediates_only=True)))`.
+    `per_image`: `forward` computes every image on its own (true of every NFNet in eval mode), so
+    a call on CPU may run a large batch in chunks (`lowering.in_chunks`); pass False if it mixes images.
     """
     graphdef, state = nnx.split(inference_model(model))
 
     def apply(state: nnx.State, images: Array) -> Any:
         return forward(nnx.merge(graphdef, state), images)
 
-    return jit_inference(apply, state)
+    return jit_inference(apply, state, per_image)
 
 
 def classifier(model: nnx.Module) -> InferenceFn:

@@ -16,6 +16,9 @@ memory-optimised scheduler: measured on dm_nfnet_f0's step (batch 8, 160 px, an 
 cuts the step's temporary memory from 810 to 552 MiB and runs 1.10x faster, with the same
 results bit for bit. Inference keeps the default scheduler (-13 to -29% memory, but 2-4% slower).
 Other platforms compile with XLA's defaults.
+
+Inference on CPU runs a large batch a chunk of images at a time (`in_chunks`): XLA:CPU's throughput
+does not grow past ~8 images, while its memory grows with the whole batch.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ Array = jax.Array
 
 CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 CPU_TRAINING_OPTIONS = {**CPU_OPTIONS, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+CPU_CHUNK = 8  # images per chunk of a CPU inference batch (`in_chunks`)
 
 
 def compiler_options(platform: str | None, training: bool = False) -> dict[str, str] | None:
@@ -60,6 +64,34 @@ def platform_of(tree: Any) -> str | None:
 def jit(fn: Callable[..., Any], platform: str | None, training: bool = False, **jit_kwargs: Any) -> Callable[..., Any]:
     """`jax.jit(fn, **jit_kwargs)` with the compiler options of `platform` (a top-level jit only)."""
     return jax.jit(fn, compiler_options=compiler_options(platform, training), **jit_kwargs)
+
+
+def in_chunks(fn: Callable[[Any, Array], Any], platform: str | None) -> Callable[[Any, Array], Any]:
+    """`fn(state, images)` that on CPU runs a batch of 2 * CPU_CHUNK images or more in chunks of CPU_CHUNK.
+
+    The chunks run one after another (a `lax.scan`), so only one chunk's activations are alive
+    at a time; a batch that CPU_CHUNK does not divide runs its last images as one more call. Measured
+    on dm_nfnet_f0 at batch 32, 256 px, on an AVX-512 Xeon: XLA's temporary memory falls from 830
+    to 256 MiB, at the same speed (0.98x median, 1.06x best of 12 calls), with the same logits
+    bit for bit. `fn` must compute every image on its own, as every NFNet does in eval mode. Other
+    platforms, and a batch dimension that is symbolic (`jax.export`), run the batch whole.
+    """
+    if platform != 'cpu':
+        return fn
+
+    def chunked(state: Any, images: Array) -> Any:
+        n = images.shape[0]
+        if not isinstance(n, int) or n < 2 * CPU_CHUNK:
+            return fn(state, images)
+        whole = n - n % CPU_CHUNK
+        chunks = images[:whole].reshape(whole // CPU_CHUNK, CPU_CHUNK, *images.shape[1:])
+        _, outputs = jax.lax.scan(lambda _, chunk: (None, fn(state, chunk)), None, chunks)
+        outputs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), outputs)
+        if whole == n:
+            return outputs
+        return jax.tree.map(lambda head, tail: jnp.concatenate([head, tail]), outputs, fn(state, images[whole:]))
+
+    return chunked
 
 
 def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = None, **conv_kwargs: Any) -> Array:
