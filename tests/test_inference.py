@@ -61,6 +61,23 @@ def test_embedder_and_feature_extractor_match_the_model():
         assert relative_error(ours, expected) <= FP32_RTOL
 
 
+def test_large_cpu_batches_run_in_chunks_with_the_outputs_of_the_whole_batch():
+    """2 * CPU_CHUNK + 3 images: a scan over two chunks, then the last 3; a smaller batch runs whole."""
+    model = nfnet_jax.create_model('test_nfnet')
+    x = np.random.default_rng(0).standard_normal((2 * lowering.CPU_CHUNK + 3, 32, 32, 3)).astype(np.float32)
+    for fn in (inference.classifier(model), inference.feature_extractor(model, indices=[1, -1])):
+        chunked, whole = fn.compiled.lower(fn.state, x), fn.apply.lower(fn.state, x)  # apply: never chunked
+        assert 'stablehlo.while' in chunked.as_text() and 'stablehlo.while' not in whole.as_text()
+        small = fn.compiled.lower(fn.state, x[: 2 * lowering.CPU_CHUNK - 1])
+        assert 'stablehlo.while' not in small.as_text()
+        chunked, whole = chunked.compile(), whole.compile()
+        outputs = zip(jax.tree.leaves(chunked(fn.state, x)), jax.tree.leaves(whole(fn.state, x)), strict=True)
+        assert all(relative_error(ours, expected) <= FP32_RTOL for ours, expected in outputs)
+        chunked_bytes, whole_bytes = (c.memory_analysis().temp_size_in_bytes for c in (chunked, whole))
+        assert chunked_bytes < 0.75 * whole_bytes  # measured: 0.62x for the classifier, 0.66x for the taps
+    assert lowering.in_chunks(len, 'gpu') is len and lowering.in_chunks(len, 'tpu') is len
+
+
 def test_inference_does_not_standardise_per_call_and_leaves_the_model_alone():
     model = nfnet_jax.create_model('test_nfnet')
     classify = inference.classifier(model)
@@ -161,7 +178,8 @@ def test_every_top_level_jit_compiles_with_the_platform_options(tmp_path):
     assert nfnet_jax.compiler_options('gpu') is None and nfnet_jax.compiler_options('tpu') is None
     worker = tmp_path / 'worker.py'
     worker.write_text(OPTIONS_WORKER)
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_dump_to={tmp_path / "dump"}'}
+    flags = f'--xla_dump_to={tmp_path / "dump"} --xla_backend_optimization_level=0'  # -O0: compiles in half the time
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags}
     env.pop('JAX_COMPILATION_CACHE_DIR', None)  # every program must compile (and be dumped), none come from the cache
     subprocess.run([sys.executable, str(worker)], check=True, cwd=REPO, env=env, timeout=600)
     fusion_types: dict[str, list[list[str]]] = {}
