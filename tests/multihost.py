@@ -46,12 +46,16 @@ def child_env(devices: int) -> dict[str, str]:
 def run_processes(commands: list[list[str]], devices: int, timeout: float) -> list[Finished]:
     """Start every command at once (`python` is this interpreter) and wait for all, killing any past `timeout`."""
     start = time.monotonic()
+    # These runs compile every program in each process and run it for a few steps: LLVM's -O0 cuts
+    # their time by a third. Every run that a test compares with another takes the same flags.
+    env = child_env(devices)
+    env['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
         children = []
         for i, command in enumerate(commands):
             log = files.enter_context(open(Path(logs) / f'{i}.log', 'w+'))  # not a pipe: a chatty child never blocks
             argv = [sys.executable if command[0] == 'python' else command[0], *command[1:]]
-            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(devices), cwd=ROOT)
+            child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             children.append((child, log))
         finished = []
         for child, log in children:
