@@ -24,7 +24,7 @@ does not grow past ~8 images, while its memory grows with the whole batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import jax
@@ -79,6 +79,7 @@ def in_chunks(fn: Callable[[Any, Array], Any], platform: str | None) -> Callable
     if platform != 'cpu':
         return fn
 
+    @wraps(fn)  # the jit keeps fn's name (in profiles and XLA dumps)
     def chunked(state: Any, images: Array) -> Any:
         n = images.shape[0]
         if not isinstance(n, int) or n < 2 * CPU_CHUNK:
