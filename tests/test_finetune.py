@@ -6,7 +6,7 @@ AdamW, 3 epochs of 15 steps; chance is 0.1 and the run must reach 0.6 validation
 Then: predict prints the folder's class names; a run killed (SIGKILL) in the middle of its
 second epoch and resumed writes the very metrics of the uninterrupted run (bit for bit, CPU);
 bad inputs are refused by name before any training; two processes of two devices (gloo) train
-the run of one process of four devices, Mixup and CutMix included, to within 1e-5.
+the run of one process of four devices, FSDP, Mixup and CutMix included, to within 1e-5.
 """
 
 from __future__ import annotations
@@ -219,9 +219,10 @@ def test_bad_inputs_are_refused_before_any_work(finished_run, digits, tmp_path, 
 
 
 def test_two_processes_of_two_devices_train_the_run_of_one_process_of_four(tmp_path):
-    """The same run (with Mixup and CutMix on the global batch) on 2 processes x 2 devices and on 1 x 4, gloo."""
+    """The same run (FSDP, Mixup and CutMix on the global batch) on 2 processes x 2 devices and on 1 x 4, gloo."""
     data = write_digits(tmp_path / 'digits', per_class=20)  # 160 training images: 5 steps of 32 per epoch
     args = ['--data', str(data), *ARGS, '--epochs', '2', '--warmup-epochs', '0', '--mixup', '0.2', '--cutmix', '1']
+    args += ['--fsdp']  # params and optimizer state split over the devices: over both processes' devices
     command = ['python', '-m', 'nfnet_jax.finetune', *args]
     single = run_processes([[*command, '--output', str(tmp_path / 'one')]], devices=4, timeout=600)[0]
     assert single.returncode == 0, single.output[-3000:]

@@ -31,9 +31,9 @@ from nfnet_jax.weights import flat_params
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope='module', params=['test_nfnet', 'dm_nfnet_f0', 'nf_regnet_b0'])
+@pytest.fixture(scope='module', params=['test_nfnet', 'dm_nfnet_f0'])
 def model(request):
-    """A converted timm model with random weights: dm_ (SAME padding, gamma in GELU), RegNet (SE, groups)."""
+    """A converted timm model with random weights: dm_ (SAME padding, gamma in GELU, SE, groups)."""
     torch.manual_seed(0)
     theirs = timm.create_model(request.param).eval()
     randomize_(theirs, seed=3)
