@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# XLA_FLAGS for children that compile many programs and run each briefly: LLVM's -O0 cuts their
+# time by a third to a half. Every run that a test compares with another takes the same flags.
+FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0'
 
 
 @dataclass
@@ -46,10 +49,8 @@ def child_env(devices: int) -> dict[str, str]:
 def run_processes(commands: list[list[str]], devices: int, timeout: float) -> list[Finished]:
     """Start every command at once (`python` is this interpreter) and wait for all, killing any past `timeout`."""
     start = time.monotonic()
-    # These runs compile every program in each process and run it for a few steps: LLVM's -O0 cuts
-    # their time by a third. Every run that a test compares with another takes the same flags.
     env = child_env(devices)
-    env['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
+    env['XLA_FLAGS'] += f' {FAST_COMPILE_FLAGS}'  # each child compiles its programs and runs them a few steps
     with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as files:
         children = []
         for i, command in enumerate(commands):

@@ -15,11 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-# Compiling dominates these runs (a dozen train and eval steps of every layout); LLVM's -O0 halves
-# it. Every figure compares outputs made with the same flags.
-os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=' + (
-    '8' if sys.argv[1] == 'devices' else '2'
-)
+from multihost import FAST_COMPILE_FLAGS
+
+# Compiling dominates these runs (a dozen train and eval steps of every layout). Set here too, so
+# that the worker runs the same by hand as under run_processes.
+devices = '8' if sys.argv[1] == 'devices' else '2'
+os.environ['XLA_FLAGS'] = f'{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 
 import pytest
+from multihost import FAST_COMPILE_FLAGS
 
 from benchmarks import accelerator
 
@@ -29,9 +30,9 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path
     json_path, markdown_path = folder / 'report.json', folder / 'report.md'
     command = [sys.executable, '-m', 'benchmarks.accelerator', '--quick', '--device', 'cpu', '--cpu-devices', '2']
     command += ['--json', str(json_path), '--markdown', str(markdown_path)]
-    # LLVM's -O0 (the accelerator appends its device count to these flags): the run compiles a dozen
-    # programs of test_nfnet and times each for a few calls, so compiling is most of it.
-    env = os.environ | {'XLA_FLAGS': '--xla_backend_optimization_level=0'}
+    # The run compiles a dozen programs of test_nfnet and times each for a few calls (the accelerator
+    # appends its device count to these flags).
+    env = os.environ | {'XLA_FLAGS': FAST_COMPILE_FLAGS}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     return done, json_path, markdown_path
 

@@ -22,6 +22,7 @@ import timm
 import torch
 from helpers import FP32_RTOL, randomize_, relative_error
 from jax import export
+from multihost import FAST_COMPILE_FLAGS
 
 import nfnet_jax
 from nfnet_jax import inference, lowering
@@ -178,8 +179,7 @@ def test_every_top_level_jit_compiles_with_the_platform_options(tmp_path):
     assert nfnet_jax.compiler_options('gpu') is None and nfnet_jax.compiler_options('tpu') is None
     worker = tmp_path / 'worker.py'
     worker.write_text(OPTIONS_WORKER)
-    flags = f'--xla_dump_to={tmp_path / "dump"} --xla_backend_optimization_level=0'  # -O0: compiles in half the time
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags}
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_dump_to={tmp_path / "dump"} {FAST_COMPILE_FLAGS}'}
     env.pop('JAX_COMPILATION_CACHE_DIR', None)  # every program must compile (and be dumped), none come from the cache
     subprocess.run([sys.executable, str(worker)], check=True, cwd=REPO, env=env, timeout=600)
     fusion_types: dict[str, list[list[str]]] = {}
