@@ -348,7 +348,15 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
         'float32: both at their default precision (on NVIDIA GPUs, TF32 convolutions).',
         '',
     ]
-    columns = ('dtype', 'batch', 'configuration', 'images/s median (best)', 'ms/batch', 'first call s')
+    ceilings = results.get('matmul_ceiling_gflops', {})
+    if ceilings:
+        lines += [
+            "Ceiling: torch's square matmul of side `benchmarks.vs_timm.CEILING_MATMUL`, "
+            + ', '.join(f'{dtype} {gflops:.0f} GFLOP/s' for dtype, gflops in ceilings.items())
+            + '.',
+            '',
+        ]
+    columns = ('dtype', 'batch', 'configuration', 'images/s median (best)', 'ms/batch', 'GFLOP/s (% of ceiling)')
     rows = []
     for run in results.get('runs', []):
         ours = run['results'].get('nfnet_jax jit', {}).get('images_per_s')
@@ -356,8 +364,10 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
             ratio = f'{ours / r["images_per_s"]:.2f}x' if ours else 'n/a'
             rate = f'{r["images_per_s"]:.1f} ({r["best_images_per_s"]:.1f})'
             ms = 1e3 * statistics.median(r['run_s'])
-            rows.append((run['dtype'], run['batch'], name, rate, f'{ms:.2f}', f'{r["first_call_s"]:.1f}', ratio))
-    lines += table((*columns, 'nfnet_jax / this'), rows)
+            ceiling = ceilings.get(run['dtype'])
+            share = f'{r["gflops"]:.0f} ({100 * r["gflops"] / ceiling:.0f}%)' if ceiling else f'{r["gflops"]:.0f}'
+            rows.append((run['dtype'], run['batch'], name, rate, f'{ms:.2f}', share, f'{r["first_call_s"]:.1f}', ratio))
+    lines += table((*columns, 'first call s', 'nfnet_jax / this'), rows)
     errors = [
         f'{run["dtype"]} batch {run["batch"]}: {run["logits_rel_error_vs_timm"]:.1e}' for run in results.get('runs', [])
     ]
@@ -864,14 +874,18 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     )
     shapes = [(dtype, batch) for dtype in settings['dtypes'] for batch in settings['batches']]
 
+    ceilings = ctx.results.setdefault('matmul_ceiling_gflops', {})
+
     def measure_shape(
         runners: dict[str, Any], dtype: str, batch: int, what: str, first_calls: dict[str, float] | None = None
     ) -> dict[str, Any]:
+        flops = ctx.results.setdefault('flops_per_image', bench.flops_per_image(built['jax'], size))
+        ceiling = ceilings.setdefault(dtype, bench.matmul_ceiling_gflops(dtype, gpu))
         with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
-            results, logits = bench.measure(runners, batch, size, repeats, gpu, bar)
+            results, logits = bench.measure(runners, batch, size, flops, repeats, gpu, bar)
         for name, seconds in (first_calls or {}).items():
             results[name].first_call_s = seconds
-        log(bench.table(results))
+        log(bench.table(results, ceiling))
         return dict(dtype=dtype, **bench.shape_record(results, logits))
 
     plain_s: list[float] = []  # each shape's time without torch.compile

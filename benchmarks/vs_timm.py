@@ -7,7 +7,9 @@ timm runs eager NCHW, eager channels_last and torch.compile (channels_last); nfn
 jitted inference path (`nfnet_jax.inference.classifier`). The timed calls go round-robin over
 the configurations, so load from other processes hits all of them alike, and each reports the
 median images/s, its first call (compilation included) and the peak memory one call adds on
-top of the loaded weights. On a GPU the same command runs timm under AMP with channels_last
+top of the loaded weights. Speed is also given as GFLOP/s (the model's FLOPs per image from XLA's
+cost analysis) and as a share of the machine's practical ceiling, a 4096x4096 matmul in torch
+timed in the same run. On a GPU the same command runs timm under AMP with channels_last
 and nfnet_jax in bfloat16 by default. The weights are timm's own random init, converted: speed
 does not depend on their values, and the logits of both sides are compared as a sanity check.
 """
@@ -32,6 +34,7 @@ from tqdm import tqdm
 from benchmarks import markdown
 
 SWEEP_BATCHES = (1, 8, 32)
+CEILING_MATMUL = 4096  # the side of the square matmul whose speed stands for the machine's ceiling
 SWEEP_SIZES = (192, 256, 320)
 TIMM_CONFIGS = ('timm eager NCHW', 'timm eager channels_last', 'timm compile channels_last')
 JAX_CONFIG = 'nfnet_jax jit'
@@ -47,6 +50,7 @@ class Result:
     first_call_s: float
     first_call_peak_mib: float | None
     warm_call_peak_mib: float | None
+    flops_per_image: float
     run_s: list[float] = field(default_factory=list)
 
     @property
@@ -57,6 +61,11 @@ class Result:
     def best_images_per_s(self) -> float:
         """From the fastest call: on a shared machine, the least disturbed one."""
         return self.batch / min(self.run_s)
+
+    @property
+    def gflops(self) -> float:
+        """Median GFLOP/s, counting the model's FLOPs (the same count for every configuration)."""
+        return self.images_per_s * self.flops_per_image / 1e9
 
 
 class PeakMemory:
@@ -128,6 +137,33 @@ def build_models(model_name: str, dtype: str, torch_device: str) -> tuple[Any, A
     return timm_model, jax_model
 
 
+def flops_per_image(jax_model: Any, size: int) -> float:
+    """The forward's FLOPs for one image of `size` x `size`, from XLA's cost analysis of the unoptimised program."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(jax_model)
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, image).cost_analysis()['flops']
+
+
+def matmul_ceiling_gflops(dtype: str, gpu: bool, repeats: int = 7) -> float:
+    """GFLOP/s of torch's square CEILING_MATMUL matmul in `dtype`, best of `repeats`: the practical ceiling."""
+    import torch
+
+    device = 'cuda' if gpu else 'cpu'
+    a, b = (torch.randn(CEILING_MATMUL, CEILING_MATMUL, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if gpu:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * CEILING_MATMUL**3 / best / 1e9
+
+
 def build_runners(
     batch: int, size: int, dtype: str, gpu: bool, timm_model: Any, jax_model: Any, compile_timm: bool
 ) -> dict[str, Callable[[], Any]]:
@@ -168,7 +204,13 @@ def build_runners(
 
 
 def measure(
-    runners: dict[str, Callable[[], Any]], batch: int, size: int, repeats: int, gpu: bool, progress: tqdm
+    runners: dict[str, Callable[[], Any]],
+    batch: int,
+    size: int,
+    flops: float,
+    repeats: int,
+    gpu: bool,
+    progress: tqdm,
 ) -> tuple[dict[str, Result], dict[str, np.ndarray]]:
     """First call and peak memory per configuration, then `repeats` round-robin timed calls each.
 
@@ -185,7 +227,7 @@ def measure(
             first = time.perf_counter() - start
         with PeakMemory(framework, gpu) as warm_memory:
             logits[name] = call()
-        results[name] = Result(name, batch, size, first, first_memory.mib, warm_memory.mib)
+        results[name] = Result(name, batch, size, first, first_memory.mib, warm_memory.mib, flops)
         progress.update()
     for repeat in range(repeats):
         for name, call in runners.items():
@@ -207,8 +249,8 @@ def ratios(results: dict[str, Result]) -> dict[str, float]:
 
 
 def shape_record(results: dict[str, Result], logits: dict[str, np.ndarray]) -> dict[str, Any]:
-    """One measured shape as the JSON reports keep it: every configuration's figures, the speed ratios, and
-    nfnet_jax's logits against timm eager's."""
+    """One measured shape as the JSON reports keep it: every configuration's figures (GFLOP/s included), the
+    speed ratios, and nfnet_jax's logits against timm eager's."""
     from nfnet_jax.numerics import relative_error
 
     first = next(iter(results.values()))
@@ -216,7 +258,7 @@ def shape_record(results: dict[str, Result], logits: dict[str, np.ndarray]) -> d
         batch=first.batch,
         size=first.size,
         results={
-            name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s)
+            name: asdict(r) | dict(images_per_s=r.images_per_s, best_images_per_s=r.best_images_per_s, gflops=r.gflops)
             for name, r in results.items()
         },
         ratios=ratios(results),
@@ -224,7 +266,7 @@ def shape_record(results: dict[str, Result], logits: dict[str, np.ndarray]) -> d
     )
 
 
-def table(results: dict[str, Result]) -> str:
+def table(results: dict[str, Result], ceiling_gflops: float) -> str:
     ours = results[JAX_CONFIG].images_per_s
     header = (
         'configuration',
@@ -233,6 +275,7 @@ def table(results: dict[str, Result]) -> str:
         'images/s (median)',
         'images/s (best)',
         'ms/batch (median)',
+        'GFLOP/s (% of ceiling)',
         'first call s',
         'peak MiB first / warm call',
         'nfnet_jax / this',
@@ -245,6 +288,7 @@ def table(results: dict[str, Result]) -> str:
             r.images_per_s,
             r.best_images_per_s,
             f'{1e3 * statistics.median(r.run_s):.1f}',
+            f'{r.gflops:.0f} ({100 * r.gflops / ceiling_gflops:.0f}%)',
             f'{r.first_call_s:.1f}',
             f'{markdown.fmt(r.first_call_peak_mib, ".0f")} / {markdown.fmt(r.warm_call_peak_mib, ".0f")}',
             f'{ours / r.images_per_s:.2f}x',
@@ -341,16 +385,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f'building {args.model} in timm and converting it to nfnet_jax ...', file=sys.stderr)
     timm_model, jax_model = build_models(args.model, dtype, 'cuda' if gpu else 'cpu')
 
-    report: dict[str, Any] = dict(model=args.model, repeats=args.repeats, **environment(dtype, gpu), runs=[])
+    ceiling = matmul_ceiling_gflops(dtype, gpu)
+    print(
+        f'ceiling: a {CEILING_MATMUL}x{CEILING_MATMUL} {dtype} matmul in torch runs at {ceiling:.0f} GFLOP/s',
+        file=sys.stderr,
+    )
+    report: dict[str, Any] = dict(
+        model=args.model, repeats=args.repeats, **environment(dtype, gpu), matmul_ceiling_gflops=ceiling, runs=[]
+    )
     calls_per_shape = len(TIMM_CONFIGS) + 1 - args.skip_compile
     with progress(total=len(shapes) * calls_per_shape * (args.repeats + 1), desc='benchmark', unit='call') as bar:
         for batch, size in shapes:
             runners = build_runners(batch, size, dtype, gpu, timm_model, jax_model, not args.skip_compile)
-            results, logits = measure(runners, batch, size, args.repeats, gpu, bar)
+            results, logits = measure(runners, batch, size, flops_per_image(jax_model, size), args.repeats, gpu, bar)
             run = shape_record(results, logits)
             report['runs'].append(run)
             bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
-            bar.write(table(results))
+            bar.write(table(results, ceiling))
             bar.write(
                 ', '.join(f'{k}: {v:.2f}x' for k, v in run['ratios'].items())
                 + f'; logits relative error vs timm {run["logits_rel_error_vs_timm"]:.1e}'

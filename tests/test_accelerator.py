@@ -63,6 +63,10 @@ def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
     assert set(run['results']) == {'nfnet_jax jit', 'timm eager NCHW', 'timm eager channels_last'}
     assert all(r['images_per_s'] > 0 and len(r['run_s']) == 2 for r in run['results'].values())
     assert run['logits_rel_error_vs_timm'] < 1e-4
+    flops = report['steps']['vs_timm']['results']['flops_per_image']
+    assert flops > 1e6  # test_nfnet at 64x64: tens of MFLOP per image
+    assert all(r['gflops'] == pytest.approx(r['images_per_s'] * flops / 1e9) for r in run['results'].values())
+    assert report['steps']['vs_timm']['results']['matmul_ceiling_gflops']['float32'] > 0
 
     train = report['steps']['train_step']['results']['configs']
     assert set(train) == {'timm eager NCHW', 'timm eager channels_last', 'nfnet_jax jit (cpu)'}
@@ -76,6 +80,8 @@ def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
     for heading in ('## Machine', '## Steps', *(f'## {name}' for name in accelerator.STEPS)):
         assert f'\n{heading}\n' in markdown
     assert '| test_nfnet | 67x53 |' in markdown
+    assert 'float32 ' in markdown.split("Ceiling: torch's square matmul", 1)[1].split('\n', 1)[0]
+    assert 'GFLOP/s (% of ceiling)' in markdown
 
 
 def test_existing_reports_are_not_replaced_without_force(quick_run, capsys):
