@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import cpu_model
 from benchmarks.markdown import fmt, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,12 +228,6 @@ def nvidia_gpus() -> list[dict[str, str]]:
 
 
 def host_machine(gpus: list[dict[str, str]]) -> dict[str, Any]:
-    cpu = None
-    with contextlib.suppress(OSError):
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
     memory_gib = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path('/proc/meminfo').read_text().splitlines():
@@ -246,7 +241,7 @@ def host_machine(gpus: list[dict[str, str]]) -> dict[str, Any]:
     if commit and command_output(['git', '-C', str(REPO), 'status', '--porcelain', '--untracked-files=no']):
         commit += ' (with uncommitted changes)'
     return dict(
-        cpu=cpu or platform.processor() or platform.machine(),
+        cpu=cpu_model(),
         cpu_cores=os.cpu_count(),
         memory_gib=memory_gib,
         os=platform.platform(),

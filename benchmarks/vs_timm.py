@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import markdown
+from benchmarks.machine import cpu_model
 
 SWEEP_BATCHES = (1, 8, 32)
 CEILING_MATMUL = 4096  # the side of the square matmul whose speed stands for the machine's ceiling
@@ -304,7 +304,7 @@ def environment(dtype: str, gpu: bool) -> dict[str, Any]:
     import torch
 
     return dict(
-        device=torch.cuda.get_device_name() if gpu else platform.processor() or platform.machine(),
+        device=torch.cuda.get_device_name() if gpu else cpu_model(),
         jax_backend=jax.default_backend(),
         dtype=dtype,
         torch_threads=torch.get_num_threads(),
