@@ -34,8 +34,8 @@ from benchmarks import markdown
 from benchmarks.machine import cpu_model
 
 SWEEP_BATCHES = (1, 8, 32)
-CEILING_MATMUL = 4096  # the side of the square matmul whose speed stands for the machine's ceiling
 SWEEP_SIZES = (192, 256, 320)
+CEILING_MATMUL = 4096  # the side of the square matmul whose speed stands for the machine's ceiling
 TIMM_CONFIGS = ('timm eager NCHW', 'timm eager channels_last', 'timm compile channels_last')
 JAX_CONFIG = 'nfnet_jax jit'
 
