@@ -874,13 +874,15 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     def measure_shape(
         runners: dict[str, Any], dtype: str, batch: int, what: str, first_calls: dict[str, float] | None = None
     ) -> dict[str, Any]:
-        flops = ctx.results.setdefault('flops_per_image', bench.flops_per_image(built['jax'], size))
-        ceiling = ceilings.setdefault(dtype, bench.matmul_ceiling_gflops(dtype, gpu))
+        if 'flops_per_image' not in ctx.results:  # one size per run, and the same count in every dtype
+            ctx.results['flops_per_image'] = bench.flops_per_image(built['jax'], size)
+        if dtype not in ceilings:  # timed once per dtype, not again for every batch size
+            ceilings[dtype] = bench.matmul_ceiling_gflops(dtype, gpu)
         with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
-            results, logits = bench.measure(runners, batch, size, flops, repeats, gpu, bar)
+            results, logits = bench.measure(runners, batch, size, ctx.results['flops_per_image'], repeats, gpu, bar)
         for name, seconds in (first_calls or {}).items():
             results[name].first_call_s = seconds
-        log(bench.table(results, ceiling))
+        log(bench.table(results, ceilings[dtype]))
         return dict(dtype=dtype, **bench.shape_record(results, logits))
 
     plain_s: list[float] = []  # each shape's time without torch.compile

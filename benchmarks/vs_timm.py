@@ -385,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f'building {args.model} in timm and converting it to nfnet_jax ...', file=sys.stderr)
     timm_model, jax_model = build_models(args.model, dtype, 'cuda' if gpu else 'cpu')
 
+    flops = {size: flops_per_image(jax_model, size) for size in {size for _, size in shapes}}
     ceiling = matmul_ceiling_gflops(dtype, gpu)
     print(
         f'ceiling: a {CEILING_MATMUL}x{CEILING_MATMUL} {dtype} matmul in torch runs at {ceiling:.0f} GFLOP/s',
@@ -397,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with progress(total=len(shapes) * calls_per_shape * (args.repeats + 1), desc='benchmark', unit='call') as bar:
         for batch, size in shapes:
             runners = build_runners(batch, size, dtype, gpu, timm_model, jax_model, not args.skip_compile)
-            results, logits = measure(runners, batch, size, flops_per_image(jax_model, size), args.repeats, gpu, bar)
+            results, logits = measure(runners, batch, size, flops[size], args.repeats, gpu, bar)
             run = shape_record(results, logits)
             report['runs'].append(run)
             bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
