@@ -447,12 +447,10 @@ def worker_env(gpu: bool, cpu_devices: int) -> dict[str, str]:
 
 
 def run_steps(args: argparse.Namespace) -> int:
-    from nfnet_jax.files import refuse_existing
+    from nfnet_jax.files import check_report_file
 
     for path in (args.json, args.markdown):  # before any work, not after minutes of it
-        refuse_existing(path, args.force)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f'cannot write {path}: {path.parent} is not a directory')
+        check_report_file(path, args.force)
     from nfnet_jax.cli import log
 
     gpus = [] if args.device == 'cpu' else nvidia_gpus()

@@ -356,18 +356,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
     args = parser.parse_args(argv)
-    from nfnet_jax.files import refuse_existing
+    from nfnet_jax.files import check_report_file
 
     if args.batch < 1 or args.size < 32 or args.repeats < 1:
         parser.error('--batch and --repeats must be at least 1 and --size at least 32')
     for path in (args.json, args.plot if args.sweep else None):  # checked now, not after minutes of work
         if path is not None:
             try:
-                refuse_existing(path, args.force)
-            except FileExistsError as err:
+                check_report_file(path, args.force)
+            except OSError as err:
                 parser.error(str(err))
-        if path is not None and not path.parent.is_dir():
-            parser.error(f'cannot write {path}: {path.parent} is not a directory')
     return args
 
 

@@ -74,6 +74,14 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise FileExistsError(f'{path} already exists; pass --force (force=True) to overwrite it')
 
 
+def check_report_file(path: str | os.PathLike, force: bool) -> None:
+    """A report to be written at the end of a long run, checked before the run: not there (or `force`), in a folder
+    that is there. Raises FileExistsError or FileNotFoundError."""
+    refuse_existing(path, force)
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f'cannot write {path}: {Path(path).parent} is not a directory')
+
+
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Check that `folder` is a folder that takes new files, or can be made: raise OutputError if not.
 
