@@ -248,3 +248,29 @@ def test_benchmark_smoke(tmp_path):
     assert run['logits_rel_error_vs_timm'] < 1e-4  # same weights, same images on both sides
     with pytest.raises(SystemExit):  # an existing output is not replaced without --force
         vs_timm.main(['--model', 'test_nfnet', '--json', str(out)])
+
+
+def test_conv_ops_benchmark(tmp_path):
+    """Every convolution of test_nfnet's forward, found by the benchmark, timed on both sides and equal to torch's."""
+    from flax import nnx
+
+    from benchmarks import conv_ops
+    from nfnet_jax.layers import ScaledStdConv2d
+
+    model = nfnet_jax.create_model('test_nfnet')
+    convs = conv_ops.model_convs(model, 2, 64)
+    assert sum(convs.values()) == sum(isinstance(m, ScaledStdConv2d) for _, m in nnx.iter_graph(model))
+    assert any(conv.groups > 1 for conv in convs) and any(conv.strides == (2, 2) for conv in convs)
+
+    out, table = tmp_path / 'convs.json', tmp_path / 'convs.md'
+    args = ['--model', 'test_nfnet', '--batch', '2', '--size', '64', '--repeats', '1']
+    report = conv_ops.main(args + ['--json', str(out), '--markdown', str(table)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [row['label'] for row in report['convs']] == [conv.label for conv in convs]
+    for row in report['convs']:
+        for side in conv_ops.SIDES:
+            assert all(len(s) == 1 and s[0] > 0 for s in row['seconds'][side].values())
+        assert max(row['rel_error'].values()) < FP32_RTOL  # every pass, SAME and symmetric padding, groups
+    assert f'| all, per step |  | {sum(convs.values())} |' in table.read_text()
+    with pytest.raises(SystemExit):  # an existing output is not replaced without --force
+        conv_ops.main(['--model', 'test_nfnet', '--json', str(out)])

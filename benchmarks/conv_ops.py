@@ -1,0 +1,312 @@
+"""Each convolution of an NFNet's training step timed on its own: nfnet_jax's lowering against torch's, in one process.
+
+    python -m benchmarks.conv_ops [--model dm_nfnet_f0] [--batch 8] [--size 160] [--repeats 7] [--json F] [--markdown F]
+
+`benchmarks.train_step` says how far apart the whole steps are; this says which convolutions make
+the difference. The convolutions are the model's own: its forward is traced once with
+`nfnet_jax.layers.conv2d` recorded, and each distinct one (input shape, kernel, groups, stride,
+padding) runs three passes on both sides: the forward, the input gradient and the kernel
+gradient. nfnet_jax runs `lowering.conv2d` jitted with the training step's compiler options (on
+CPU: one convolution per group, 1x1 convolutions as matmuls); torch runs `conv2d` and its two
+gradients (`torch.nn.grad`) in channels_last, padded like timm (a symmetric pad inside the conv,
+TensorFlow's asymmetric SAME pad with `F.pad` first). Both sides get the same random tensors and
+their results are compared. Each timed call follows an untimed call of the same pass on the same
+side, so the other framework's idle threads do not slow the first call. Times are medians of
+`--repeats`; the totals weight each convolution by how often one step runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+
+from benchmarks import markdown
+
+PASSES = ('forward', 'input grad', 'kernel grad')
+SIDES = ('nfnet_jax', 'torch')
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Conv:
+    """One convolution of the model, with the arguments `lowering.conv2d` gets for it (NHWC input, HWIO kernel)."""
+
+    input_shape: tuple[int, int, int, int]
+    kernel_shape: tuple[int, int, int, int]
+    groups: int
+    strides: tuple[int, int]
+    padding: str | Padding
+    dilation: tuple[int, int]
+
+    @property
+    def label(self) -> str:
+        """E.g. '3x3/2 g6': kernel size, stride (when not 1) and groups (when more than 1)."""
+        kh, kw = self.kernel_shape[:2]
+        stride = '' if self.strides == (1, 1) else f'/{self.strides[0]}'
+        groups = '' if self.groups == 1 else f' g{self.groups}'
+        return f'{kh}x{kw}{stride}{groups} -> {self.kernel_shape[3]}'
+
+    @property
+    def pads(self) -> Padding:
+        """The padding as (low, high) pixels per spatial dimension, SAME resolved as XLA resolves it."""
+        if not isinstance(self.padding, str):
+            return self.padding
+        import jax
+
+        window = [(k - 1) * d + 1 for k, d in zip(self.kernel_shape[:2], self.dilation, strict=True)]
+        (top, bottom), (left, right) = jax.lax.padtype_to_pads(self.input_shape[1:3], window, self.strides, 'SAME')
+        return (top, bottom), (left, right)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        n, h, w, _ = self.input_shape
+        spatial = []
+        for size, (low, high), k, d, s in zip(
+            (h, w), self.pads, self.kernel_shape[:2], self.dilation, self.strides, strict=True
+        ):
+            spatial.append((size + low + high - (k - 1) * d - 1) // s + 1)
+        return n, spatial[0], spatial[1], self.kernel_shape[3]
+
+    @property
+    def flops(self) -> float:
+        """FLOPs of one pass (each of the three does the same multiply-adds)."""
+        n, ho, wo, cout = self.output_shape
+        kh, kw, cin_per_group, _ = self.kernel_shape
+        return 2.0 * n * ho * wo * cout * kh * kw * cin_per_group
+
+
+def model_convs(model: Any, batch: int, size: int) -> dict[Conv, int]:
+    """Every distinct convolution of `model`'s forward on a batch of `size` x `size` images, with how often it runs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nfnet_jax import layers
+
+    calls: collections.Counter[Conv] = collections.Counter()
+    conv2d = layers.conv2d
+
+    def recording(x: jax.Array, kernel: jax.Array, groups: int = 1, **kwargs: Any) -> jax.Array:
+        padding = kwargs.get('padding', 'SAME')
+        padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
+        dilation = tuple(kwargs.get('rhs_dilation') or (1, 1))
+        calls[Conv(x.shape, kernel.shape, groups, tuple(kwargs.get('window_strides', (1, 1))), padding, dilation)] += 1
+        return conv2d(x, kernel, groups, **kwargs)
+
+    graphdef, state = nnx.split(model)
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    with mock.patch.object(layers, 'conv2d', recording):
+        jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+    return dict(calls)
+
+
+def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) -> dict[str, Callable[[], Any]]:
+    """The three passes of `conv` in nfnet_jax, compiled as a training step is; each call returns its result."""
+    import jax
+
+    from nfnet_jax import lowering
+
+    def forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return lowering.conv2d(
+            x, kernel, conv.groups, window_strides=conv.strides, padding=conv.padding, rhs_dilation=conv.dilation
+        )
+
+    programs = {
+        'forward': lambda x, k, g: forward(x, k),
+        'input grad': lambda x, k, g: jax.vjp(lambda x: forward(x, k), x)[1](g)[0],
+        'kernel grad': lambda x, k, g: jax.vjp(lambda k: forward(x, k), k)[1](g)[0],
+    }
+    args = [jax.device_put(a) for a in (x, kernel, grad)]
+    platform = lowering.platform_of(args)
+    runners = {}
+    for name, program in programs.items():
+        compiled = lowering.jit(program, platform, training=True).lower(*args).compile()
+        runners[name] = lambda compiled=compiled: jax.block_until_ready(compiled(*args))
+    return runners
+
+
+def torch_passes(
+    conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray, device: str
+) -> dict[str, Callable[[], Any]]:
+    """The three passes of `conv` in torch, channels_last, padded as timm pads; each call returns its result."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.grad import conv2d_input, conv2d_weight
+
+    def nchw(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(device, memory_format=torch.channels_last)
+
+    tx, tgrad = nchw(x), nchw(grad)
+    tkernel = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()).to(device, memory_format=torch.channels_last)
+    (top, bottom), (left, right) = conv.pads
+    symmetric = top == bottom and left == right
+    kwargs = dict(
+        stride=conv.strides, dilation=conv.dilation, groups=conv.groups, padding=(top, left) if symmetric else 0
+    )
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return t if symmetric else F.pad(t, (left, right, top, bottom))
+
+    padded = pad(tx)
+    synchronize = torch.cuda.synchronize if device == 'cuda' else lambda: None
+
+    def synchronized(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            out = fn()
+            synchronize()
+            return out
+
+        return call
+
+    return {
+        'forward': synchronized(lambda: F.conv2d(pad(tx), tkernel, **kwargs)),
+        'input grad': synchronized(lambda: conv2d_input(padded.shape, tkernel, tgrad, **kwargs)),
+        'kernel grad': synchronized(lambda: conv2d_weight(padded, tkernel.shape, tgrad, **kwargs)),
+    }
+
+
+def torch_as_jax_layout(conv: Conv, name: str, out: Any) -> np.ndarray:
+    """A torch pass's result in nfnet_jax's layout (NHWC, HWIO), the input gradient cropped to the unpadded input."""
+    out = out.detach().cpu().numpy()
+    if name == 'kernel grad':
+        return out.transpose(2, 3, 1, 0)
+    out = out.transpose(0, 2, 3, 1)
+    if name == 'input grad' and out.shape != conv.input_shape:  # the gradient of timm's F.pad is this crop
+        (top, _), (left, _) = conv.pads
+        _, h, w, _ = conv.input_shape
+        out = out[:, top : top + h, left : left + w]
+    return out
+
+
+def measure(conv: Conv, repeats: int, device: str, bar: Any) -> dict[str, Any]:
+    """Both sides' seconds per pass (`repeats` timed calls each) and the relative difference of their results."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(conv.input_shape, dtype=np.float32)
+    kernel = rng.standard_normal(conv.kernel_shape, dtype=np.float32) / np.float32(
+        np.sqrt(np.prod(conv.kernel_shape[:3]))
+    )
+    grad = rng.standard_normal(conv.output_shape, dtype=np.float32)
+    runners = {'nfnet_jax': jax_passes(conv, x, kernel, grad), 'torch': torch_passes(conv, x, kernel, grad, device)}
+    rel_error = {}
+    for name in PASSES:
+        mine = np.asarray(runners['nfnet_jax'][name]())
+        theirs = torch_as_jax_layout(conv, name, runners['torch'][name]())
+        rel_error[name] = float(np.max(np.abs(mine - theirs)) / np.max(np.abs(theirs)))
+    seconds: dict[str, dict[str, list[float]]] = {side: {name: [] for name in PASSES} for side in SIDES}
+    for _ in range(repeats):
+        for name in PASSES:
+            for side in SIDES:
+                runners[side][name]()  # untimed: wakes this side's threads
+                start = time.perf_counter()
+                runners[side][name]()
+                seconds[side][name].append(time.perf_counter() - start)
+            bar.update(1)
+    return dict(seconds=seconds, rel_error=rel_error)
+
+
+def median_ms(seconds: list[float]) -> float:
+    return 1e3 * statistics.median(seconds)
+
+
+def summary(ms: dict[str, dict[str, float]], flops_per_pass: float) -> list[str]:
+    """Cells for each pass's ms, GFLOP/s over the three passes and the speed ratio, as nfnet_jax / torch."""
+    spent = {side: sum(ms[side].values()) for side in SIDES}
+    cells = [f'{ms["nfnet_jax"][name]:.2f} / {ms["torch"][name]:.2f}' for name in PASSES]
+    cells.append(' / '.join(f'{len(PASSES) * flops_per_pass / spent[side] / 1e6:.0f}' for side in SIDES))
+    return [*cells, f'{spent["torch"] / spent["nfnet_jax"]:.2f}x']
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One line per convolution and one for the whole step, each pass's median ms as nfnet_jax / torch."""
+    columns = ['convolution', 'input (NHWC)', 'per step', *(f'{name} ms' for name in PASSES)]
+    columns += ['GFLOP/s nfnet_jax / torch', 'torch time / nfnet_jax time']
+    lines = []
+    totals = {side: {name: 0.0 for name in PASSES} for side in SIDES}  # ms per step
+    total_flops = 0.0
+    for row in rows:
+        ms = {side: {name: median_ms(row['seconds'][side][name]) for name in PASSES} for side in SIDES}
+        for side, name in itertools.product(SIDES, PASSES):
+            totals[side][name] += row['count'] * ms[side][name]
+        total_flops += row['count'] * len(PASSES) * row['flops']
+        lines.append([row['label'], 'x'.join(map(str, row['input_shape'])), row['count'], *summary(ms, row['flops'])])
+    lines.append(['all, per step', '', sum(row['count'] for row in rows), *summary(totals, total_flops / len(PASSES))])
+    return '\n'.join(markdown.table(columns, lines))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.conv_ops')
+    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--size', type=int, default=160, help='image height and width (default 160, as train_step)')
+    parser.add_argument('--repeats', type=int, default=7, help='timed calls per pass and side (median reported)')
+    parser.add_argument('--json', type=Path, help='write every measurement here as JSON')
+    parser.add_argument('--markdown', type=Path, help='write the table here')
+    parser.add_argument('--force', action='store_true', help='replace existing --json / --markdown files')
+    args = parser.parse_args(argv)
+    from nfnet_jax import list_models
+    from nfnet_jax.files import check_report_file
+
+    if args.model not in list_models():
+        parser.error(f'unknown model {args.model!r}; nfnet_jax.list_models() lists the architectures')
+    if args.batch < 1 or args.size < 32 or args.repeats < 1:
+        parser.error('--batch and --repeats must be at least 1 and --size at least 32')
+    for path in (args.json, args.markdown):  # checked now, not after minutes of work
+        if path is not None:
+            try:
+                check_report_file(path, args.force)
+            except OSError as err:
+                parser.error(str(err))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import jax
+    import torch
+
+    import nfnet_jax
+    from benchmarks.vs_timm import environment
+    from nfnet_jax.cli import progress
+    from nfnet_jax.files import atomic_write
+
+    gpu = torch.cuda.is_available() and jax.default_backend() == 'gpu'
+    convs = model_convs(nfnet_jax.create_model(args.model), args.batch, args.size)
+    report: dict[str, Any] = dict(
+        model=args.model,
+        batch=args.batch,
+        size=args.size,
+        repeats=args.repeats,
+        **environment('float32', gpu),
+        convs=[],
+    )
+    print(f'{args.model}: {sum(convs.values())} convolutions per forward, {len(convs)} distinct', file=sys.stderr)
+    with progress(total=len(convs) * len(PASSES) * args.repeats, desc='convolutions', unit='pass') as bar:
+        for conv, count in convs.items():
+            measured = measure(conv, args.repeats, 'cuda' if gpu else 'cpu', bar)
+            report['convs'].append(dict(asdict(conv), label=conv.label, count=count, flops=conv.flops, **measured))
+    worst = max(error for row in report['convs'] for error in row['rel_error'].values())
+    text = f'{args.model}, batch {args.batch}, {args.size}x{args.size}, {report["device"]}, float32\n\n'
+    text += table(report['convs']) + f'\n\nResults of both sides agree within {worst:.1e} (relative).\n'
+    print(text)
+    if args.markdown:
+        atomic_write(args.markdown, lambda tmp: Path(tmp).write_text(text), force=args.force)
+    if args.json:
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)), force=args.force)
+    return report
+
+
+if __name__ == '__main__':
+    main()
