@@ -98,15 +98,16 @@ def in_chunks(fn: Callable[[Any, Array], Any], platform: str | None) -> Callable
 def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = None, **conv_kwargs: Any) -> Array:
     """`conv(x, kernel) + bias`, NHWC x HWIO (`jax.lax.conv_general_dilated` keywords), lowered per backend.
 
-    On XLA:CPU, measured on dm_nfnet_f0: a grouped convolution takes a slow path, ~6x slower
-    than the same work as one ordinary convolution per group plus a concat, so that is what
-    runs; and a 1x1 convolution runs faster as a matmul over the channels (10-50% per conv,
-    ~10% on the whole network). Each group's bias is added before the concat. The block's
-    activation before a grouped conv is computed once and sliced per group: applying it per
-    group slice instead (so XLA fuses it into the slicing) was measured on dm_nfnet_f0's group
-    shapes at batch 8 on an AVX-512 EPYC at 1.01-1.05x the time of this form, so the model keeps
-    timm's order, activation then conv. cuDNN and TPUs keep the convolution as written (native
-    grouped kernels). A `precision=` keyword reaches every path, the matmul too.
+    On XLA:CPU, measured on dm_nfnet_f0: a grouped convolution takes a slow path, ~6x slower than
+    the same work as one ordinary convolution per group plus a concat, so that is what runs (with
+    jax 0.10.2 the forward has caught up, but a training step with native grouped convolutions is
+    still 3.8x slower: their gradients); and a 1x1 convolution runs faster as a matmul over the
+    channels (10-50% per conv, ~10% on the whole network). Each group's bias is added before the
+    concat. The block's activation before a grouped conv is computed once and sliced per group:
+    applying it per group slice instead (so XLA fuses it into the slicing) was measured on
+    dm_nfnet_f0's group shapes at batch 8 on an AVX-512 EPYC at 1.01-1.05x the time of this form, so
+    the model keeps timm's order, activation then conv. cuDNN and TPUs keep the convolution as
+    written (native grouped kernels). A `precision=` keyword reaches every path, the matmul too.
     The choice is made when the computation is lowered for its platform
     (`jax.lax.platform_dependent`), not from the default backend, so a jit placed on a GPU by a
     CPU-default process still gets cuDNN's kernels.
