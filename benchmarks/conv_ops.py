@@ -33,6 +33,7 @@ from unittest import mock
 import numpy as np
 
 from benchmarks import markdown
+from benchmarks.vs_timm import check_arguments, environment
 
 PASSES = ('forward', 'input grad', 'kernel grad')
 SIDES = ('nfnet_jax', 'torch')
@@ -256,19 +257,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--markdown', type=Path, help='write the table here')
     parser.add_argument('--force', action='store_true', help='replace existing --json / --markdown files')
     args = parser.parse_args(argv)
-    from nfnet_jax import list_models
-    from nfnet_jax.files import check_report_file
-
-    if args.model not in list_models():
-        parser.error(f'unknown model {args.model!r}; nfnet_jax.list_models() lists the architectures')
-    if args.batch < 1 or args.size < 32 or args.repeats < 1:
-        parser.error('--batch and --repeats must be at least 1 and --size at least 32')
-    for path in (args.json, args.markdown):  # checked now, not after minutes of work
-        if path is not None:
-            try:
-                check_report_file(path, args.force)
-            except OSError as err:
-                parser.error(str(err))
+    check_arguments(parser, args, outputs=(args.json, args.markdown))
     return args
 
 
@@ -278,7 +267,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import torch
 
     import nfnet_jax
-    from benchmarks.vs_timm import environment
     from nfnet_jax.cli import progress
     from nfnet_jax.files import atomic_write
 

@@ -356,17 +356,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
     args = parser.parse_args(argv)
+    check_arguments(parser, args, outputs=(args.json, args.plot if args.sweep else None))
+    return args
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, outputs: Sequence[Path | None]) -> None:
+    """`--model`, `--batch`, `--size` and `--repeats`, and the files to be written (None: not asked for), checked
+    now, not after minutes of work; `parser.error` (exit 2) says what is wrong."""
+    from nfnet_jax import list_models
     from nfnet_jax.files import check_report_file
 
+    if args.model not in list_models():
+        parser.error(f'unknown model {args.model!r}; nfnet_jax.list_models() lists the architectures')
     if args.batch < 1 or args.size < 32 or args.repeats < 1:
         parser.error('--batch and --repeats must be at least 1 and --size at least 32')
-    for path in (args.json, args.plot if args.sweep else None):  # checked now, not after minutes of work
+    for path in outputs:
         if path is not None:
             try:
                 check_report_file(path, args.force)
             except OSError as err:
                 parser.error(str(err))
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
