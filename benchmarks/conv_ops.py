@@ -1,6 +1,7 @@
 """Each convolution of an NFNet's training step timed on its own: nfnet_jax's lowering against torch's, in one process.
 
-    python -m benchmarks.conv_ops [--model dm_nfnet_f0] [--batch 8] [--size 160] [--repeats 7] [--json F] [--markdown F]
+    python -m benchmarks.conv_ops [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
+                                  [--repeats 7] [--json F] [--markdown F]
 
 `benchmarks.train_step` says how far apart the whole steps are; this says which convolutions make
 the difference. The convolutions are the model's own: its forward is traced once with
@@ -9,8 +10,9 @@ padding) runs three passes on both sides: the forward, the input gradient and th
 gradient. nfnet_jax runs `lowering.conv2d` jitted with the training step's compiler options (on
 CPU: one convolution per group, 1x1 convolutions as matmuls); torch runs `conv2d` and its two
 gradients (`torch.nn.grad`) in channels_last, padded like timm (a symmetric pad inside the conv,
-TensorFlow's asymmetric SAME pad with `F.pad` first). Both sides get the same random tensors and
-their results are compared. Each timed call follows an untimed call of the same pass on the same
+TensorFlow's asymmetric SAME pad with `F.pad` first). Both sides get the same random tensors, in
+float32 or bfloat16 (`--dtype`: every tensor in it, as under autocast), and their results are
+compared. Each timed call follows an untimed call of the same pass on the same
 side, so the other framework's idle threads do not slow the first call. Times are medians of
 `--repeats`; the totals weight each convolution by how often one step runs it.
 """
@@ -115,7 +117,8 @@ def model_convs(model: Any, batch: int, size: int) -> dict[Conv, int]:
 
 
 def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) -> dict[str, Callable[[], Any]]:
-    """The three passes of `conv` in nfnet_jax, compiled as a training step is; each call returns its result."""
+    """The three passes of `conv` in nfnet_jax, compiled as a training step is, in the arrays' dtype; each call
+    returns its result."""
     import jax
 
     from nfnet_jax import lowering
@@ -142,16 +145,22 @@ def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) 
 def torch_passes(
     conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray, device: str
 ) -> dict[str, Callable[[], Any]]:
-    """The three passes of `conv` in torch, channels_last, padded as timm pads; each call returns its result."""
+    """The three passes of `conv` in torch, channels_last, padded as timm pads, in the arrays' dtype (float32 or
+    bfloat16); each call returns its result."""
     import torch
     import torch.nn.functional as F
     from torch.nn.grad import conv2d_input, conv2d_weight
 
+    dtype = getattr(torch, str(x.dtype))  # numpy has no bfloat16 of its own: through float32, which holds it exactly
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.float32)).to(device, dtype)
+
     def nchw(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(device, memory_format=torch.channels_last)
+        return tensor(a).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     tx, tgrad = nchw(x), nchw(grad)
-    tkernel = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()).to(device, memory_format=torch.channels_last)
+    tkernel = tensor(kernel).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
     (top, bottom), (left, right) = conv.pads
     symmetric = top == bottom and left == right
     kwargs = dict(
@@ -181,7 +190,7 @@ def torch_passes(
 
 def torch_as_jax_layout(conv: Conv, name: str, out: Any) -> np.ndarray:
     """A torch pass's result in nfnet_jax's layout (NHWC, HWIO), the input gradient cropped to the unpadded input."""
-    out = out.detach().cpu().numpy()
+    out = out.detach().float().cpu().numpy()
     if name == 'kernel grad':
         return out.transpose(2, 3, 1, 0)
     out = out.transpose(0, 2, 3, 1)
@@ -192,19 +201,24 @@ def torch_as_jax_layout(conv: Conv, name: str, out: Any) -> np.ndarray:
     return out
 
 
-def measure(conv: Conv, repeats: int, device: str, bar: Any) -> dict[str, Any]:
-    """Both sides' seconds per pass (`repeats` timed calls each) and the relative difference of their results."""
+def measure(conv: Conv, repeats: int, device: str, bar: Any, dtype: str = 'float32') -> dict[str, Any]:
+    """Both sides' seconds per pass (`repeats` timed calls each), the relative difference of their results, and the
+    dtype each side's results came out in."""
+    import jax.numpy as jnp
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal(conv.input_shape, dtype=np.float32)
     kernel = rng.standard_normal(conv.kernel_shape, dtype=np.float32) / np.float32(
         np.sqrt(np.prod(conv.kernel_shape[:3]))
     )
     grad = rng.standard_normal(conv.output_shape, dtype=np.float32)
+    x, kernel, grad = (a.astype(jnp.dtype(dtype)) for a in (x, kernel, grad))
     runners = {'nfnet_jax': jax_passes(conv, x, kernel, grad), 'torch': torch_passes(conv, x, kernel, grad, device)}
-    rel_error = {}
+    rel_error, result_dtypes = {}, set()
     for name in PASSES:
-        mine = np.asarray(runners['nfnet_jax'][name]())
-        theirs = torch_as_jax_layout(conv, name, runners['torch'][name]())
+        mine, theirs = runners['nfnet_jax'][name](), runners['torch'][name]()
+        result_dtypes.add((str(mine.dtype), str(theirs.dtype).removeprefix('torch.')))
+        mine, theirs = np.asarray(mine, dtype=np.float32), torch_as_jax_layout(conv, name, theirs)
         rel_error[name] = float(np.max(np.abs(mine - theirs)) / np.max(np.abs(theirs)))
     seconds: dict[str, dict[str, list[float]]] = {side: {name: [] for name in PASSES} for side in SIDES}
     for _ in range(repeats):
@@ -215,7 +229,8 @@ def measure(conv: Conv, repeats: int, device: str, bar: Any) -> dict[str, Any]:
                 runners[side][name]()
                 seconds[side][name].append(time.perf_counter() - start)
             bar.update(1)
-    return dict(seconds=seconds, rel_error=rel_error)
+    (dtypes,) = result_dtypes  # every pass in one dtype per side
+    return dict(seconds=seconds, rel_error=rel_error, result_dtypes=dict(zip(SIDES, dtypes, strict=True)))
 
 
 def median_ms(seconds: list[float]) -> float:
@@ -252,6 +267,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--size', type=int, default=160, help='image height and width (default 160, as train_step)')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='every tensor in this')
     parser.add_argument('--repeats', type=int, default=7, help='timed calls per pass and side (median reported)')
     parser.add_argument('--json', type=Path, help='write every measurement here as JSON')
     parser.add_argument('--markdown', type=Path, help='write the table here')
@@ -277,16 +293,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch=args.batch,
         size=args.size,
         repeats=args.repeats,
-        **environment('float32', gpu),
+        **environment(args.dtype, gpu),
         convs=[],
     )
     print(f'{args.model}: {sum(convs.values())} convolutions per forward, {len(convs)} distinct', file=sys.stderr)
     with progress(total=len(convs) * len(PASSES) * args.repeats, desc='convolutions', unit='pass') as bar:
         for conv, count in convs.items():
-            measured = measure(conv, args.repeats, 'cuda' if gpu else 'cpu', bar)
+            measured = measure(conv, args.repeats, 'cuda' if gpu else 'cpu', bar, args.dtype)
             report['convs'].append(dict(asdict(conv), label=conv.label, count=count, flops=conv.flops, **measured))
     worst = max(error for row in report['convs'] for error in row['rel_error'].values())
-    text = f'{args.model}, batch {args.batch}, {args.size}x{args.size}, {report["device"]}, float32\n\n'
+    text = f'{args.model}, batch {args.batch}, {args.size}x{args.size}, {report["device"]}, {args.dtype}\n\n'
     text += table(report['convs']) + f'\n\nResults of both sides agree within {worst:.1e} (relative).\n'
     print(text)
     if args.markdown:

@@ -271,6 +271,20 @@ def test_conv_ops_benchmark(tmp_path):
         for side in conv_ops.SIDES:
             assert all(len(s) == 1 and s[0] > 0 for s in row['seconds'][side].values())
         assert max(row['rel_error'].values()) < FP32_RTOL  # every pass, SAME and symmetric padding, groups
+        assert row['result_dtypes'] == {'nfnet_jax': 'float32', 'torch': 'float32'}
     assert f'| all, per step |  | {sum(convs.values())} |' in table.read_text()
     with pytest.raises(SystemExit):  # an existing output is not replaced without --force
         conv_ops.main(['--model', 'test_nfnet', '--json', str(out)])
+
+
+def test_conv_ops_bfloat16_passes_agree_with_torch():
+    """`--dtype bfloat16` runs every pass in bfloat16 on both sides: a grouped, strided SAME conv agrees within
+    bfloat16's rounding (1e-2 relative; at most 2e-3 on test_nfnet's convolutions, this one exactly)."""
+    from types import SimpleNamespace
+
+    from benchmarks import conv_ops
+
+    conv = conv_ops.Conv((2, 9, 9, 16), (3, 3, 8, 16), 2, (2, 2), 'SAME', (1, 1))
+    result = conv_ops.measure(conv, 1, 'cpu', SimpleNamespace(update=lambda n: None), dtype='bfloat16')
+    assert result['result_dtypes'] == {'nfnet_jax': 'bfloat16', 'torch': 'bfloat16'}
+    assert max(result['rel_error'].values()) < 1e-2
