@@ -74,14 +74,20 @@ class Conv:
         return (top, bottom), (left, right)
 
     @property
+    def conv_kwargs(self) -> dict[str, Any]:
+        """The keywords of `lowering.conv2d` (those of `jax.lax.conv_general_dilated`) for this convolution."""
+        return dict(window_strides=self.strides, padding=self.padding, rhs_dilation=self.dilation)
+
+    @property
     def output_shape(self) -> tuple[int, int, int, int]:
-        n, h, w, _ = self.input_shape
-        spatial = []
-        for size, (low, high), k, d, s in zip(
-            (h, w), self.pads, self.kernel_shape[:2], self.dilation, self.strides, strict=True
-        ):
-            spatial.append((size + low + high - (k - 1) * d - 1) // s + 1)
-        return n, spatial[0], spatial[1], self.kernel_shape[3]
+        """As `lowering.conv2d` gives it (no compilation: its abstract evaluation)."""
+        import jax
+        import jax.numpy as jnp
+
+        from nfnet_jax import lowering
+
+        x, kernel = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in (self.input_shape, self.kernel_shape))
+        return jax.eval_shape(lambda x, k: lowering.conv2d(x, k, self.groups, **self.conv_kwargs), x, kernel).shape
 
     @property
     def flops(self) -> float:
@@ -124,9 +130,7 @@ def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) 
     from nfnet_jax import lowering
 
     def forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        return lowering.conv2d(
-            x, kernel, conv.groups, window_strides=conv.strides, padding=conv.padding, rhs_dilation=conv.dilation
-        )
+        return lowering.conv2d(x, kernel, conv.groups, **conv.conv_kwargs)
 
     programs = {
         'forward': lambda x, k, g: forward(x, k),
