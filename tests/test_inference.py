@@ -140,6 +140,52 @@ def test_conv_bias_is_added_per_group_on_cpu(kernel_size, groups):
     assert relative_error(jax.jit(conv)(x, k, b), expected + b) <= FP32_RTOL
 
 
+@pytest.mark.parametrize(
+    'kernel_size,groups,stride,dilation,padding,cpu_ops',
+    [
+        (3, 4, 1, 1, 'SAME', ['dot_general'] * 12),  # one matmul per kernel row and group
+        (3, 4, 1, 1, ((1, 1), (1, 1)), ['dot_general'] * 12),
+        (3, 4, 2, 1, ((1, 1), (1, 1)), ['dot_general'] * 12),
+        (3, 1, 2, 1, 'SAME', ['dot_general'] * 3),
+        (1, 1, 1, 1, 'SAME', ['dot_general']),
+        (3, 4, 1, 2, ((2, 2), (2, 2)), ['convolution'] * 4),  # dilated: XLA's convolution, per group
+    ],
+)
+def test_bfloat16_convs_on_cpu_are_matmuls_summed_in_float32(kernel_size, groups, stride, dilation, padding, cpu_ops):
+    """bfloat16 on CPU: undilated convs as matmuls with float32 results, the bias added, then rounded once."""
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 9, 7, 16)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 16 // groups, 16)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(16), jnp.bfloat16)
+    strides, dilations = (stride, stride), (dilation, dilation)
+
+    def conv(x, k, b):
+        return lowering.conv2d(x, k, groups, bias=b, window_strides=strides, padding=padding, rhs_dilation=dilations)
+
+    text = export.export(jax.jit(conv), platforms=['cpu'])(x, k, b).mlir_module()
+    assert re.findall(r'stablehlo\.(convolution|dot_general)', text) == cpu_ops
+    if cpu_ops[0] == 'dot_general':
+        assert len(re.findall(r'stablehlo\.dot_general.*-> tensor<[0-9x]*xf32>', text)) == len(cpu_ops)
+    assert re.findall(
+        r'stablehlo\.convolution', export.export(jax.jit(conv), platforms=['cuda'])(x, k, b).mlir_module()
+    )
+    y = jax.jit(conv)(x, k, b)
+    assert y.dtype == jnp.bfloat16
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    x32, k32, b32 = (np.asarray(a, np.float32) for a in (x, k, b))
+    expected = jax.lax.conv_general_dilated(
+        x32,
+        k32,
+        strides,
+        padding,
+        rhs_dilation=dilations,
+        dimension_numbers=dims,
+        feature_group_count=groups,
+        precision='highest',
+    )
+    assert relative_error(y, expected + b32) <= 2**-8  # one rounding to bfloat16 (8 significant bits)
+
+
 OPTIONS_WORKER = """
 import jax
 import numpy as np
