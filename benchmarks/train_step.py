@@ -1,12 +1,14 @@
 """One training step of nfnet_jax against timm's, in one process, on the same weights and batch.
 
-    python -m benchmarks.train_step [--model dm_nfnet_f0] [--batch 8] [--size 160] [--steps 5]
+    python -m benchmarks.train_step [--model dm_nfnet_f0] [--batch 8] [--size 160] [--steps 5] [--dtype bfloat16]
 
 Both sides do the same work per step: forward, cross entropy with label smoothing 0.1,
 backward, timm's AGC (clip 0.01, head excluded), SGD with Nesterov momentum and weight decay.
-timm runs in float32 eager (NCHW and channels_last) and under `torch.compile` (channels_last;
-forward and backward compiled, the optimizer eager), on the GPU when torch sees one; nfnet_jax
-runs its jitted `train_step` in float32 on JAX's default device. Timed steps alternate between
+timm runs eager (NCHW and channels_last) and under `torch.compile` (channels_last; forward and
+backward compiled, the optimizer eager), on the GPU when torch sees one; nfnet_jax runs its jitted
+`train_step` on JAX's default device. `--dtype bfloat16` computes in bfloat16 from float32
+parameters on both sides: timm's forward and loss under `torch.autocast`, nfnet_jax's model built
+with `dtype=jnp.bfloat16`. Timed steps alternate between
 the configurations, so load from other processes hits them alike; each reports the median
 seconds per step and its first step (compilation included), and nfnet_jax's speed against each.
 """
@@ -27,11 +29,18 @@ from nfnet_jax.cli import progress
 
 
 def timm_step(
-    model, channels_last: bool, images: np.ndarray, labels: np.ndarray, device: str = 'cpu', compile: bool = False
+    model,
+    channels_last: bool,
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: str = 'cpu',
+    compile: bool = False,
+    dtype: str = 'float32',
 ) -> Callable[[], None]:
     """One timm training step on `device` ('cpu' or 'cuda'), returning when its work is done.
 
-    With `compile`, the model's forward and backward run through `torch.compile`.
+    With `compile`, the model's forward and backward run through `torch.compile`; with `dtype`
+    'bfloat16', the forward and the loss run under autocast.
     """
     import torch
     from timm.models import model_parameters
@@ -47,7 +56,9 @@ def timm_step(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(forward(x), y).backward()
+        with torch.autocast(device, torch.bfloat16, enabled=dtype == 'bfloat16'):
+            loss = loss_fn(forward(x), y)
+        loss.backward()
         adaptive_clip_grad(model_parameters(model, exclude_head=True), clip_factor=0.01)
         optimizer.step()
         if device != 'cpu':
@@ -56,11 +67,18 @@ def timm_step(
     return step
 
 
-def jax_step(timm_model, images: np.ndarray, labels: np.ndarray) -> Callable[[], None]:
+def jax_step(timm_model, images: np.ndarray, labels: np.ndarray, dtype: str = 'float32') -> Callable[[], None]:
+    import nfnet_jax
     from nfnet_jax.factory import from_timm
     from nfnet_jax.train import TrainState, nfnet_optimizer, train_step
+    from nfnet_jax.weights import flat_params
 
-    state = TrainState(from_timm(timm_model), nfnet_optimizer(0.1))
+    model = from_timm(timm_model)
+    if dtype == 'bfloat16':
+        model = nfnet_jax.create_model(
+            timm_model.pretrained_cfg['architecture'], params=flat_params(model), dtype=jnp.bfloat16
+        )
+    state = TrainState(model, nfnet_optimizer(0.1))
     x, y = jnp.asarray(images), jnp.asarray(labels)
 
     def step() -> None:
@@ -69,8 +87,10 @@ def jax_step(timm_model, images: np.ndarray, labels: np.ndarray) -> Callable[[],
     return step
 
 
-def build_steps(model_name: str, batch: int, size: int, device: str, compile: bool) -> dict[str, Callable[[], None]]:
-    """The configurations' steps on one random batch, timm's init converted for nfnet_jax."""
+def build_steps(
+    model_name: str, batch: int, size: int, device: str, compile: bool, dtype: str = 'float32'
+) -> dict[str, Callable[[], None]]:
+    """The configurations' steps on one random batch, timm's init converted for nfnet_jax, computing in `dtype`."""
     import copy
 
     import timm
@@ -82,12 +102,14 @@ def build_steps(model_name: str, batch: int, size: int, device: str, compile: bo
     torch.manual_seed(0)
     reference = timm.create_model(model_name)
     steps = {
-        'timm eager NCHW': timm_step(copy.deepcopy(reference), False, images, labels, device),
-        'timm eager channels_last': timm_step(copy.deepcopy(reference), True, images, labels, device),
+        'timm eager NCHW': timm_step(copy.deepcopy(reference), False, images, labels, device, dtype=dtype),
+        'timm eager channels_last': timm_step(copy.deepcopy(reference), True, images, labels, device, dtype=dtype),
     }
     if compile:
-        steps['timm compile channels_last'] = timm_step(copy.deepcopy(reference), True, images, labels, device, True)
-    steps[f'{JAX_CONFIG} ({jax.default_backend()})'] = jax_step(reference, images, labels)
+        steps['timm compile channels_last'] = timm_step(
+            copy.deepcopy(reference), True, images, labels, device, compile=True, dtype=dtype
+        )
+    steps[f'{JAX_CONFIG} ({jax.default_backend()})'] = jax_step(reference, images, labels, dtype)
     return steps
 
 
@@ -98,12 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--size', type=int, default=160)
     parser.add_argument('--steps', type=int, default=5, help='timed steps per configuration')
     parser.add_argument('--skip-compile', action='store_true', help='leave out torch.compile (minutes on CPU)')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     args = parser.parse_args(argv)
 
     import torch
 
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    steps = build_steps(args.model, args.batch, args.size, device, not args.skip_compile)
+    steps = build_steps(args.model, args.batch, args.size, device, not args.skip_compile, args.dtype)
     first, times = {}, {name: [] for name in steps}
     for name, step in progress(steps.items(), desc='first steps (compiling)'):
         start = time.perf_counter()
@@ -118,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = next(value for name, value in medians.items() if name.startswith(JAX_CONFIG))
     print(
-        f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, float32, '
+        f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
         f'jax {jax.__version__} on {jax.devices()[0].device_kind}'
     )

@@ -296,6 +296,23 @@ def test_benchmark_smoke(tmp_path):
         vs_timm.main(['--model', 'test_nfnet', '--json', str(out)])
 
 
+def test_train_step_benchmark_in_bfloat16(capsys):
+    """The training-step benchmark end to end in bfloat16 on test_nfnet: every configuration steps, one row each."""
+    from benchmarks import train_step
+
+    train_step.main(
+        ['--model', 'test_nfnet', '--batch', '2', '--size', '32', '--steps', '1', '--skip-compile']
+        + ['--dtype', 'bfloat16']
+    )
+    out = capsys.readouterr().out
+    assert 'test_nfnet training step, batch 2 at 32x32, bfloat16' in out
+    rows = re.findall(
+        r'^\| (timm eager NCHW|timm eager channels_last|nfnet_jax jit \(cpu\)) \| ([0-9.]+) \|', out, re.M
+    )
+    assert [name for name, _ in rows] == ['timm eager NCHW', 'timm eager channels_last', 'nfnet_jax jit (cpu)']
+    assert all(float(seconds) > 0 for _, seconds in rows)
+
+
 def test_conv_ops_benchmark(tmp_path):
     """Every convolution of test_nfnet's forward, found by the benchmark, timed on both sides and equal to torch's."""
     from flax import nnx
