@@ -166,7 +166,9 @@ def _bfloat16_matmul(x: Array, kernel: Array, precision: Any = None) -> Array:
     Without the custom gradient, the float32 cotangent would make both gradient matmuls float32
     ones (XLA:CPU converting the bfloat16 operand), so a bfloat16 training step would run its
     backward pass at float32 speed. Here the cotangent is rounded to bfloat16 first, as under
-    PyTorch's autocast, and the gradients are summed in float32 and rounded once.
+    PyTorch's autocast, and the gradients are summed in float32 and rounded once. The price: JAX
+    has no forward-mode derivative (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) of a custom-VJP
+    function, so those need float32 on CPU.
     """
     return _channel_matmul(x, kernel, precision=precision, preferred_element_type=jnp.float32)
 
