@@ -176,10 +176,14 @@ class ScaledStdConv2d(nnx.Module):
         if self.folded:
             return self.kernel[...]
         w = self.kernel[...].astype(jnp.float32)
-        mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-        var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+        # The statistics run on a (kh * kw * in, out) view: on 4-D 1x1 kernels, the gradient's
+        # reduction over the input channels alone hits a slow path of XLA:CPU (YNNPACK), 14x slower
+        # for the final conv's kernel and a fifth of dm_nfnet_f0's training step.
+        rows = w.reshape(-1, w.shape[-1])
+        mean = jnp.mean(rows, axis=0)
+        var = jnp.var(rows, axis=0)
         scale = self.gain[...].astype(jnp.float32) * self.scale
-        return (w - mean) * (jax.lax.rsqrt(var + self.eps) * scale)
+        return ((rows - mean) * (jax.lax.rsqrt(var + self.eps) * scale)).reshape(w.shape)
 
     def fold_standardization(self) -> None:
         """Store the standardised kernel in place of the raw one, for inference.
