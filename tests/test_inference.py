@@ -187,29 +187,41 @@ def test_bfloat16_convs_on_cpu_are_matmuls_summed_in_float32(kernel_size, groups
     assert relative_error(y, expected + b32) <= 2**-8  # one rounding to bfloat16 (8 significant bits)
 
 
-def test_bfloat16_conv_gradients_on_cpu_are_bfloat16_matmuls():
-    """The backward pass of a bfloat16 conv on CPU: bfloat16 operands in every matmul, gradients within rounding."""
+@pytest.mark.parametrize(
+    'kernel_size,groups,matmuls,convolutions',
+    [(1, 1, 3, 0), (3, 4, 3 * 4, 2 * 4)],
+    ids=['1x1-gradients-as-matmuls', '3x3-gradients-as-convolutions'],
+)
+def test_bfloat16_conv_gradients_on_cpu(kernel_size, groups, matmuls, convolutions):
+    """The backward pass of a bfloat16 conv on CPU, gradients within rounding of float32's.
+
+    A 1x1 conv's gradients are bfloat16 matmuls (its forward and two gradients: 3 matmuls); a 3x3
+    conv's forward is bfloat16 row matmuls (one per kernel row and group) and its gradients are
+    XLA's convolutions (two per group).
+    """
     rng = np.random.default_rng(5)
-    x, k, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in ((2, 9, 7, 16), (3, 3, 4, 16), (16,)))
+    shapes = ((2, 9, 7, 16), (kernel_size, kernel_size, 16 // groups, 16), (16,))
+    x, k, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes)
 
     def loss(conv, x, k, b):
         return jnp.sum(conv(x, k, b).astype(jnp.float32) ** 2)
 
     def ours(x, k, b):
-        return lowering.conv2d(x, k, 4, bias=b, window_strides=(1, 1), padding='SAME')
+        return lowering.conv2d(x, k, groups, bias=b, window_strides=(1, 1), padding='SAME')
 
     def reference(x, k, b):
         dims = ('NHWC', 'HWIO', 'NHWC')
-        conv = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=4)
+        conv = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups)
         return conv + b
 
     grad = jax.jit(jax.grad(partial(loss, ours), argnums=(0, 1, 2)))
+    text = grad.lower(x, k, b).as_text()
     dots = re.findall(
-        r'stablehlo\.dot_general .*: \((tensor<[0-9x]*x(?:bf16|f32)>), (tensor<[0-9x]*x(?:bf16|f32)>)\)',
-        grad.lower(x, k, b).as_text(),
+        r'stablehlo\.dot_general .*: \((tensor<[0-9x]*x(?:bf16|f32)>), (tensor<[0-9x]*x(?:bf16|f32)>)\)', text
     )
-    assert len(dots) == 3 * 4 * 3  # a forward matmul and two gradient matmuls per kernel row and group
+    assert len(dots) == matmuls
     assert all(lhs.endswith('xbf16>') and rhs.endswith('xbf16>') for lhs, rhs in dots)
+    assert len(re.findall(r'stablehlo\.convolution', text)) == convolutions
     expected = jax.grad(partial(loss, reference), argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (x, k, b)))
     for got, want in zip(grad(x, k, b), expected, strict=True):
         assert got.dtype == jnp.bfloat16
