@@ -361,14 +361,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, outputs: Sequence[Path | None]) -> None:
-    """`--model`, `--batch`, `--size` and `--repeats`, and the files to be written (None: not asked for), checked
-    now, not after minutes of work; `parser.error` (exit 2) says what is wrong."""
+    """`--model`, `--batch`, `--size` and `--repeats` (where the command has it), and the files to be written
+    (None: not asked for), checked now, not after minutes of work; `parser.error` (exit 2) says what is wrong."""
     from nfnet_jax import list_models
     from nfnet_jax.files import check_report_file
 
     if args.model not in list_models():
         parser.error(f'unknown model {args.model!r}; nfnet_jax.list_models() lists the architectures')
-    if args.batch < 1 or args.size < 32 or args.repeats < 1:
+    if args.batch < 1 or args.size < 32 or getattr(args, 'repeats', 1) < 1:
         parser.error('--batch and --repeats must be at least 1 and --size at least 32')
     for path in outputs:
         if path is not None:

@@ -393,3 +393,23 @@ def test_conv_ops_bfloat16_passes_agree_with_torch():
     result = conv_ops.measure(conv, 1, 'cpu', SimpleNamespace(update=lambda n: None), dtype='bfloat16')
     assert result['result_dtypes'] == {'nfnet_jax': 'bfloat16', 'torch': 'bfloat16'}
     assert max(result['rel_error'].values()) < 1e-2
+
+
+def test_step_profile_lists_the_step_s_instructions(tmp_path):
+    """The step profile of test_nfnet: both tables, each row an instruction of the compiled step with its time."""
+    from benchmarks import step_profile
+
+    out = tmp_path / 'profile.md'
+    args = ['--model', 'test_nfnet', '--batch', '2', '--size', '32', '--steps', '1', '--top', '5']
+    text = step_profile.main(args + ['--markdown', str(out)])
+    assert out.read_text() == text
+    kinds = re.findall(r'^\| ([\w-]+) \| (\d+) \| ([0-9.]+) \| ([0-9.]+)% \|$', text, re.M)
+    slowest = re.findall(
+        r'^\| ([\w.-]+) \| ((?:f32|bf16|s32)\[[\d,]*\]) \| [^|]* \| ([0-9.]+) \| ([0-9.]+)% \|$', text, re.M
+    )
+    assert len(kinds) == 5 and len(slowest) == 5, text
+    times = [float(ms) for *_, ms, _ in slowest]  # each row's shape comes from the compiled step's HLO
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert all(float(share) <= 100 for *_, share in kinds + slowest)
+    with pytest.raises(SystemExit):  # an existing report is not replaced without --force
+        step_profile.main(args + ['--markdown', str(out)])

@@ -1,0 +1,144 @@
+"""Where nfnet_jax's jitted training step spends its time, per XLA instruction, from a `jax.profiler` trace.
+
+    python -m benchmarks.step_profile [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
+                                      [--steps 3] [--top 25] [--markdown F] [--force]
+
+The step is compiled ahead of time with the training step's compiler options, so the trace's
+thunk names are the instructions of that compiled program: each is shown with its shape and the
+JAX operation it came from. Two tables: the time per kind of instruction (fusion kinds,
+convolutions, matmuls), and the slowest instructions. This is how the two slow paths of changes 7
+and 8 in docs/performance.md were found. Read the times as a guide to outliers, then time the
+suspect alone: on XLA:CPU a thunk's time includes its waits for the shared thread pool, and
+convolutions run asynchronously on the Eigen threads, so they look shorter than they are
+(`benchmarks.conv_ops` times them). The model has nfnet_jax's random init; no timm side runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import markdown
+from benchmarks.vs_timm import check_arguments
+
+# An instruction of the compiled module: `%name = shape opcode(operands), ..., metadata={op_name="..."}`.
+INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)$', re.M)
+JAX_OP = re.compile(r'op_name="([^"]*)"')
+
+
+def instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """(shape, opcode, JAX operation) of every instruction of an HLO module's text, by name."""
+    found = {}
+    for name, shape, opcode, rest in INSTRUCTION.findall(hlo_text):
+        op = JAX_OP.search(rest)
+        found[name] = (shape.split('{')[0], opcode, op.group(1) if op else '')
+    return found
+
+
+def thunk_seconds(trace_dir: Path, names: dict[str, Any]) -> collections.Counter[str]:
+    """Seconds spent in each named instruction, summed over the trace's events (all threads)."""
+    seconds: collections.Counter[str] = collections.Counter()
+    for path in trace_dir.rglob('*.trace.json.gz'):
+        with gzip.open(path) as file:
+            for event in json.load(file)['traceEvents']:
+                if event.get('ph') == 'X' and event.get('name') in names:
+                    seconds[event['name']] += event['dur'] / 1e6
+    return seconds
+
+
+def kind(name: str) -> str:
+    """An instruction's kind: its name without XLA's numeric suffix (`ynn_fusion.552` -> `ynn_fusion`)."""
+    return re.sub(r'\.\d+$', '', name)
+
+
+def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str, str]], steps: int, top: int) -> str:
+    """The `top` kinds of instruction by time, then the `top` slowest instructions, in ms per step and share."""
+    total = sum(seconds.values())
+    kinds: collections.Counter[str] = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
+    for name, spent in seconds.items():
+        kinds[kind(name)] += spent
+        counts[kind(name)] += 1
+    by_kind = [
+        [name, counts[name], 1e3 * spent / steps, f'{100 * spent / total:.1f}%']
+        for name, spent in kinds.most_common(top)
+    ]
+    slowest = [
+        [name, found[name][0], found[name][2][-80:], 1e3 * spent / steps, f'{100 * spent / total:.1f}%']
+        for name, spent in seconds.most_common(top)
+    ]
+    lines = markdown.table(['kind', 'instructions', 'ms per step', 'share'], by_kind)
+    lines += ['', *markdown.table(['instruction', 'shape', 'JAX operation', 'ms per step', 'share'], slowest)]
+    return '\n'.join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.step_profile')
+    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--size', type=int, default=160, help='image height and width (default 160, as train_step)')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
+    parser.add_argument('--steps', type=int, default=3, help='traced steps, after two untraced ones')
+    parser.add_argument('--top', type=int, default=25, help='kinds and instructions listed')
+    parser.add_argument('--markdown', type=Path, help='write the tables here')
+    parser.add_argument('--force', action='store_true', help='replace an existing --markdown file')
+    args = parser.parse_args(argv)
+    check_arguments(parser, args, outputs=(args.markdown,))
+    if args.steps < 1 or args.top < 1:
+        parser.error('--steps and --top must be at least 1')
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import nfnet_jax
+    from nfnet_jax import lowering
+    from nfnet_jax.cli import progress
+    from nfnet_jax.files import atomic_write
+    from nfnet_jax.train import TrainState, nfnet_optimizer
+    from nfnet_jax.train.step import pure_train_step
+
+    model = nfnet_jax.create_model(args.model, dtype=jnp.dtype(args.dtype))
+    graphdef, arrays = nnx.split(TrainState(model, nfnet_optimizer(0.1)))
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), np.float32))
+    labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch))
+    platform = lowering.platform_of((arrays, images))
+    step = lowering.jit(pure_train_step, platform, training=True, static_argnums=(0, 4))
+    print(f'compiling the {args.model} step', file=sys.stderr)
+    compiled = step.lower(graphdef, arrays, images, labels, 0.1).compile()
+    found = instructions(compiled.as_text())
+    for _ in range(2):
+        jax.block_until_ready(compiled(arrays, images, labels))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in progress(range(args.steps), desc='traced steps'):
+                jax.block_until_ready(compiled(arrays, images, labels))
+        seconds = thunk_seconds(Path(trace_dir), found)
+    text = (
+        f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
+        f'{jax.devices()[0].device_kind}: thunk time per step, {args.steps} traced steps\n\n'
+        + tables(seconds, found, args.steps, args.top)
+        + '\n'
+    )
+    print(text)
+    if args.markdown:
+        atomic_write(args.markdown, lambda tmp: Path(tmp).write_text(text), force=args.force)
+    return text
+
+
+if __name__ == '__main__':
+    main()
