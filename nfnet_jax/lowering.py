@@ -35,6 +35,7 @@ Array = jax.Array
 CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 CPU_TRAINING_OPTIONS = {**CPU_OPTIONS, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
 CPU_CHUNK = 8  # images per chunk of a CPU inference batch (`in_chunks`)
+DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')  # the layouts of every convolution's input, kernel and output
 
 
 def compiler_options(platform: str | None, training: bool = False) -> dict[str, str] | None:
@@ -124,7 +125,7 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
     platform (`jax.lax.platform_dependent`), not from the default backend, so a jit placed on a GPU
     by a CPU-default process still gets cuDNN's kernels.
     """
-    conv = partial(jax.lax.conv_general_dilated, dimension_numbers=('NHWC', 'HWIO', 'NHWC'), **conv_kwargs)
+    conv = partial(jax.lax.conv_general_dilated, dimension_numbers=DIMENSION_NUMBERS, **conv_kwargs)
     biased = (lambda y, _: y) if bias is None else (lambda y, b: y + b)
     pointwise = kernel.shape[:2] == (1, 1) and set(conv_kwargs.get('window_strides', (1, 1))) == {1}
     pointwise = pointwise and conv_kwargs.get('padding', 'SAME') in ('SAME', ((0, 0), (0, 0)))
@@ -138,13 +139,12 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
         return native_conv(x, kernel, bias)
 
     def cpu_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
-        matmul = partial(_bfloat16_matmul if bfloat16 else _channel_matmul, precision=conv_kwargs.get('precision'))
-
         def finish(y: Array, b: Array | None) -> Array:  # the bias added in the accumulation dtype, then one rounding
             return biased(y, None if b is None else b.astype(y.dtype)).astype(x.dtype)
 
         if groups == 1 and pointwise:
-            return finish(matmul(x, kernel[0, 0]), bias)
+            matmul = _bfloat16_matmul if bfloat16 else _channel_matmul
+            return finish(matmul(x, kernel[0, 0], precision=conv_kwargs.get('precision')), bias)
         group_conv = conv
         if as_matmuls:
             strides = tuple(conv_kwargs.get('window_strides', (1, 1)))
@@ -212,7 +212,7 @@ def _bfloat16_row_conv(
     convolution gradients (float32 between conversions) made the step 1.19x faster. The forward
     stays as row matmuls: inference ran 1.6x faster than with XLA's bfloat16 convolutions.
     """
-    matmul = partial(_channel_matmul, precision=precision, preferred_element_type=jnp.float32)
+    matmul = partial(_bfloat16_matmul, precision=precision)
     return _conv_as_row_matmuls(x, kernel, matmul=matmul, strides=strides, padding=padding)
 
 
@@ -230,7 +230,7 @@ def _bfloat16_row_conv_backward(
         jax.lax.conv_general_dilated,
         window_strides=strides,
         padding=padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        dimension_numbers=DIMENSION_NUMBERS,
         precision=precision,
         preferred_element_type=jnp.float32,
     )
