@@ -30,16 +30,16 @@ from benchmarks import markdown
 from benchmarks.vs_timm import check_arguments
 
 # An instruction of the compiled module: `%name = shape opcode(operands), ..., metadata={op_name="..."}`.
-INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)$', re.M)
+INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) [\w-]+\((.*)$', re.M)
 JAX_OP = re.compile(r'op_name="([^"]*)"')
 
 
-def instructions(hlo_text: str) -> dict[str, tuple[str, str, str]]:
-    """(shape, opcode, JAX operation) of every instruction of an HLO module's text, by name."""
+def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """(shape, JAX operation) of every instruction of an HLO module's text, by name."""
     found = {}
-    for name, shape, opcode, rest in INSTRUCTION.findall(hlo_text):
+    for name, shape, rest in INSTRUCTION.findall(hlo_text):
         op = JAX_OP.search(rest)
-        found[name] = (shape.split('{')[0], opcode, op.group(1) if op else '')
+        found[name] = (shape.split('{')[0], op.group(1) if op else '')
     return found
 
 
@@ -59,7 +59,7 @@ def kind(name: str) -> str:
     return re.sub(r'\.\d+$', '', name)
 
 
-def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str, str]], steps: int, top: int) -> str:
+def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str]], steps: int, top: int) -> str:
     """The `top` kinds of instruction by time, then the `top` slowest instructions, in ms per step and share."""
     total = sum(seconds.values())
     kinds: collections.Counter[str] = collections.Counter()
@@ -71,10 +71,10 @@ def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str, s
         [name, counts[name], 1e3 * spent / steps, f'{100 * spent / total:.1f}%']
         for name, spent in kinds.most_common(top)
     ]
-    slowest = [
-        [name, found[name][0], found[name][2][-80:], 1e3 * spent / steps, f'{100 * spent / total:.1f}%']
-        for name, spent in seconds.most_common(top)
-    ]
+    slowest = []
+    for name, spent in seconds.most_common(top):
+        shape, jax_op = found[name]
+        slowest.append([name, shape, jax_op[-80:], 1e3 * spent / steps, f'{100 * spent / total:.1f}%'])
     lines = markdown.table(['kind', 'instructions', 'ms per step', 'share'], by_kind)
     lines += ['', *markdown.table(['instruction', 'shape', 'JAX operation', 'ms per step', 'share'], slowest)]
     return '\n'.join(lines)
