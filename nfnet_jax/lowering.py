@@ -174,7 +174,10 @@ def _bfloat16_matmul(x: Array, kernel: Array, precision: Any = None) -> Array:
     backward pass at float32 speed. Here the cotangent is rounded to bfloat16 first, as under
     PyTorch's autocast, and the gradients are summed in float32 and rounded once. The price: JAX
     has no forward-mode derivative (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) of a custom-VJP
-    function, so those need float32 on CPU.
+    function, so those need float32 on CPU. (A custom JVP whose tangent is a
+    `jax.custom_derivatives.linear_call` with this backward as its transpose would give both, the
+    same gradients bit for bit, but in jax 0.10.2 `linear_call` has no vmap rule and fails an
+    assertion when transposed with a residual computed inside the differentiated function.)
     """
     return _channel_matmul(x, kernel, precision=precision, preferred_element_type=jnp.float32)
 
