@@ -35,7 +35,7 @@ from unittest import mock
 import numpy as np
 
 from benchmarks import markdown
-from benchmarks.vs_timm import check_arguments, environment
+from benchmarks.vs_timm import add_workload_arguments, check_arguments, environment
 
 PASSES = ('forward', 'input grad', 'kernel grad')
 SIDES = ('nfnet_jax', 'torch')
@@ -268,9 +268,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.conv_ops')
-    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=160, help='image height and width (default 160, as train_step)')
+    add_workload_arguments(parser, size=160, size_help='image height and width (default 160, as train_step)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='every tensor in this')
     parser.add_argument('--repeats', type=int, default=7, help='timed calls per pass and side (median reported)')
     parser.add_argument('--json', type=Path, help='write every measurement here as JSON')

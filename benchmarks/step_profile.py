@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import markdown
-from benchmarks.vs_timm import check_arguments
+from benchmarks.vs_timm import add_workload_arguments, check_arguments
 
 # An instruction of the compiled module: `%name = shape opcode(operands), ..., metadata={op_name="..."}`.
 INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) [\w-]+\((.*)$', re.M)
@@ -82,9 +82,7 @@ def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str]],
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.step_profile')
-    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=160, help='image height and width (default 160, as train_step)')
+    add_workload_arguments(parser, size=160, size_help='image height and width (default 160, as train_step)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     parser.add_argument('--steps', type=int, default=3, help='traced steps, after two untraced ones')
     parser.add_argument('--top', type=int, default=25, help='kinds and instructions listed')

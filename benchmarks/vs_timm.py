@@ -339,9 +339,7 @@ def plot(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.vs_timm')
-    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
-    parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--size', type=int, default=256, help='image height and width')
+    add_workload_arguments(parser, size=256, size_help='image height and width')
     parser.add_argument(
         '--dtype',
         choices=('float32', 'bfloat16'),
@@ -358,6 +356,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.json, args.plot if args.sweep else None))
     return args
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, size: int, size_help: str) -> None:
+    """`--model`, `--batch` and `--size` (default `size`), the workload that `check_arguments` checks."""
+    parser.add_argument('--model', default='dm_nfnet_f0', help='architecture name (default dm_nfnet_f0)')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--size', type=int, default=size, help=size_help)
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, outputs: Sequence[Path | None]) -> None:
