@@ -88,7 +88,7 @@ def test_standardisation_gradient_reduces_rows_of_the_kernel():
     """The gradient of a 1x1 kernel's standardisation reduces a 2-D (kh * kw * in, out) view.
 
     On the 4-D kernel, the gradient of the broadcast mean reduces the input-channel axis alone,
-    a slow path of XLA:CPU's reductions (91 ms against 1.2 ms for the final conv's kernel).
+    a slow path of XLA:CPU's reductions (change 7 in docs/performance.md).
     """
     conv = layers.ScaledStdConv2d(48, 64, 1, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(conv)
