@@ -344,10 +344,13 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
         '',
     ]
     ceilings = results.get('matmul_ceiling_gflops', {})
+    sides = results.get('matmul_ceiling_side', {})
     if ceilings:
         lines += [
-            "Ceiling: torch's square matmul of side `benchmarks.vs_timm.CEILING_MATMUL`, "
-            + ', '.join(f'{dtype} {gflops:.0f} GFLOP/s' for dtype, gflops in ceilings.items())
+            "Ceiling: torch's square matmul, "
+            + ', '.join(
+                f'{dtype} {gflops:.0f} GFLOP/s (side {sides.get(dtype, "?")})' for dtype, gflops in ceilings.items()
+            )
             + '.',
             '',
         ]
@@ -868,6 +871,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     shapes = [(dtype, batch) for dtype in settings['dtypes'] for batch in settings['batches']]
 
     ceilings = ctx.results.setdefault('matmul_ceiling_gflops', {})
+    sides = ctx.results.setdefault('matmul_ceiling_side', {})
 
     def measure_shape(
         runners: dict[str, Any], dtype: str, batch: int, what: str, first_calls: dict[str, float] | None = None
@@ -875,7 +879,8 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
         if 'flops_per_image' not in ctx.results:  # one size per run, and the same count in every dtype
             ctx.results['flops_per_image'] = bench.flops_per_image(built['jax'], size)
         if dtype not in ceilings:  # timed once per dtype, not again for every batch size
-            ceilings[dtype] = bench.matmul_ceiling_gflops(dtype, gpu)
+            ceiling = bench.matmul_ceiling(dtype, gpu)
+            ceilings[dtype], sides[dtype] = ceiling.gflops, ceiling.side
         with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
             results, logits = bench.measure(runners, batch, size, ctx.results['flops_per_image'], repeats, gpu, bar)
         for name, seconds in (first_calls or {}).items():

@@ -334,8 +334,17 @@ def test_benchmark_smoke(tmp_path):
         assert len(result['run_s']) == 1 and result['images_per_s'] > 0 and result['first_call_s'] > 0
     assert set(run['ratios']) == {f'vs {name}' for name in vs_timm.TIMM_CONFIGS[:2]} | {'vs best timm'}
     assert run['logits_rel_error_vs_timm'] < 1e-4  # same weights, same images on both sides
+    assert report['matmul_ceiling_gflops'] > 0 and report['matmul_ceiling_side'] in (512, 1024, 2048, 4096)
     with pytest.raises(SystemExit):  # an existing output is not replaced without --force
         vs_timm.main(['--model', 'test_nfnet', '--json', str(out)])
+
+
+def test_matmul_ceiling_keeps_to_its_time_budget():
+    """With no time to spare the ceiling stays at the smallest matmul instead of timing a 4096x4096 one."""
+    from benchmarks import vs_timm
+
+    ceiling = vs_timm.matmul_ceiling('float32', gpu=False, repeats=1, budget_s=0.0)
+    assert ceiling.side == 512 and ceiling.gflops > 0
 
 
 def test_train_step_benchmark_in_bfloat16(capsys):
