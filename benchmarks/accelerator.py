@@ -344,12 +344,12 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
         '',
     ]
     ceilings = results.get('matmul_ceiling_gflops', {})
-    sides = results.get('matmul_ceiling_side', {})
+    matmuls = results.get('matmul_ceiling_matmul', {})
     if ceilings:
         lines += [
             "Ceiling: torch's square matmul, "
             + ', '.join(
-                f'{dtype} {gflops:.0f} GFLOP/s (side {sides.get(dtype, "?")})' for dtype, gflops in ceilings.items()
+                f'{dtype} {gflops:.0f} GFLOP/s ({matmuls.get(dtype, "?")})' for dtype, gflops in ceilings.items()
             )
             + '.',
             '',
@@ -871,7 +871,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     shapes = [(dtype, batch) for dtype in settings['dtypes'] for batch in settings['batches']]
 
     ceilings = ctx.results.setdefault('matmul_ceiling_gflops', {})
-    sides = ctx.results.setdefault('matmul_ceiling_side', {})
+    matmuls = ctx.results.setdefault('matmul_ceiling_matmul', {})
 
     def measure_shape(
         runners: dict[str, Any], dtype: str, batch: int, what: str, first_calls: dict[str, float] | None = None
@@ -880,7 +880,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
             ctx.results['flops_per_image'] = bench.flops_per_image(built['jax'], size)
         if dtype not in ceilings:  # timed once per dtype, not again for every batch size
             ceiling = bench.matmul_ceiling(dtype, gpu)
-            ceilings[dtype], sides[dtype] = ceiling.gflops, ceiling.side
+            ceilings[dtype], matmuls[dtype] = ceiling.gflops, ceiling.matmul
         with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
             results, logits = bench.measure(runners, batch, size, ctx.results['flops_per_image'], repeats, gpu, bar)
         for name, seconds in (first_calls or {}).items():

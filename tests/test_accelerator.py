@@ -67,7 +67,7 @@ def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
     assert flops > 1e6  # test_nfnet at 64x64: tens of MFLOP per image
     assert all(r['gflops'] == pytest.approx(r['images_per_s'] * flops / 1e9) for r in run['results'].values())
     assert report['steps']['vs_timm']['results']['matmul_ceiling_gflops']['float32'] > 0
-    assert report['steps']['vs_timm']['results']['matmul_ceiling_side']['float32'] in (512, 1024, 2048, 4096)
+    assert report['steps']['vs_timm']['results']['matmul_ceiling_matmul']['float32'].endswith(' float32')
 
     train = report['steps']['train_step']['results']['configs']
     assert set(train) == {'timm eager NCHW', 'timm eager channels_last', 'nfnet_jax jit (cpu)'}

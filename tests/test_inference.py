@@ -334,7 +334,7 @@ def test_benchmark_smoke(tmp_path):
         assert len(result['run_s']) == 1 and result['images_per_s'] > 0 and result['first_call_s'] > 0
     assert set(run['ratios']) == {f'vs {name}' for name in vs_timm.TIMM_CONFIGS[:2]} | {'vs best timm'}
     assert run['logits_rel_error_vs_timm'] < 1e-4  # same weights, same images on both sides
-    assert report['matmul_ceiling_gflops'] > 0 and report['matmul_ceiling_side'] in (512, 1024, 2048, 4096)
+    assert report['matmul_ceiling_gflops'] > 0 and report['matmul_ceiling_matmul'].endswith(' float32')
     with pytest.raises(SystemExit):  # an existing output is not replaced without --force
         vs_timm.main(['--model', 'test_nfnet', '--json', str(out)])
 
@@ -344,7 +344,18 @@ def test_matmul_ceiling_keeps_to_its_time_budget():
     from benchmarks import vs_timm
 
     ceiling = vs_timm.matmul_ceiling('float32', gpu=False, repeats=1, budget_s=0.0)
-    assert ceiling.side == 512 and ceiling.gflops > 0
+    assert ceiling.matmul == '512x512 float32' and ceiling.gflops > 0
+
+
+def test_bfloat16_ceiling_is_at_least_the_float32_one(monkeypatch):
+    """Where torch's bfloat16 matmul is slower than float32's (no bfloat16 instructions), float32 sets the limit."""
+    from benchmarks import vs_timm
+
+    speeds = {'bfloat16': 1.0, 'float32': 130.0}
+    monkeypatch.setattr(vs_timm, '_timed_matmul', lambda dtype, *_: vs_timm.Ceiling(speeds[dtype], 1024, dtype))
+    assert vs_timm.matmul_ceiling('bfloat16', gpu=False).dtype == 'float32'
+    speeds['bfloat16'] = 1700.0  # AMX
+    assert vs_timm.matmul_ceiling('bfloat16', gpu=False) == vs_timm.Ceiling(1700.0, 1024, 'bfloat16')
 
 
 def test_train_step_benchmark_in_bfloat16(capsys):
