@@ -152,8 +152,11 @@ def test_conv_bias_is_added_per_group_on_cpu(kernel_size, groups):
         (3, 4, 1, 2, ((2, 2), (2, 2)), ['convolution'] * 4),  # dilated: XLA's convolution, per group
     ],
 )
-def test_bfloat16_convs_on_cpu_are_matmuls_summed_in_float32(kernel_size, groups, stride, dilation, padding, cpu_ops):
-    """bfloat16 on CPU: undilated convs as matmuls with float32 results, the bias added, then rounded once."""
+def test_bfloat16_convs_on_cpu_are_matmuls_summed_in_float32(
+    kernel_size, groups, stride, dilation, padding, cpu_ops, monkeypatch
+):
+    """bfloat16 on a CPU with bfloat16 arithmetic: undilated convs as matmuls with float32 results, rounded once."""
+    monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: True)
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((2, 9, 7, 16)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 16 // groups, 16)), jnp.bfloat16)
@@ -192,13 +195,14 @@ def test_bfloat16_convs_on_cpu_are_matmuls_summed_in_float32(kernel_size, groups
     [(1, 1, 3, 0), (3, 4, 3 * 4, 2 * 4)],
     ids=['1x1-gradients-as-matmuls', '3x3-gradients-as-convolutions'],
 )
-def test_bfloat16_conv_gradients_on_cpu(kernel_size, groups, matmuls, convolutions):
-    """The backward pass of a bfloat16 conv on CPU, gradients within rounding of float32's.
+def test_bfloat16_conv_gradients_on_cpu(kernel_size, groups, matmuls, convolutions, monkeypatch):
+    """The backward pass of a bfloat16 conv on a CPU with bfloat16 arithmetic, gradients within rounding of float32's.
 
     A 1x1 conv's gradients are bfloat16 matmuls (its forward and two gradients: 3 matmuls); a 3x3
     conv's forward is bfloat16 row matmuls (one per kernel row and group) and its gradients are
     XLA's convolutions (two per group).
     """
+    monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: True)
     rng = np.random.default_rng(5)
     shapes = ((2, 9, 7, 16), (kernel_size, kernel_size, 16 // groups, 16), (16,))
     x, k, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes)
@@ -226,6 +230,41 @@ def test_bfloat16_conv_gradients_on_cpu(kernel_size, groups, matmuls, convolutio
     for got, want in zip(grad(x, k, b), expected, strict=True):
         assert got.dtype == jnp.bfloat16
         assert relative_error(got, want) < 0.01  # bfloat16 roundings of the output, the cotangent and the sums
+
+
+@pytest.mark.parametrize('kernel_size,groups', [(3, 4), (1, 1), (3, 1)])
+def test_bfloat16_convs_on_a_cpu_without_bfloat16_run_in_float32(kernel_size, groups, monkeypatch):
+    """Without bfloat16 arithmetic in the CPU, a bfloat16 conv is the float32 one between conversions, bit for bit."""
+    monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: False)
+    rng = np.random.default_rng(6)
+    shapes = ((2, 9, 7, 16), (kernel_size, kernel_size, 16 // groups, 16), (16,))
+    x, k, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes)
+
+    def conv(x, k, b):
+        return lowering.conv2d(x, k, groups, bias=b, window_strides=(1, 1), padding='SAME')
+
+    text = export.export(jax.jit(conv), platforms=['cpu'])(x, k, b).mlir_module()
+    assert not re.findall(r'stablehlo\.(?:dot_general|convolution)[^\n]*bf16', text)  # no bfloat16 operand
+    y = jax.jit(conv)(x, k, b)
+    assert y.dtype == jnp.bfloat16
+    expected = jax.jit(conv)(*(a.astype(jnp.float32) for a in (x, k, b))).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
+    grads = jax.grad(lambda x, k: jnp.sum(conv(x, k, b).astype(jnp.float32) ** 2), argnums=(0, 1))(x, k)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
+@pytest.mark.parametrize(
+    'cpuinfo,expected',
+    [
+        ('processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n', True),  # Xeon (Sapphire Rapids)
+        ('processor\t: 0\nflags\t\t: fpu sse2 fma avx avx2\n', False),  # EPYC (Zen 3)
+        ('processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n', True),  # Arm Neoverse V1
+        ('processor\t: 0\nFeatures\t: fp asimd\n', False),
+        ('', False),
+    ],
+)
+def test_cpuinfo_has_bfloat16(cpuinfo, expected):
+    assert lowering.cpuinfo_has_bfloat16(cpuinfo) is expected
 
 
 OPTIONS_WORKER = """
