@@ -149,10 +149,12 @@ def devices_run(out: Path) -> None:
 
 
 def process_run(out: Path, port: int, process_id: int, fail: bool) -> None:
-    # Short timeouts: a failure must end both processes within seconds. Both finish on a collective,
-    # so neither waits long for the other at the shutdown barrier in a normal run.
+    # Short timeouts: a failure must end both processes well within the test's deadline. Both finish
+    # on a collective, so neither waits long for the other at the shutdown barrier in a normal run.
+    # 10 s heartbeats once ended a healthy run in CI (both tasks reported as missing heartbeats 8 s
+    # after the start, the other pytest worker loading the same 2 cores); alone it passed.
     parallel.initialize_distributed(
-        f'127.0.0.1:{port}', 2, process_id, initialization_timeout_s=60, heartbeat_timeout_s=10, shutdown_timeout_s=10
+        f'127.0.0.1:{port}', 2, process_id, initialization_timeout_s=60, heartbeat_timeout_s=30, shutdown_timeout_s=30
     )
     if fail and process_id == 1:
         raise RuntimeError('process 1 fails on purpose before the first collective')

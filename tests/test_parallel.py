@@ -125,7 +125,7 @@ def test_a_failing_process_ends_both_processes(tmp_path):
     commands = [['python', WORKER, 'process', str(tmp_path), str(port), str(i), '--fail'] for i in range(2)]
     runs = run_processes(commands, devices=2, timeout=120)
     assert runs[1].returncode not in (0, None) and 'fails on purpose' in runs[1].output
-    # Not killed by our deadline: the distributed runtime ended it (10 s timeouts in the worker).
+    # Not killed by our deadline: the distributed runtime ended it (30 s timeouts in the worker).
     assert runs[0].returncode not in (0, None), runs[0].output[-3000:]
     assert not list(tmp_path.glob('*.npz'))
 
