@@ -167,10 +167,10 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
         return native_conv(x, kernel, bias)
 
     def cpu_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
-        if x.dtype == jnp.bfloat16 and not cpu_has_bfloat16():  # float32 between conversions, rounded once
+        bfloat16 = x.dtype == jnp.bfloat16
+        if bfloat16 and not cpu_has_bfloat16():  # float32 between conversions, rounded once
             upcast = partial(jax.tree.map, lambda a: a.astype(jnp.float32))
             return cpu_conv(*upcast((x, kernel, bias))).astype(x.dtype)
-        bfloat16 = x.dtype == jnp.bfloat16
         as_matmuls = bfloat16 and undilated
 
         def finish(y: Array, b: Array | None) -> Array:  # the bias added in the accumulation dtype, then one rounding
