@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import randomize_, stage_hub_checkpoint
+from multihost import FAST_COMPILE_FLAGS
 
 # GPUs and TPUs default to TF32/bf16 passes for float32 matmuls and convs; parity needs full float32.
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -23,6 +24,9 @@ CACHE_SETTINGS = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.2', 'JAX_PERS
 
 
 def pytest_configure(config) -> None:
+    # Set before any computation (XLA reads them when its CPU client starts); workers and children inherit
+    # them. A run that sets XLA_FLAGS itself keeps its own (`XLA_FLAGS= pytest` compiles as users do).
+    os.environ.setdefault('XLA_FLAGS', FAST_COMPILE_FLAGS)
     if not hasattr(config, 'workerinput') and CACHE_ENV not in os.environ:  # the controller makes it, workers inherit
         config.compilation_cache = tempfile.mkdtemp(prefix='nfnet_jax_test_cache_')
         os.environ[CACHE_ENV] = config.compilation_cache

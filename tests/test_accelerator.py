@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -17,7 +16,6 @@ from collections import deque
 from pathlib import Path
 
 import pytest
-from multihost import FAST_COMPILE_FLAGS
 
 from benchmarks import accelerator
 
@@ -30,10 +28,9 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path
     json_path, markdown_path = folder / 'report.json', folder / 'report.md'
     command = [sys.executable, '-m', 'benchmarks.accelerator', '--quick', '--device', 'cpu', '--cpu-devices', '2']
     command += ['--json', str(json_path), '--markdown', str(markdown_path)]
-    # The run compiles a dozen programs of test_nfnet and times each for a few calls (the accelerator
-    # appends its device count to these flags).
-    env = os.environ | {'XLA_FLAGS': FAST_COMPILE_FLAGS}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    # The run compiles a dozen programs of test_nfnet with the suite's XLA_FLAGS (conftest), to which the
+    # accelerator appends its device count, and times each for a few calls.
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     return done, json_path, markdown_path
 
 
