@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # XLA_FLAGS of the test suite (conftest) and of every child it starts: they compile many programs and
 # run each briefly. LLVM at -O0 and XLA:CPU's classic emitters compile test_nfnet's train step in 3.4-4.4 s
 # against 14-20 s with XLA's defaults (8-10 s with -O0 alone). Results stay within every test's tolerance
-# (parity errors move in the second digit); they are what is tested, not XLA's optimisations.
+# (parity errors moved by ~10%); they are what is tested, not XLA's optimisations.
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 
 
