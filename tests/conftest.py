@@ -24,8 +24,9 @@ CACHE_SETTINGS = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.2', 'JAX_PERS
 
 
 def pytest_configure(config) -> None:
-    # Set before any computation (XLA reads them when its CPU client starts); workers and children inherit
-    # them. A run that sets XLA_FLAGS itself keeps its own (`XLA_FLAGS= pytest` compiles as users do).
+    # Set before any computation (XLA reads them when its CPU client starts); the workers inherit them and
+    # the children take them too (multihost). A run that sets XLA_FLAGS itself keeps its own in the test
+    # processes (`XLA_FLAGS= pytest` compiles them with XLA's defaults).
     os.environ.setdefault('XLA_FLAGS', FAST_COMPILE_FLAGS)
     if not hasattr(config, 'workerinput') and CACHE_ENV not in os.environ:  # the controller makes it, workers inherit
         config.compilation_cache = tempfile.mkdtemp(prefix='nfnet_jax_test_cache_')

@@ -39,10 +39,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def child_xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a child with `devices` host devices, compiling with FAST_COMPILE_FLAGS."""
+    return f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}'
+
+
 def child_env(devices: int) -> dict[str, str]:
     """The environment of a CPU-only JAX child with `devices` host devices."""
     return os.environ | {
-        'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}',
+        'XLA_FLAGS': child_xla_flags(devices),
         'JAX_PLATFORMS': 'cpu',
         'PYTHONPATH': str(ROOT),
     }

@@ -15,12 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from multihost import FAST_COMPILE_FLAGS
+from multihost import child_xla_flags
 
 # Compiling dominates these runs (a dozen train and eval steps of every layout). Set here too, so
 # that the worker runs the same by hand as under run_processes.
-devices = '8' if sys.argv[1] == 'devices' else '2'
-os.environ['XLA_FLAGS'] = f'{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}'
+os.environ['XLA_FLAGS'] = child_xla_flags(8 if sys.argv[1] == 'devices' else 2)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
