@@ -10,6 +10,10 @@
 # serves by default for Linux x86_64 (the project allows torch<=2.14.1). Nothing extra on a CPU.
 # The install is skipped when the same pyproject.toml was installed for the same kind of machine
 # before. --install-only stops after it (to spend a first, separate command on the download).
+#
+# On a machine with no package registry (a cluster node, a container image that already holds jax
+# with its GPU plugin, torch and timm), set ACCELERATOR_PYTHON to that interpreter: it is used as
+# it is, with no virtual environment and nothing installed, and the report records its versions.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"  # no cd: report paths stay relative to the caller
 
@@ -20,6 +24,7 @@ case "${1:-}" in
 esac
 
 venv="${ACCELERATOR_VENV:-$repo/.venv}"
+python="${ACCELERATOR_PYTHON:-$venv/bin/python}"
 if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     kind=gpu
     extras=('jax[cuda13]')
@@ -28,7 +33,7 @@ else
     extras=()
 fi
 
-if [ "$install" != 0 ]; then
+if [ "$install" != 0 ] && [ -z "${ACCELERATOR_PYTHON:-}" ]; then
     began=$SECONDS
     if [ ! -x "$venv/bin/python" ]; then
         echo "accelerator.sh: making the virtual environment $venv" >&2
@@ -41,28 +46,46 @@ if [ "$install" != 0 ]; then
     stamp="$kind $(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
     if [ "$(cat "$venv/.accelerator-installed" 2>/dev/null)" != "$stamp" ]; then
         echo "accelerator.sh: installing .[bench,test] ${extras[*]+${extras[*]}} for the $kind into $venv" >&2
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[bench,test]" ${extras[@]+"${extras[@]}"}
+        "$python" -m pip install -q --disable-pip-version-check -e "$repo[bench,test]" ${extras[@]+"${extras[@]}"}
         echo "$stamp" > "$venv/.accelerator-installed"
     fi
     echo "accelerator.sh: environment ready in $((SECONDS - began)) s" >&2
 fi
 
-if [ "$kind" = gpu ]; then
-    # Both frameworks must see the GPU; otherwise stop now rather than spend device time on CPU figures.
-    "$venv/bin/python" - <<'EOF'
+# Every package the run imports must be there, and on a GPU both frameworks must see it: otherwise
+# stop now rather than spend device time on an import error or on CPU figures.
+KIND="$kind" PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" - <<'EOF'
+import importlib
+import os
 import sys
 
+needed = (
+    'jax', 'flax', 'optax', 'orbax.checkpoint', 'safetensors', 'torch', 'timm', 'tqdm', 'matplotlib',
+    'nfnet_jax', 'benchmarks.vs_timm', 'benchmarks.train_step', 'benchmarks.sharded_inference',
+)
+missing = []
+for name in needed:
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        missing.append(f'{name} ({error})')
+if missing:
+    sys.exit(f'accelerator.sh: {sys.executable} cannot import {", ".join(missing)}; install them, '
+             "or leave ACCELERATOR_PYTHON unset so that the script installs '.[bench,test]' itself")
+
+import flax
 import jax
+import timm
 import torch
 
-print(f'accelerator.sh: jax {jax.__version__} on {jax.devices()}, torch {torch.__version__} '
-      f'(CUDA {torch.version.cuda}, available: {torch.cuda.is_available()})', file=sys.stderr)
-if jax.default_backend() != 'gpu' or not torch.cuda.is_available():
+print(f'accelerator.sh: {sys.executable}: jax {jax.__version__} on {jax.devices()}, flax {flax.__version__}, '
+      f'torch {torch.__version__} (CUDA {torch.version.cuda}, available: {torch.cuda.is_available()}), '
+      f'timm {timm.__version__}', file=sys.stderr)
+if os.environ['KIND'] == 'gpu' and (jax.default_backend() != 'gpu' or not torch.cuda.is_available()):
     sys.exit('accelerator.sh: nvidia-smi lists a GPU, but JAX or torch does not use it; see the lines above')
 EOF
-fi
 
 if [ "$install" = only ]; then
     exit 0
 fi
-PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$venv/bin/python" -m benchmarks.accelerator "$@"
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m benchmarks.accelerator "$@"
