@@ -1,4 +1,5 @@
-"""The accelerator run (`python -m benchmarks.accelerator`) end to end in its quickest CPU mode, on test_nfnet.
+"""The accelerator run (`python -m benchmarks.accelerator`) end to end in its quickest CPU mode, on test_nfnet,
+and `benchmarks/accelerator.sh`'s check of an existing interpreter (ACCELERATOR_PYTHON).
 
 No GPU figure is checked here: this keeps the one command for the accelerator working, its steps,
 its child process, its watchdog and both reports, so that it runs when a GPU is there.
@@ -179,3 +180,36 @@ def test_a_child_that_ends_between_steps_leaves_the_rest_to_a_fresh_one(tmp_path
     remaining = accelerator.watch(worker, state_path, config, report, args, time.monotonic())
     assert remaining == ['train_step', 'sharded_inference']
     assert [step['status'] for step in report['steps'].values()] == ['ok', 'ok', 'pending', 'pending']
+
+
+def _accelerator_sh(python: Path | str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`accelerator.sh --install-only` with ACCELERATOR_PYTHON: the import check alone, nothing installed."""
+    venv = tmp_path / 'no-venv'
+    env = {
+        'PATH': '/usr/bin:/bin',
+        'HOME': str(tmp_path),
+        'ACCELERATOR_PYTHON': str(python),
+        'ACCELERATOR_VENV': str(venv),
+    }
+    script = REPO / 'benchmarks' / 'accelerator.sh'
+    done = subprocess.run(
+        ['bash', str(script), '--install-only'], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert not venv.exists(), 'an existing interpreter must be used as it is, with no virtual environment'
+    return done
+
+
+def test_an_existing_interpreter_is_checked_and_used_as_it_is(tmp_path):
+    done = _accelerator_sh(sys.executable, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f'{sys.executable}: jax ' in done.stderr and 'timm ' in done.stderr
+
+
+def test_an_interpreter_without_the_packages_is_refused_before_any_step(tmp_path):
+    bare = tmp_path / 'bare-python'  # the same interpreter without its site-packages
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    done = _accelerator_sh(bare, tmp_path)
+    assert done.returncode != 0
+    assert 'cannot import jax' in done.stderr and 'timm (' in done.stderr
+    assert 'leave ACCELERATOR_PYTHON unset' in done.stderr
