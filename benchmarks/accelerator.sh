@@ -25,6 +25,7 @@ esac
 
 venv="${ACCELERATOR_VENV:-$repo/.venv}"
 python="${ACCELERATOR_PYTHON:-$venv/bin/python}"
+pythonpath="$repo${PYTHONPATH:+:$PYTHONPATH}"  # the check and the run import nfnet_jax and benchmarks from here
 if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     kind=gpu
     extras=('jax[cuda13]')
@@ -54,7 +55,7 @@ fi
 
 # Every package the run imports must be there, and on a GPU both frameworks must see it: otherwise
 # stop now rather than spend device time on an import error or on CPU figures.
-KIND="$kind" PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" - <<'EOF'
+KIND="$kind" PYTHONPATH="$pythonpath" "$python" - <<'EOF'
 import importlib
 import os
 import sys
@@ -88,4 +89,4 @@ EOF
 if [ "$install" = only ]; then
     exit 0
 fi
-PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" exec "$python" -m benchmarks.accelerator "$@"
+PYTHONPATH="$pythonpath" exec "$python" -m benchmarks.accelerator "$@"
