@@ -63,9 +63,12 @@ def test_written_files_get_the_umasks_permissions(tmp_path):
 
 
 # A real process, stopped while its output is being written: the write is made to hang once the
-# temporary file is complete, and the process is told so on stdout.
+# temporary file is complete, and the process is told so on stdout. A pytest-xdist worker ignores SIGINT,
+# and an ignored signal stays ignored across exec: the child first takes Python's own SIGINT handler, as a
+# command started from a shell has, so Ctrl-C becomes KeyboardInterrupt.
 _HANG_IN_WRITE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import {module} as target
 real = target.{function}
 def hanging(*args, **kwargs):
@@ -86,9 +89,6 @@ def stop_while_writing(tmp_path: Path, signum: int, module: str, function: str, 
         stderr=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parents[1],
-        # A pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec: give the
-        # child the default, as a command started from a shell has, so Python turns Ctrl-C into KeyboardInterrupt.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = iter(process.stdout.readline, '')
