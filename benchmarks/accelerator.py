@@ -44,7 +44,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -256,7 +256,7 @@ def host_machine(gpus: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')  # noqa: UP017 (Python 3.10)
+    return datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')
 
 
 def write_reports(report: dict[str, Any], json_path: Path, markdown_path: Path) -> None:
