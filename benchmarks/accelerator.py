@@ -375,17 +375,21 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
 
 
 def render_train(results: dict[str, Any]) -> list[str]:
+    flops = results.get('flops_per_step')
     lines = [
         f'{results.get("model")}, batch {results.get("batch")} at {results.get("size")}x{results.get("size")}, '
-        'float32 on both sides (default precision), SGD + AGC as benchmarks.train_step.',
+        'float32 on both sides (default precision), SGD + AGC as benchmarks.train_step'
+        + (f'; {flops / 1e9:.1f} GFLOP per step.' if flops else '.'),
         '',
     ]
     rows = []
     for name, r in results.get('configs', {}).items():
         median = statistics.median(r['step_s']) if r['step_s'] else None
         images = results['batch'] / median if median else None
-        rows.append((name, fmt(median, '.3f'), fmt(images, '.1f'), fmt(r['first_step_s'], '.1f'), len(r['step_s'])))
-    return lines + table(('configuration', 'median s/step', 'images/s', 'first step s', 'timed steps'), rows)
+        gflops = flops / median / 1e9 if median and flops else None
+        first = fmt(r['first_step_s'], '.1f')
+        rows.append((name, fmt(median, '.3f'), fmt(images, '.1f'), fmt(gflops, '.0f'), first, len(r['step_s'])))
+    return lines + table(('configuration', 'median s/step', 'images/s', 'GFLOP/s', 'first step s', 'timed steps'), rows)
 
 
 def render_sharded(results: dict[str, Any]) -> list[str]:
@@ -956,6 +960,8 @@ def train_step(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
         torch.backends.cudnn.benchmark = True
     batch, size = settings['batch'], settings['size']
     ctx.results.update(model=settings['model'], batch=batch, size=size, timm_device=torch_device, configs={})
+    with ctx.part('FLOPs per step'):
+        ctx.results['flops_per_step'] = bench.step_flops(settings['model'], batch, size)
     # torch.compile of a training step takes minutes: more than this step's budget.
     steps = bench.build_steps(settings['model'], batch, size, torch_device, compile=False)
     configs = ctx.results['configs']

@@ -11,6 +11,9 @@ parameters on both sides: timm's forward and loss under `torch.autocast`, nfnet_
 with `dtype=jnp.bfloat16`. Timed steps alternate between
 the configurations, so load from other processes hits them alike; each reports the median
 seconds per step and its first step (compilation included), and nfnet_jax's speed against each.
+Speed is also given as GFLOP/s, counting the FLOPs of nfnet_jax's step (forward, backward, AGC
+and optimizer, from XLA's cost analysis) for every configuration, and as a share of the machine's
+ceiling, the same torch matmul as `benchmarks.vs_timm`'s, timed in the same run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.vs_timm import JAX_CONFIG
+from benchmarks.vs_timm import JAX_CONFIG, matmul_ceiling
 from nfnet_jax.cli import progress
 
 
@@ -87,6 +90,26 @@ def jax_step(timm_model, images: np.ndarray, labels: np.ndarray, dtype: str = 'f
     return step
 
 
+def step_flops(model_name: str, batch: int, size: int, dtype: str = 'float32') -> float:
+    """FLOPs of one nfnet_jax training step, from XLA's cost analysis of the unoptimised program.
+
+    Both frameworks do the same arithmetic, so one count serves every configuration. About 3x
+    the forward's: the backward computes each convolution's input and kernel gradients.
+    """
+    from flax import nnx
+
+    import nfnet_jax
+    from nfnet_jax.train import TrainState, nfnet_optimizer
+    from nfnet_jax.train.step import pure_train_step
+
+    model = nfnet_jax.create_model(model_name, dtype=jnp.dtype(dtype))
+    graphdef, arrays = nnx.split(TrainState(model, nfnet_optimizer(0.1)))
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    lowered = jax.jit(pure_train_step, static_argnums=(0, 4)).lower(graphdef, arrays, images, labels, 0.1)
+    return lowered.cost_analysis()['flops']
+
+
 def build_steps(
     model_name: str, batch: int, size: int, device: str, compile: bool, dtype: str = 'float32'
 ) -> dict[str, Callable[[], None]]:
@@ -140,14 +163,24 @@ def main(argv: list[str] | None = None) -> None:
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     ours = next(value for name, value in medians.items() if name.startswith(JAX_CONFIG))
+    flops = step_flops(args.model, args.batch, args.size, args.dtype)
+    ceiling = matmul_ceiling(args.dtype, device == 'cuda')
     print(
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
-        f'jax {jax.__version__} on {jax.devices()[0].device_kind}'
+        f'jax {jax.__version__} on {jax.devices()[0].device_kind}; '
+        f'{flops / 1e9:.1f} GFLOP per step; ceiling: a {ceiling.matmul} matmul in torch at {ceiling.gflops:.0f} GFLOP/s'
     )
-    print('| configuration | median s/step | images/s | first step s | nfnet_jax / this |\n|---|---|---|---|---|')
+    print(
+        '| configuration | median s/step | images/s | first step s | GFLOP/s (% of ceiling) | nfnet_jax / this |\n'
+        '|---|---|---|---|---|---|'
+    )
     for name, median in medians.items():
-        print(f'| {name} | {median:.2f} | {args.batch / median:.2f} | {first[name]:.1f} | {median / ours:.2f}x |')
+        gflops = flops / median / 1e9
+        print(
+            f'| {name} | {median:.2f} | {args.batch / median:.2f} | {first[name]:.1f} '
+            f'| {gflops:.0f} ({100 * gflops / ceiling.gflops:.0f}%) | {median / ours:.2f}x |'
+        )
     best_timm = min(value for name, value in medians.items() if not name.startswith(JAX_CONFIG))
     print(f'nfnet_jax / best timm: {best_timm / ours:.2f}x')
 

@@ -70,12 +70,15 @@ def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
     train = report['steps']['train_step']['results']['configs']
     assert set(train) == {'timm eager NCHW', 'timm eager channels_last', 'nfnet_jax jit (cpu)'}
     assert all(len(r['step_s']) == 2 and r['first_step_s'] > 0 for r in train.values())
+    step_flops = report['steps']['train_step']['results']['flops_per_step']  # batch 2, forward and backward
+    assert 5.5 < step_flops / flops < 6.5
 
     sharded = report['steps']['sharded_inference']['results']
     assert sharded['devices'] == 2 and sharded['batch'] == 4
     assert set(sharded['configs']) == {'one device', "mesh {'data': 2, 'model': 1}"}
 
     markdown = markdown_path.read_text()
+    assert f'{step_flops / 1e9:.1f} GFLOP per step' in markdown
     for heading in ('## Machine', '## Steps', *(f'## {name}' for name in accelerator.STEPS)):
         assert f'\n{heading}\n' in markdown
     assert '| test_nfnet | 67x53 |' in markdown

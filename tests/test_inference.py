@@ -397,21 +397,32 @@ def test_bfloat16_ceiling_is_at_least_the_float32_one(monkeypatch):
     assert vs_timm.matmul_ceiling('bfloat16', gpu=False) == vs_timm.Ceiling(1700.0, 1024, 'bfloat16')
 
 
-def test_train_step_benchmark_in_bfloat16(capsys):
-    """The training-step benchmark end to end in bfloat16 on test_nfnet: every configuration steps, one row each."""
-    from benchmarks import train_step
+def test_train_step_benchmark_in_bfloat16(capsys, monkeypatch):
+    """The training-step benchmark end to end in bfloat16 on test_nfnet: every configuration steps, one row each,
+    its speed also as GFLOP/s of the step's FLOPs and as a share of the ceiling."""
+    from benchmarks import train_step, vs_timm
 
+    monkeypatch.setattr(train_step, 'matmul_ceiling', lambda *_: vs_timm.Ceiling(50.0, 512, 'float32'))
     train_step.main(
         ['--model', 'test_nfnet', '--batch', '2', '--size', '32', '--steps', '1', '--skip-compile']
         + ['--dtype', 'bfloat16']
     )
     out = capsys.readouterr().out
     assert 'test_nfnet training step, batch 2 at 32x32, bfloat16' in out
-    rows = re.findall(
-        r'^\| (timm eager NCHW|timm eager channels_last|nfnet_jax jit \(cpu\)) \| ([0-9.]+) \|', out, re.M
-    )
-    assert [name for name, _ in rows] == ['timm eager NCHW', 'timm eager channels_last', 'nfnet_jax jit (cpu)']
-    assert all(float(seconds) > 0 for _, seconds in rows)
+    assert 'ceiling: a 512x512 float32 matmul in torch at 50 GFLOP/s' in out
+    name = r'(timm eager NCHW|timm eager channels_last|nfnet_jax jit \(cpu\))'
+    rows = re.findall(rf'^\| {name} \| ([0-9.]+) \|.*\| ([0-9]+) \(([0-9]+)%\) \|', out, re.M)
+    assert [row[0] for row in rows] == ['timm eager NCHW', 'timm eager channels_last', 'nfnet_jax jit (cpu)']
+    assert all(float(seconds) > 0 for _, seconds, _, _ in rows)
+    assert all(abs(int(share) - 2 * int(gflops)) <= 2 for _, _, gflops, share in rows)  # of a 50 GFLOP/s ceiling
+
+
+def test_train_step_flops_are_three_forwards():
+    """The step's FLOP count covers the backward: about 3x the forward's (input and kernel gradients)."""
+    from benchmarks import train_step, vs_timm
+
+    forward = vs_timm.flops_per_image(nfnet_jax.create_model('test_nfnet'), 32)
+    assert 2.9 < train_step.step_flops('test_nfnet', 2, 32) / (2 * forward) < 3.1
 
 
 def test_conv_ops_benchmark(tmp_path):
