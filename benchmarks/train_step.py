@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.vs_timm import JAX_CONFIG, matmul_ceiling
+from benchmarks.vs_timm import JAX_CONFIG, add_keep_cpu_memory_argument, keep_cpu_memory_if_asked, matmul_ceiling
 from nfnet_jax.cli import progress
 
 
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per configuration')
     parser.add_argument('--skip-compile', action='store_true', help='leave out torch.compile (minutes on CPU)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
+    add_keep_cpu_memory_argument(parser)
     args = parser.parse_args(argv)
+    kept = keep_cpu_memory_if_asked(args)
 
     import torch
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
-        f'jax {jax.__version__} on {jax.devices()[0].device_kind}; '
+        f'jax {jax.__version__} on {jax.devices()[0].device_kind}{", keep_cpu_memory" if kept else ""}; '
         f'{flops / 1e9:.1f} GFLOP per step; ceiling: a {ceiling.matmul} matmul in torch at {ceiling.gflops:.0f} GFLOP/s'
     )
     print(

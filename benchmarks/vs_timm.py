@@ -392,9 +392,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         '--skip-compile', action='store_true', help='leave out torch.compile (minutes per shape on CPU)'
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
+    add_keep_cpu_memory_argument(parser)
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.json, args.plot if args.sweep else None))
     return args
+
+
+def add_keep_cpu_memory_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--keep-cpu-memory',
+        action='store_true',
+        help='call nfnet_jax.keep_cpu_memory() first: it holds for the whole process, so timm runs with it too',
+    )
+
+
+def keep_cpu_memory_if_asked(args: argparse.Namespace) -> bool:
+    """`nfnet_jax.keep_cpu_memory()` when `--keep-cpu-memory` asks for it (before any JAX computation)."""
+    from nfnet_jax import keep_cpu_memory
+
+    return keep_cpu_memory() if args.keep_cpu_memory else False
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, size: int, size_help: str) -> None:
@@ -424,6 +440,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, o
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    kept = keep_cpu_memory_if_asked(args)
     import torch
 
     from nfnet_jax.cli import progress
@@ -448,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **environment(dtype, gpu),
         matmul_ceiling_gflops=ceiling.gflops,
         matmul_ceiling_matmul=ceiling.matmul,
+        keep_cpu_memory=kept,
         runs=[],
     )
     calls_per_shape = len(TIMM_CONFIGS) + 1 - args.skip_compile

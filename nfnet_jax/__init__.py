@@ -2,6 +2,7 @@
 
 from nfnet_jax import data
 from nfnet_jax.configs import NfCfg, model_cfgs
+from nfnet_jax.cpu_memory import keep_cpu_memory
 from nfnet_jax.factory import create_model, from_timm, list_models, load_checkpoint
 from nfnet_jax.features import FeatureInfo, FeatureListNet
 from nfnet_jax.lowering import compiler_options
@@ -26,6 +27,7 @@ __all__ = [
     'create_model',
     'data',
     'from_timm',
+    'keep_cpu_memory',
     'list_models',
     'load_checkpoint',
     'model_cfgs',
