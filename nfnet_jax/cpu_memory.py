@@ -29,7 +29,7 @@ import ctypes
 import sys
 
 import jax
-from jax._src import xla_bridge
+from jax._src import xla_bridge  # the only way to ask whether JAX has made its clients yet
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_MAX = -4
