@@ -1,9 +1,8 @@
 """Keep XLA:CPU's large buffers in the process between calls, so that calls stop page-faulting them in.
 
-XLA:CPU allocates a program's temporary buffer with malloc on every call: 256 MiB for dm_nfnet_f0's
-inference at batch 8, 256 px, 552 MiB for its training step at batch 8, 160 px. glibc maps a
-buffer that large afresh and unmaps it when it is freed, so every call faults it in again page by
-page while the kernel zeroes each page: 66,000 faults per inference call, 190,000 per training step.
+XLA:CPU allocates a program's temporary buffer with malloc on every call: hundreds of MiB for
+dm_nfnet_f0's inference or training step. glibc maps a buffer that large afresh and unmaps it when
+it is freed, so every call faults it in again page by page while the kernel zeroes each page.
 
 `keep_cpu_memory()` stops that, in two parts that need each other:
 
@@ -15,10 +14,10 @@ page while the kernel zeroes each page: 66,000 faults per inference call, 190,00
    worker thread's arena holds at most 64 MiB, and glibc maps a larger buffer afresh whatever its
    settings.
 
-Measured on dm_nfnet_f0 on a 2-core AVX2 EPYC (docs/performance.md): the faults fall to ~1,000 per
-call, inference at batch 8 runs 1.06-1.14x faster and a training step 1.10-1.11x. The costs: the
-process keeps its peak memory until it exits, and Python waits for each CPU computation instead of
-running ahead of it. Both settings hold for the whole process, so the library never makes them
+The faults all but stop and dm_nfnet_f0 runs faster, in inference and in training
+(docs/performance.md, "Keeping CPU memory between calls"). The costs: the process keeps its peak
+memory until it exits, and Python waits for each CPU computation instead of running ahead of it.
+Both settings hold for the whole process, so the library never makes them
 on its own: call this once, at the start of a program that runs on CPU, before its first JAX
 computation (JAX makes its CPU client once, with the dispatch setting of that moment).
 """
