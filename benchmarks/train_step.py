@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.vs_timm import JAX_CONFIG, add_keep_cpu_memory_argument, keep_cpu_memory_if_asked, matmul_ceiling
-from nfnet_jax.cli import progress
+from benchmarks.vs_timm import JAX_CONFIG, matmul_ceiling
+from nfnet_jax.cli import add_cpu_memory_argument, apply_cpu_memory_argument, progress
 
 
 def timm_step(
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per configuration')
     parser.add_argument('--skip-compile', action='store_true', help='leave out torch.compile (minutes on CPU)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
-    add_keep_cpu_memory_argument(parser)
+    add_cpu_memory_argument(parser)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
-    kept = keep_cpu_memory_if_asked(args)
+    kept = apply_cpu_memory_argument(args)
 
     import torch
 

@@ -377,6 +377,8 @@ def plot(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from nfnet_jax.cli import add_cpu_memory_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.vs_timm')
     add_workload_arguments(parser, size=256, size_help='image height and width')
     parser.add_argument(
@@ -392,25 +394,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         '--skip-compile', action='store_true', help='leave out torch.compile (minutes per shape on CPU)'
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
-    add_keep_cpu_memory_argument(parser)
+    add_cpu_memory_argument(parser)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.json, args.plot if args.sweep else None))
     return args
-
-
-def add_keep_cpu_memory_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        '--keep-cpu-memory',
-        action='store_true',
-        help='call nfnet_jax.keep_cpu_memory() first: it holds for the whole process, so timm runs with it too',
-    )
-
-
-def keep_cpu_memory_if_asked(args: argparse.Namespace) -> bool:
-    """`nfnet_jax.keep_cpu_memory()` when `--keep-cpu-memory` asks for it (before any JAX computation)."""
-    from nfnet_jax import keep_cpu_memory
-
-    return keep_cpu_memory() if args.keep_cpu_memory else False
 
 
 def add_workload_arguments(parser: argparse.ArgumentParser, size: int, size_help: str) -> None:
@@ -440,10 +427,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, o
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    kept = keep_cpu_memory_if_asked(args)
+    from nfnet_jax.cli import apply_cpu_memory_argument, progress
+
+    kept = apply_cpu_memory_argument(args)
     import torch
 
-    from nfnet_jax.cli import progress
     from nfnet_jax.files import atomic_write
 
     gpu = torch.cuda.is_available()

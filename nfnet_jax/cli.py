@@ -1,5 +1,5 @@
 """What the project's commands share: progress and messages on stderr, user errors in one line (exit 2),
-the model source flags, and the multi-host flags."""
+the model source flags, the CPU memory flag, and the multi-host flags."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import IO, Any
 from PIL import Image
 from tqdm import tqdm
 
+from nfnet_jax.cpu_memory import keep_cpu_memory
 from nfnet_jax.data import set_max_image_pixels
 from nfnet_jax.factory import create_model, load_checkpoint
 from nfnet_jax.files import OutputError, Terminated, exit_on_signals
@@ -130,6 +131,36 @@ def apply_image_arguments(args: argparse.Namespace) -> None:
     """The pixel limit for this process's image reads; PIL's own warning is silenced, each such file being reported."""
     set_max_image_pixels(args.max_image_pixels)
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+
+
+def add_cpu_memory_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--keep-cpu-memory`, applied by `apply_cpu_memory_argument`."""
+    parser.add_argument(
+        '--keep-cpu-memory',
+        action='store_true',
+        help='keep large CPU buffers between calls (nfnet_jax.keep_cpu_memory): faster on CPU; '
+        'the process keeps its peak memory until it exits',
+    )
+
+
+def apply_cpu_memory_argument(args: argparse.Namespace) -> bool:
+    """`keep_cpu_memory()` when `--keep-cpu-memory` asks for it; True when the settings were made.
+
+    A command calls this first, before any JAX computation. Where JAX already ran in the process
+    (a command's `main` called from Python), that is a user error: the settings can no longer be made.
+    """
+    if not args.keep_cpu_memory:
+        return False
+    try:
+        kept = keep_cpu_memory()
+    except RuntimeError:
+        raise ValueError(
+            '--keep-cpu-memory needs a process in which JAX has not run yet (its CPU client keeps the settings '
+            'it was made with): run the command on its own (python -m ...), or leave the flag out'
+        ) from None
+    if not kept:
+        log('--keep-cpu-memory: the C library is not glibc, so there is nothing to set; going on without it')
+    return kept
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
