@@ -35,7 +35,14 @@ from flax import nnx
 
 import nfnet_jax
 from nfnet_jax import parallel
-from nfnet_jax.cli import USER_ERRORS, add_distributed_arguments, initialize_from_args, progress
+from nfnet_jax.cli import (
+    USER_ERRORS,
+    add_cpu_memory_argument,
+    add_distributed_arguments,
+    apply_cpu_memory_argument,
+    initialize_from_args,
+    progress,
+)
 from nfnet_jax.model import NormFreeNet
 from nfnet_jax.parallel.train import ShardedTrainer
 from nfnet_jax.pretrained import resolve_name
@@ -73,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--fsdp', action='store_true', help='split params and optimizer state over the devices too')
     parser.add_argument('--model-parallelism', type=int, default=1, help='devices splitting each big weight')
+    add_cpu_memory_argument(parser)
     add_distributed_arguments(parser)
     return parser.parse_args(argv)
 
@@ -168,7 +176,8 @@ def evaluate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the history (train losses, evaluations, final accuracies)."""
     args = parse_args(argv)
-    initialize_from_args(args)  # before any other JAX work
+    apply_cpu_memory_argument(args)  # before any JAX computation
+    initialize_from_args(args)
     check_args(args)
     start_time = time.perf_counter()
     rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)

@@ -39,8 +39,10 @@ from flax import nnx
 
 from nfnet_jax import parallel, pipeline
 from nfnet_jax.cli import (
+    add_cpu_memory_argument,
     add_distributed_arguments,
     add_model_arguments,
+    apply_cpu_memory_argument,
     check_model_arguments,
     initialize_from_args,
     log,
@@ -59,7 +61,16 @@ from nfnet_jax.weights import CheckpointError, read_checkpoint_metadata, save_ch
 from nfnet_jax.weights.params import flat_state
 
 # Flags that do not change what the run computes: they may differ on --resume.
-NOT_SETTINGS = {'resume', 'workers', 'output', 'distributed', 'coordinator', 'num_processes', 'process_id'}
+NOT_SETTINGS = {
+    'resume',
+    'workers',
+    'output',
+    'keep_cpu_memory',
+    'distributed',
+    'coordinator',
+    'num_processes',
+    'process_id',
+}
 SETTINGS, METRICS, PLOT, BEST = 'settings.json', 'metrics.jsonl', 'curves.png', 'best.safetensors'
 
 
@@ -112,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument('--seed', type=int, default=42)
     run.add_argument('--checkpoint-hist', type=int, default=10, help='training checkpoints to keep')
     run.add_argument('--fsdp', action='store_true', help='split params and optimizer state over the devices too')
+    add_cpu_memory_argument(run)
     add_distributed_arguments(parser)
     return parser.parse_args(argv)
 
@@ -311,7 +323,8 @@ def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: pip
 
 
 def _run(args: argparse.Namespace) -> int:
-    initialize_from_args(args)  # before any other JAX work
+    apply_cpu_memory_argument(args)  # before any JAX computation
+    initialize_from_args(args)
     check_args(args)
     train, val = read_data(args)
     settings = settings_of(args, train, val)

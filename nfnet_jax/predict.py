@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from nfnet_jax.cli import (
+    add_cpu_memory_argument,
     add_image_arguments,
     add_model_arguments,
+    apply_cpu_memory_argument,
     apply_image_arguments,
     check_model_arguments,
     load_model,
@@ -43,6 +45,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--force', action='store_true', help='overwrite the --embeddings file if it exists')
     parser.add_argument('--batch-size', type=int, default=16, help='images per batch (default 16)')
     parser.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
+    add_cpu_memory_argument(parser)
     add_image_arguments(parser)
     return parser.parse_args(argv)
 
@@ -52,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    apply_cpu_memory_argument(args)  # before any JAX computation
     # Everything that can be checked is checked before the model is loaded.
     if args.batch_size < 1 or args.topk < 1:
         raise ValueError('--batch-size and --topk must be at least 1')

@@ -1,6 +1,7 @@
-"""`keep_cpu_memory`: after it, a CPU call stops page-faulting its temporary buffer in afresh.
+"""`keep_cpu_memory`: after it, a CPU call stops page-faulting its temporary buffer in afresh; the commands'
+`--keep-cpu-memory` makes it before their first JAX work.
 
-The settings hold for a whole process, so the test runs in a child process of its own.
+The settings hold for a whole process, so the tests run in child processes of their own.
 """
 
 from __future__ import annotations
@@ -75,4 +76,50 @@ def test_keeping_memory_after_the_first_computation_is_refused_and_changes_nothi
     jax.block_until_ready(jnp.ones(2) + 1)  # the backend exists from here on
     with pytest.raises(RuntimeError, match='before the process.s first JAX computation'):
         nfnet_jax.keep_cpu_memory()
+    assert jax.config.read('jax_cpu_enable_async_dispatch')
+
+
+COMMAND_CHILD = textwrap.dedent(
+    """
+    import importlib, json, sys
+    import jax
+
+    code = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
+    print(json.dumps(dict(code=code, async_dispatch=jax.config.read('jax_cpu_enable_async_dispatch'))))
+    """
+)
+
+
+@pytest.mark.skipif(glibc() is None, reason='the settings exist in glibc only')
+@pytest.mark.parametrize(
+    'command,args,error',
+    [
+        ('nfnet_jax.predict', ['MISSING/a.jpg', '--model', 'test_nfnet.r160_in1k'], 'no such file or folder'),
+        (
+            'nfnet_jax.batch_predict',
+            ['run', 'MISSING/a.jpg', '--output', 'OUT', '--model', 'test_nfnet.r160_in1k'],
+            'no such file or folder',
+        ),
+        # finetune counts the devices (JAX's clients are made) before it finds the data missing
+        ('nfnet_jax.finetune', ['--data', 'MISSING', '--model', 'test_nfnet', '--output', 'OUT'], 'MISSING'),
+    ],
+)
+def test_each_command_keeps_cpu_memory_before_its_first_jax_work(tmp_path, command, args, error):
+    args = [str(tmp_path / arg) if arg in ('MISSING', 'OUT') or arg.startswith('MISSING/') else arg for arg in args]
+    child = [sys.executable, '-c', COMMAND_CHILD, command, *args, '--keep-cpu-memory']
+    done = subprocess.run(child, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result['code'] == 2 and error in done.stderr and '--keep-cpu-memory' not in done.stderr, done.stderr
+    assert not result['async_dispatch']
+
+
+def test_a_command_asked_to_keep_memory_after_jax_ran_says_what_to_do(capsys):
+    import jax
+    import jax.numpy as jnp
+
+    from nfnet_jax.predict import main as predict_main
+
+    jax.block_until_ready(jnp.ones(2) + 1)  # as in a notebook that ran JAX before calling the command
+    assert predict_main(['MISSING.jpg', '--model', 'test_nfnet.r160_in1k', '--keep-cpu-memory']) == 2
+    assert 'run the command on its own (python -m ...), or leave the flag out' in capsys.readouterr().err
     assert jax.config.read('jax_cpu_enable_async_dispatch')
