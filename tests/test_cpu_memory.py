@@ -49,11 +49,17 @@ CHILD = textwrap.dedent(
 )
 
 
+def run_python(code: str, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """`code` run with `args` in a fresh Python process, and the JSON of its last line of output."""
+    command = [sys.executable, '-c', code, *args]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return done, json.loads(done.stdout.splitlines()[-1]) if done.stdout else {}
+
+
 def run_child(mode: str) -> dict:
-    command = [sys.executable, '-c', CHILD, mode]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done, result = run_python(CHILD, mode, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return result
 
 
 @pytest.mark.skipif(glibc() is None, reason='the settings exist in glibc only')
@@ -106,10 +112,8 @@ COMMAND_CHILD = textwrap.dedent(
 )
 def test_each_command_keeps_cpu_memory_before_its_first_jax_work(tmp_path, command, args, error):
     args = [str(tmp_path / arg) if arg in ('MISSING', 'OUT') or arg.startswith('MISSING/') else arg for arg in args]
-    child = [sys.executable, '-c', COMMAND_CHILD, command, *args, '--keep-cpu-memory']
-    done = subprocess.run(child, cwd=REPO, capture_output=True, text=True, timeout=300)
-    result = json.loads(done.stdout.splitlines()[-1])
-    assert result['code'] == 2 and error in done.stderr and '--keep-cpu-memory' not in done.stderr, done.stderr
+    done, result = run_python(COMMAND_CHILD, command, *args, '--keep-cpu-memory', timeout=300)
+    assert result.get('code') == 2 and error in done.stderr and '--keep-cpu-memory' not in done.stderr, done.stderr
     assert not result['async_dispatch']
 
 
