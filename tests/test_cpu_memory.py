@@ -50,10 +50,10 @@ CHILD = textwrap.dedent(
 
 
 def run_python(code: str, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
-    """`code` run with `args` in a fresh Python process, and the JSON of its last line of output."""
+    """`code` run with `args` in a fresh Python process, and the JSON of its last line of output ({} if it failed)."""
     command = [sys.executable, '-c', code, *args]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    return done, json.loads(done.stdout.splitlines()[-1]) if done.stdout else {}
+    return done, json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 else {}
 
 
 def run_child(mode: str) -> dict:
