@@ -1,0 +1,195 @@
+"""Convolutions on XLA:CPU in oneDNN, Intel's CPU kernels (those under PyTorch on CPU), when installed.
+
+XLA:CPU runs convolutions in Eigen, which on AVX-512 is well behind oneDNN's kernels, and it has
+no bfloat16 convolution at all: that gap is most of what separates a jitted NFNet on CPU from
+timm's (docs/performance.md). With the optional extra `pip install 'nfnet-jax[onednn]'` (Intel's
+oneDNN wheels: the library and its headers), nfnet_jax compiles a small XLA FFI library once
+(`kernels/onednn_conv.cc`, with the C++ compiler `$CXX` or `c++`, a few seconds) into
+`$XDG_CACHE_HOME/nfnet_jax` (~/.cache/nfnet_jax). Then the convolutions that `lowering.conv2d`
+lowers for CPU inside `lowering.jit` (nfnet_jax's inference functions and train and eval steps on
+one device; training steps keep 1x1 ones as matmuls) run there, in float32, and in bfloat16 on a
+CPU with bfloat16 instructions (on AMX where there is one): the forward, and in training both
+gradients (`jax.custom_vjp`).
+
+The programs with these calls are for the process that built them: `jax.export` refuses them,
+which is why `InferenceFn.export` and every jit outside `lowering.jit` keep XLA's convolutions.
+`NFNET_JAX_ONEDNN=0` turns the kernels off; without the extra, or where the library cannot be
+built (no compiler), nfnet_jax logs why once and keeps XLA's convolutions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+from functools import cache, partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nfnet_jax.files import atomic_write
+
+Array = jax.Array
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / 'kernels' / 'onednn_conv.cc'
+LIBRARY_DISTRIBUTION = 'onednn-cpu-gomp'  # libdnnl.so.3, built with GCC's OpenMP
+HEADERS_DISTRIBUTION = 'onednn-devel-cpu-gomp'  # oneapi/dnnl/*.hpp for the same version
+TARGETS = {  # the XLA FFI names and the library's symbols
+    'forward': ('nfnet_onednn_conv_forward', 'NfnetOnednnConvForward'),
+    'backward_data': ('nfnet_onednn_conv_backward_data', 'NfnetOnednnConvBackwardData'),
+    'backward_weights': ('nfnet_onednn_conv_backward_weights', 'NfnetOnednnConvBackwardWeights'),
+}
+BUILD_TIMEOUT_S = 300
+
+
+class OnednnUnavailable(RuntimeError):
+    """Why the oneDNN convolutions cannot run in this process (the extra, a compiler, or the build)."""
+
+
+class OnednnNotInstalled(OnednnUnavailable):
+    """The optional extra is not installed: the usual case, logged at INFO level only."""
+
+
+def enabled() -> bool:
+    """Whether `lowering.jit` programs on CPU run their convolutions here: the extra is installed, the
+    library built, and `NFNET_JAX_ONEDNN` is not '0'. The first call builds or loads the library."""
+    if os.environ.get('NFNET_JAX_ONEDNN', '1') == '0':
+        return False
+    try:
+        load()
+    except OnednnUnavailable as unavailable:
+        _log_once(str(unavailable), logging.INFO if isinstance(unavailable, OnednnNotInstalled) else logging.WARNING)
+        return False
+    return True
+
+
+def cpu_convolutions() -> str:
+    """Which kernels run the convolutions of `lowering.jit` programs on CPU, for reports:
+    'oneDNN <version>' or 'XLA'."""
+    return f'oneDNN {importlib.metadata.version(LIBRARY_DISTRIBUTION)}' if enabled() else 'XLA'
+
+
+@cache
+def _log_once(message: str, level: int) -> None:
+    log.log(level, "XLA's convolutions on CPU, not oneDNN's: %s", message)
+
+
+@cache
+def load() -> Path:
+    """Build the FFI library if this machine has none for this jaxlib and oneDNN, load it and register its
+    targets with XLA:CPU; its path. Raises OnednnUnavailable, saying what to install."""
+    library_dir, include_dir, version = _onednn()
+    compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+    if compiler is None:
+        raise OnednnUnavailable('no C++ compiler to build the oneDNN kernels: install one (g++), or set CXX')
+    jax_include = Path(jax.ffi.include_dir())
+    source = SOURCE.read_bytes()
+    fingerprint = hashlib.sha256(b'\0'.join([source, jax.__version__.encode(), version.encode()])).hexdigest()[:16]
+    cache_root = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'nfnet_jax'
+    library = cache_root / f'onednn_conv-{fingerprint}.so'
+    if not library.exists():
+        log.info('building the oneDNN convolution kernels (once per jaxlib and oneDNN version) into %s', library)
+        command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax_include}', f'-I{include_dir}']
+        command += [str(SOURCE), f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}']
+        try:
+            atomic_write(library, lambda tmp: _compile(command + ['-o', tmp]), force=True)
+        except (OSError, subprocess.SubprocessError) as error:
+            raise OnednnUnavailable(f'building the oneDNN kernels failed: {error}') from error
+    handle = ctypes.cdll.LoadLibrary(str(library))
+    for name, symbol in TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, symbol)), platform='cpu')
+    return library
+
+
+def _compile(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        raise subprocess.SubprocessError(f'{command[0]} exited with {done.returncode}: {done.stderr.strip()[-2000:]}')
+
+
+def _onednn() -> tuple[Path, Path, str]:
+    """The folders of libdnnl.so.3 and of oneDNN's headers, from the extra's wheels, and their version."""
+    try:
+        library = importlib.metadata.distribution(LIBRARY_DISTRIBUTION)
+        headers = importlib.metadata.distribution(HEADERS_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as missing:
+        raise OnednnNotInstalled(f"{missing.name} is not installed: pip install 'nfnet-jax[onednn]'") from None
+    shared = [f for f in library.files or () if f.name == 'libdnnl.so.3']
+    header = [f for f in headers.files or () if f.as_posix().endswith('include/oneapi/dnnl/dnnl.hpp')]
+    if not shared or not header:
+        raise OnednnUnavailable(f'{LIBRARY_DISTRIBUTION} or {HEADERS_DISTRIBUTION} lacks libdnnl.so.3 or dnnl.hpp')
+    include_dir = Path(headers.locate_file(header[0])).parents[2]
+    return Path(library.locate_file(shared[0])).parent, include_dir, library.version
+
+
+def explicit_padding(
+    padding: str | Padding, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: tuple[int, int]
+) -> Padding:
+    """`padding` as `jax.lax.conv_general_dilated` takes it ('SAME', 'VALID' or pairs) as explicit pairs."""
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, padding)
+    else:
+        pads = padding
+    (top, bottom), (left, right) = ((int(a), int(b)) for a, b in pads)
+    return (top, bottom), (left, right)
+
+
+def conv2d(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding) -> Array:
+    """The convolution NHWC x HWIO -> NHWC in oneDNN, differentiable; `load()` must have succeeded.
+
+    `x` and `kernel` are both float32 or both bfloat16; the result is float32 (a bfloat16
+    convolution's products summed in float32, as XLA:CPU's bfloat16 matmuls do). In the gradients
+    the output's gradient is rounded to the inputs' dtype, as under PyTorch's autocast.
+    """
+    return _conv(x, kernel, groups, tuple(strides), padding)
+
+
+def _call(
+    target: str, out: jax.ShapeDtypeStruct, groups: int, strides: tuple[int, int], padding: Padding, *operands: Array
+) -> Array:
+    (top, bottom), (left, right) = padding
+    geometry = dict(
+        stride_h=strides[0],
+        stride_w=strides[1],
+        pad_top=top,
+        pad_bottom=bottom,
+        pad_left=left,
+        pad_right=right,
+        groups=groups,
+    )
+    call = jax.ffi.ffi_call(TARGETS[target][0], out, vmap_method='sequential')
+    return call(*operands, **{key: np.int64(value) for key, value in geometry.items()})
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding) -> Array:
+    (top, bottom), (left, right) = padding
+    height = (x.shape[1] + top + bottom - kernel.shape[0]) // strides[0] + 1
+    width = (x.shape[2] + left + right - kernel.shape[1]) // strides[1] + 1
+    out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), jnp.float32)
+    return _call('forward', out, groups, strides, padding, x, kernel)
+
+
+def _conv_forward(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding):
+    return _conv(x, kernel, groups, strides, padding), (x, kernel)
+
+
+def _conv_backward(groups: int, strides: tuple[int, int], padding: Padding, saved: tuple[Array, Array], dy: Array):
+    x, kernel = saved
+    dy = dy.astype(x.dtype)
+    dx = _call('backward_data', jax.ShapeDtypeStruct(x.shape, x.dtype), groups, strides, padding, dy, kernel)
+    dkernel = jax.ShapeDtypeStruct(kernel.shape, jnp.float32)  # summed in float32, rounded once
+    dkernel = _call('backward_weights', dkernel, groups, strides, padding, x, dy).astype(kernel.dtype)
+    return dx, dkernel
+
+
+_conv.defvjp(_conv_forward, _conv_backward)
