@@ -19,17 +19,24 @@ Other platforms compile with XLA's defaults.
 
 Inference on CPU runs a large batch a chunk of images at a time (`in_chunks`): XLA:CPU's throughput
 does not grow past ~8 images, while its memory grows with the whole batch.
+
+With the optional oneDNN kernels installed (`nfnet_jax.onednn`), `jit` also has the convolutions of a
+single-device CPU program run in oneDNN instead of XLA's Eigen and matmuls (`onednn_convolutions`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial, wraps
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from nfnet_jax import onednn
 
 Array = jax.Array
 
@@ -38,6 +45,10 @@ CPU_TRAINING_OPTIONS = {**CPU_OPTIONS, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_
 CPU_CHUNK = 8  # images per chunk of a CPU inference batch (`in_chunks`)
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')  # the layouts of every convolution's input, kernel and output
 BFLOAT16_CPU_FLAGS = frozenset({'avx512_bf16', 'amx_bf16', 'bf16'})  # x86 AVX512_BF16 and AMX-BF16, Arm's BF16
+SHARDING_KEYWORDS = ('in_shardings', 'out_shardings')  # a jit's shardings, whose devices XLA partitions it over
+
+# Inside `onednn_convolutions`: whether 1x1 convolutions run in oneDNN too (None outside it).
+_onednn_pointwise: contextvars.ContextVar[bool | None] = contextvars.ContextVar('onednn_pointwise', default=None)
 
 
 def compiler_options(platform: str | None, training: bool = False) -> dict[str, str] | None:
@@ -65,8 +76,46 @@ def platform_of(tree: Any) -> str | None:
 
 
 def jit(fn: Callable[..., Any], platform: str | None, training: bool = False, **jit_kwargs: Any) -> Callable[..., Any]:
-    """`jax.jit(fn, **jit_kwargs)` with the compiler options of `platform` (a top-level jit only)."""
-    return jax.jit(fn, compiler_options=compiler_options(platform, training), **jit_kwargs)
+    """`jax.jit(fn, **jit_kwargs)` with the compiler options of `platform` (a top-level jit only).
+
+    On CPU, a jit on one device traces `fn` inside `onednn_convolutions()`. XLA cannot partition
+    oneDNN's calls, so a jit whose shardings span several devices keeps XLA's convolutions.
+    """
+    options = compiler_options(platform, training)
+    shardings = [jit_kwargs.get(key) for key in SHARDING_KEYWORDS]
+    spanned = {len(s.device_set) for s in jax.tree.leaves(shardings) if isinstance(s, jax.sharding.Sharding)}
+    if platform != 'cpu' or max(spanned, default=1) > 1:
+        return jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+    @wraps(fn)
+    def traced_with_onednn(*args: Any, **kwargs: Any) -> Any:
+        with onednn_convolutions(pointwise=not training):
+            return fn(*args, **kwargs)
+
+    inner = fn
+    while isinstance(inner, partial):
+        inner = inner.func
+    traced_with_onednn.__name__ = getattr(inner, '__name__', traced_with_onednn.__name__)  # the program's name
+    return jax.jit(traced_with_onednn, compiler_options=options, **jit_kwargs)
+
+
+@contextlib.contextmanager
+def onednn_convolutions(pointwise: bool = True) -> Iterator[None]:
+    """Within it, `conv2d` lowers convolutions for CPU to oneDNN where `onednn.enabled()`.
+
+    float32 ones, and bfloat16 ones on a CPU with bfloat16 instructions (`cpu_has_bfloat16`); the
+    bfloat16 products are summed, and the bias added, in float32, then rounded once, as on the
+    matmul path. `pointwise`: 1x1 convolutions too, not only the larger ones. `jit` leaves them out
+    of training steps: there the matmuls were as fast (float32) or faster (bfloat16), as XLA fuses
+    their gradients with the work around them. It acts when the computation is traced: a function
+    jitted with `jax.jit` and traced inside it runs oneDNN's kernels too (and cannot be exported).
+    Speeds: docs/performance.md.
+    """
+    token = _onednn_pointwise.set(pointwise)
+    try:
+        yield
+    finally:
+        _onednn_pointwise.reset(token)
 
 
 @cache
@@ -149,6 +198,10 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
     bfloat16 once: on an AVX2 EPYC, inference at 256 px ran 1.35x (batch 8) and 1.47x (batch 1) the
     images/s of the matmuls and a training step 1.08x their speed, though all still slower than float32.
 
+    Inside `onednn_convolutions`, with oneDNN installed, a convolution on CPU in float32 (or in
+    bfloat16 on a CPU with bfloat16 instructions) is instead one oneDNN call, groups included (a
+    1x1 one only where the scope says so).
+
     cuDNN and TPUs keep the convolution as written (native grouped kernels). A `precision=` keyword
     reaches every path, the matmuls too. The choice is made when the computation is lowered for its
     platform (`jax.lax.platform_dependent`), not from the default backend, so a jit placed on a GPU
@@ -163,7 +216,13 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
     def native_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
         return biased(conv(x, kernel, feature_group_count=groups), bias)
 
-    if groups == 1 and not pointwise and not (x.dtype == jnp.bfloat16 and undilated):
+    def in_onednn(x: Array, kernel: Array) -> bool:  # see `onednn_convolutions`
+        supported = x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and cpu_has_bfloat16())
+        scope = _onednn_pointwise.get()
+        wanted = scope is not None and (scope or not pointwise) and supported and x.dtype == kernel.dtype
+        return wanted and undilated and onednn.enabled()
+
+    if groups == 1 and not pointwise and not (x.dtype == jnp.bfloat16 and undilated) and not in_onednn(x, kernel):
         return native_conv(x, kernel, bias)
 
     def cpu_conv(x: Array, kernel: Array, bias: Array | None) -> Array:
@@ -171,17 +230,20 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
         if bfloat16 and not cpu_has_bfloat16():  # float32 between conversions, rounded once
             upcast = partial(jax.tree.map, lambda a: a.astype(jnp.float32))
             return cpu_conv(*upcast((x, kernel, bias))).astype(x.dtype)
-        as_matmuls = bfloat16 and undilated
 
         def finish(y: Array, b: Array | None) -> Array:  # the bias added in the accumulation dtype, then one rounding
             return biased(y, None if b is None else b.astype(y.dtype)).astype(x.dtype)
 
+        strides = tuple(conv_kwargs.get('window_strides', (1, 1)))
+        if in_onednn(x, kernel):
+            padding = onednn.explicit_padding(conv_kwargs.get('padding', 'SAME'), x.shape, kernel.shape, strides)
+            return finish(onednn.conv2d(x, kernel, groups, strides, padding), bias)
+        as_matmuls = bfloat16 and undilated
         if groups == 1 and pointwise:
             matmul = _bfloat16_matmul if bfloat16 else _channel_matmul
             return finish(matmul(x, kernel[0, 0], precision=conv_kwargs.get('precision')), bias)
         group_conv = conv
         if as_matmuls:
-            strides = tuple(conv_kwargs.get('window_strides', (1, 1)))
             padding = conv_kwargs.get('padding', 'SAME')
             padding = padding if isinstance(padding, str) else tuple(tuple(pad) for pad in padding)
             group_conv = partial(
