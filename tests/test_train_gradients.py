@@ -20,6 +20,7 @@ from helpers import nchw, randomize_, relative_error
 from timm.models import model_parameters
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
+from nfnet_jax import lowering, onednn
 from nfnet_jax.factory import from_timm
 from nfnet_jax.train import adaptive_clip_grad, cross_entropy_loss
 from nfnet_jax.weights import convert_state_dict, dotted_path, to_timm
@@ -28,6 +29,7 @@ GRAD_RTOL = 1e-4
 AGC_RTOL = 1e-6
 ARCHITECTURES = ['dm_nfnet_f0', 'nfnet_l0', 'eca_nfnet_l0', 'nf_regnet_b0', 'nf_resnet26']
 OP_BY_OP = {'nf_regnet_b0'}  # gradients computed without jit (see `grads`)
+ONEDNN = ' with oneDNN'  # the same gradients jitted by nfnet_jax (`lowering.jit`): convolutions in oneDNN
 LABEL_SMOOTHING = 0.1
 
 
@@ -43,10 +45,10 @@ def timm_backward(name: str) -> tuple[torch.nn.Module, np.ndarray, np.ndarray, d
     return theirs, x, labels, {key: p.grad.numpy() for key, p in theirs.named_parameters()}
 
 
-@pytest.fixture(scope='module', params=ARCHITECTURES)
+@pytest.fixture(scope='module', params=ARCHITECTURES + [f'dm_nfnet_f0{ONEDNN}'])
 def grads(request):
     """(name, timm grads by key, our grads converted to timm keys and layout)."""
-    name = request.param
+    name, onednn_kernels = request.param.removesuffix(ONEDNN), request.param.endswith(ONEDNN)
     theirs, x, labels, timm_grads = timm_backward(name)
     ours = from_timm(theirs)
 
@@ -59,11 +61,14 @@ def grads(request):
     # nf_regnet_b0's convs of 5-92 groups are one conv per group on CPU: even with the suite's fast-compile
     # flags its program takes longer to compile (62 s with the run) than to run op by op (27 s).
     grad = jax.grad(loss)
-    if name not in OP_BY_OP:
+    if onednn_kernels:
+        grad = lowering.jit(grad, 'cpu')
+        assert onednn.TARGETS['backward_weights'][0] in grad.lower(params).as_text()
+    elif name not in OP_BY_OP:
         grad = jax.jit(grad)
     our_grads = grad(params)
     our_grads = to_timm({dotted_path(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(our_grads)})
-    yield name, timm_grads, our_grads
+    yield request.param, timm_grads, our_grads
     del theirs, ours
     gc.collect()
 
