@@ -35,7 +35,7 @@ from unittest import mock
 import numpy as np
 
 from benchmarks import markdown
-from benchmarks.vs_timm import add_workload_arguments, check_arguments, environment
+from benchmarks.vs_timm import add_workload_arguments, check_arguments, describe, environment
 
 PASSES = ('forward', 'input grad', 'kernel grad')
 SIDES = ('nfnet_jax', 'torch')
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             measured = measure(conv, args.repeats, 'cuda' if gpu else 'cpu', bar, args.dtype)
             report['convs'].append(dict(asdict(conv), label=conv.label, count=count, flops=conv.flops, **measured))
     worst = max(error for row in report['convs'] for error in row['rel_error'].values())
-    text = f'{args.model}, batch {args.batch}, {args.size}x{args.size}, {report["device"]}, {args.dtype}\n\n'
+    text = f'{args.model}, batch {args.batch}, {args.size}x{args.size}, {describe(report)}, {args.dtype}\n\n'
     text += table(report['convs']) + f'\n\nResults of both sides agree within {worst:.1e} (relative).\n'
     print(text)
     if args.markdown:

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from nfnet_jax import onednn
+
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     steps = build_steps(args.model, args.batch, args.size, device, not args.skip_compile, args.dtype)
     first, times = {}, {name: [] for name in steps}
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
-        f'jax {jax.__version__} on {jax.devices()[0].device_kind}{", keep_cpu_memory" if kept else ""}; '
+        f'jax {jax.__version__} on {jax.devices()[0].device_kind}{", keep_cpu_memory" if kept else ""}'
+        f'{"" if device == "cuda" else f", convolutions in {onednn.cpu_convolutions()}"}; '
         f'{flops / 1e9:.1f} GFLOP per step; ceiling: a {ceiling.matmul} matmul in torch at {ceiling.gflops:.0f} GFLOP/s'
     )
     print(

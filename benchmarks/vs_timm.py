@@ -342,15 +342,24 @@ def environment(dtype: str, gpu: bool) -> dict[str, Any]:
     import timm
     import torch
 
+    from nfnet_jax import onednn
+
     return dict(
         device=torch.cuda.get_device_name() if gpu else cpu_model(),
         jax_backend=jax.default_backend(),
+        cpu_convolutions=None if gpu else onednn.cpu_convolutions(),
         dtype=dtype,
         torch_threads=torch.get_num_threads(),
         versions=dict(
             jax=jax.__version__, torch=torch.__version__, timm=timm.__version__, python=sys.version.split()[0]
         ),
     )
+
+
+def describe(report: dict[str, Any]) -> str:
+    """The device, and on CPU which kernels ran nfnet_jax's convolutions."""
+    kernels = report['cpu_convolutions']
+    return report['device'] + (f', nfnet_jax convolutions in {kernels}' if kernels else '')
 
 
 def plot(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
@@ -463,14 +472,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results, logits = measure(runners, batch, size, flops[size], args.repeats, gpu, bar)
             run = shape_record(results, logits)
             report['runs'].append(run)
-            bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {report["device"]}')
+            bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {describe(report)}')
             bar.write(table(results, ceiling.gflops))
             bar.write(
                 ', '.join(f'{k}: {v:.2f}x' for k, v in run['ratios'].items())
                 + f'; logits relative error vs timm {run["logits_rel_error_vs_timm"]:.1e}'
             )
     if args.sweep:
-        title = f'{args.model}, {dtype}, {report["device"]}'
+        title = f'{args.model}, {dtype}, {describe(report)}'
         atomic_write(args.plot, lambda tmp: plot(report['runs'], tmp, title), force=args.force)
         report['plot'] = str(args.plot)
         print(f'plot written to {args.plot}', file=sys.stderr)
