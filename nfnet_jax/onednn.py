@@ -24,6 +24,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 from functools import cache, partial
@@ -49,6 +50,7 @@ TARGETS = {  # the XLA FFI names and the library's symbols
     'backward_weights': ('nfnet_onednn_conv_backward_weights', 'NfnetOnednnConvBackwardWeights'),
 }
 BUILD_TIMEOUT_S = 300
+_registered: set[str] = set()  # the targets registered with XLA:CPU in this process
 
 
 class OnednnUnavailable(RuntimeError):
@@ -86,28 +88,42 @@ def _log_once(message: str, level: int) -> None:
 @cache
 def load() -> Path:
     """Build the FFI library if this machine has none for this jaxlib and oneDNN, load it and register its
-    targets with XLA:CPU; its path. Raises OnednnUnavailable, saying what to install."""
+    targets with XLA:CPU; its path. A cached library that does not load (a damaged file) is built again.
+    Raises OnednnUnavailable, saying what to install or what failed."""
     library_dir, include_dir, version = _onednn()
-    compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
-    if compiler is None:
+    compiler = shlex.split(os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or '')
+    if not compiler:
         raise OnednnUnavailable('no C++ compiler to build the oneDNN kernels: install one (g++), or set CXX')
-    jax_include = Path(jax.ffi.include_dir())
-    source = SOURCE.read_bytes()
-    fingerprint = hashlib.sha256(b'\0'.join([source, jax.__version__.encode(), version.encode()])).hexdigest()[:16]
-    cache_root = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'nfnet_jax'
-    library = cache_root / f'onednn_conv-{fingerprint}.so'
-    if not library.exists():
-        log.info('building the oneDNN convolution kernels (once per jaxlib and oneDNN version) into %s', library)
-        command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax_include}', f'-I{include_dir}']
-        command += [str(SOURCE), f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}']
+    library = library_path(version)
+    command = [*compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}']
+    command += [f'-I{include_dir}', str(SOURCE), f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}']
+    for attempt in ('cached', 'rebuilt'):
+        if attempt == 'rebuilt' or not library.exists():
+            log.info('building the oneDNN convolution kernels (once per jaxlib and oneDNN version) into %s', library)
+            try:
+                atomic_write(library, lambda tmp: _compile(command + ['-o', tmp]), force=True)
+            except (OSError, subprocess.SubprocessError) as error:
+                raise OnednnUnavailable(f'building the oneDNN kernels failed: {error}') from error
         try:
-            atomic_write(library, lambda tmp: _compile(command + ['-o', tmp]), force=True)
-        except (OSError, subprocess.SubprocessError) as error:
-            raise OnednnUnavailable(f'building the oneDNN kernels failed: {error}') from error
-    handle = ctypes.cdll.LoadLibrary(str(library))
+            handle = ctypes.cdll.LoadLibrary(str(library))
+            break
+        except OSError as error:
+            if attempt == 'rebuilt':
+                raise OnednnUnavailable(f'the oneDNN kernels ({library}) do not load: {error}') from error
+            log.warning('the cached oneDNN kernels do not load (%s): building them again', error)
     for name, symbol in TARGETS.values():
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, symbol)), platform='cpu')
+        if name not in _registered:  # XLA takes one handler per name and process
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, symbol)), platform='cpu')
+            _registered.add(name)
     return library
+
+
+def library_path(onednn_version: str) -> Path:
+    """Where the bridge library for this source, jax and oneDNN version is (or will be) built."""
+    parts = [SOURCE.read_bytes(), jax.__version__.encode(), onednn_version.encode()]
+    fingerprint = hashlib.sha256(b'\0'.join(parts)).hexdigest()[:16]
+    cache_root = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'nfnet_jax'
+    return cache_root / f'onednn_conv-{fingerprint}.so'
 
 
 def _compile(command: list[str]) -> None:

@@ -170,3 +170,12 @@ def test_a_failed_build_leaves_no_library_and_says_why(fresh_load, monkeypatch):
         onednn.load()
     assert not onednn.enabled()
     assert list((fresh_load / 'nfnet_jax').iterdir()) == []  # no half-written library under its name
+
+
+def test_a_damaged_cached_library_is_built_again(fresh_load):
+    library = onednn.library_path(importlib.metadata.version(onednn.LIBRARY_DISTRIBUTION))
+    assert library.parent == fresh_load / 'nfnet_jax'
+    library.parent.mkdir()
+    library.write_bytes(b'not a shared library')
+    assert onednn.load() == library and onednn.enabled()
+    assert library.read_bytes().startswith(b'\x7fELF')
