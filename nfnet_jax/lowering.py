@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from functools import cache, partial, wraps
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from nfnet_jax import onednn
+from nfnet_jax.onednn import Padding
 
 Array = jax.Array
 
@@ -235,8 +236,8 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
             return biased(y, None if b is None else b.astype(y.dtype)).astype(x.dtype)
 
         strides = tuple(conv_kwargs.get('window_strides', (1, 1)))
+        padding = explicit_padding(conv_kwargs.get('padding', 'SAME'), x.shape, kernel.shape, strides)
         if in_onednn(x, kernel):
-            padding = onednn.explicit_padding(conv_kwargs.get('padding', 'SAME'), x.shape, kernel.shape, strides)
             return finish(onednn.conv2d(x, kernel, groups, strides, padding), bias)
         as_matmuls = bfloat16 and undilated
         if groups == 1 and pointwise:
@@ -244,8 +245,6 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
             return finish(matmul(x, kernel[0, 0], precision=conv_kwargs.get('precision')), bias)
         group_conv = conv
         if as_matmuls:
-            padding = conv_kwargs.get('padding', 'SAME')
-            padding = padding if isinstance(padding, str) else tuple(tuple(pad) for pad in padding)
             group_conv = partial(
                 _bfloat16_row_conv, strides=strides, padding=padding, precision=conv_kwargs.get('precision')
             )
@@ -254,6 +253,21 @@ def conv2d(x: Array, kernel: Array, groups: int = 1, *, bias: Array | None = Non
         return jnp.concatenate([finish(group_conv(x_g, kernel_g), bias_g) for x_g, kernel_g, bias_g in parts], axis=-1)
 
     return jax.lax.platform_dependent(x, kernel, bias, cpu=cpu_conv, default=native_conv)
+
+
+def explicit_padding(
+    padding: str | Padding, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: tuple[int, int]
+) -> Padding:
+    """`padding` as `jax.lax.conv_general_dilated` takes it ('SAME', 'VALID' or pairs) as explicit int pairs.
+
+    `conv2d` resolves it once for its CPU paths: oneDNN's calls and the bfloat16 row matmuls take pairs.
+    """
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, padding)
+    else:
+        pads = padding
+    (top, bottom), (left, right) = ((int(a), int(b)) for a, b in pads)
+    return (top, bottom), (left, right)
 
 
 def _channel_matmul(x: Array, kernel: Array, **dot_kwargs: Any) -> Array:
@@ -300,7 +314,7 @@ def _bfloat16_row_conv(
     x: Array,
     kernel: Array,
     strides: tuple[int, ...],
-    padding: str | tuple[tuple[int, int], ...],
+    padding: Padding,
     precision: Any = None,
 ) -> Array:
     """A bfloat16 kxk convolution as row matmuls with a float32 result; its gradients are XLA's convolutions.
@@ -346,7 +360,7 @@ def _conv_as_row_matmuls(
     *,
     matmul: Callable[[Array, Array], Array],
     strides: tuple[int, int],
-    padding: str | Sequence[tuple[int, int]],
+    padding: Padding,
 ) -> Array:
     """An undilated convolution as one matmul per kernel row, that row's taps side by side in the channels.
 
@@ -356,8 +370,6 @@ def _conv_as_row_matmuls(
     """
     kh, kw, cin, cout = kernel.shape
     sh, sw = strides
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
     padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     height, width = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
     rows = jnp.concatenate([padded[:, :, j : j + sw * (width - 1) + 1 : sw] for j in range(kw)], axis=-1)

@@ -37,7 +37,7 @@ import numpy as np
 from nfnet_jax.files import atomic_write
 
 Array = jax.Array
-Padding = tuple[tuple[int, int], tuple[int, int]]
+Padding = tuple[tuple[int, int], tuple[int, int]]  # a convolution's (top, bottom), (left, right)
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +145,6 @@ def _onednn() -> tuple[Path, Path, str]:
         raise OnednnUnavailable(f'{LIBRARY_DISTRIBUTION} or {HEADERS_DISTRIBUTION} lacks libdnnl.so.3 or dnnl.hpp')
     include_dir = Path(headers.locate_file(header[0])).parents[2]
     return Path(library.locate_file(shared[0])).parent, include_dir, library.version
-
-
-def explicit_padding(
-    padding: str | Padding, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: tuple[int, int]
-) -> Padding:
-    """`padding` as `jax.lax.conv_general_dilated` takes it ('SAME', 'VALID' or pairs) as explicit pairs."""
-    if isinstance(padding, str):
-        pads = jax.lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, padding)
-    else:
-        pads = padding
-    (top, bottom), (left, right) = ((int(a), int(b)) for a, b in pads)
-    return (top, bottom), (left, right)
 
 
 def conv2d(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding) -> Array:
