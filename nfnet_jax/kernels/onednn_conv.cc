@@ -13,8 +13,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -37,16 +37,16 @@ enum class Pass { kForward, kBackwardData, kBackwardWeights };
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups;
   memory::data_type activations_in, weights, activations_out;
+
+  // The NHWC activations of the input side and of the output side, in oneDNN's (n, c, h, w) order.
+  memory::desc In() const { return memory::desc({n, c, h, w}, activations_in, memory::format_tag::nhwc); }
+  memory::desc Out() const { return memory::desc({n, o, oh, ow}, activations_out, memory::format_tag::nhwc); }
 };
 
 std::vector<int64_t> Key(Pass pass, const Geometry& g) {
   return {static_cast<int64_t>(pass), g.n, g.h, g.w, g.c, g.kh, g.kw, g.o, g.oh, g.ow, g.stride_h, g.stride_w,
           g.pad_top, g.pad_bottom, g.pad_left, g.pad_right, g.groups, static_cast<int64_t>(g.activations_in),
           static_cast<int64_t>(g.weights), static_cast<int64_t>(g.activations_out)};
-}
-
-memory::desc Activations(int64_t n, int64_t c, int64_t h, int64_t w, memory::data_type type) {
-  return memory::desc({n, c, h, w}, type, memory::format_tag::nhwc);
 }
 
 // The kernel's dimensions for oneDNN ((groups,) out, in, kh, kw): in the HWIO layout (`hwio`), or
@@ -86,8 +86,7 @@ std::shared_ptr<const Conv> Get(Pass pass, const Geometry& g) {
   if (entry) return entry;
   const memory::dims strides = {g.stride_h, g.stride_w}, pad_l = {g.pad_top, g.pad_left},
                      pad_r = {g.pad_bottom, g.pad_right};
-  const memory::desc in = Activations(g.n, g.c, g.h, g.w, g.activations_in);
-  const memory::desc out = Activations(g.n, g.o, g.oh, g.ow, g.activations_out);
+  const memory::desc in = g.In(), out = g.Out();
   const auto direct = dnnl::algorithm::convolution_direct;
   // The forward that the backward passes take as their hint: for the kernel gradient, one whose
   // kernel has the activations' type (a bfloat16 forward has no float32 kernel).
@@ -157,9 +156,9 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::Any
     auto conv = Get(Pass::kForward, g);
     dnnl::stream stream(Engine());
     memory weights = KernelFor(*conv, g, kernel, stream);
-    conv->primitive.execute(stream, {{DNNL_ARG_SRC, Memory(Activations(g.n, g.c, g.h, g.w, g.activations_in), x)},
+    conv->primitive.execute(stream, {{DNNL_ARG_SRC, Memory(g.In(), x)},
                                      {DNNL_ARG_WEIGHTS, weights},
-                                     {DNNL_ARG_DST, Memory(Activations(g.n, g.o, g.oh, g.ow, g.activations_out), *y)}});
+                                     {DNNL_ARG_DST, Memory(g.Out(), *y)}});
     stream.wait();
   });
 }
@@ -173,9 +172,9 @@ ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ff
     dnnl::stream stream(Engine());
     memory weights = KernelFor(*conv, g, kernel, stream);
     conv->primitive.execute(
-        stream, {{DNNL_ARG_DIFF_DST, Memory(Activations(g.n, g.o, g.oh, g.ow, g.activations_out), dy)},
+        stream, {{DNNL_ARG_DIFF_DST, Memory(g.Out(), dy)},
                  {DNNL_ARG_WEIGHTS, weights},
-                 {DNNL_ARG_DIFF_SRC, Memory(Activations(g.n, g.c, g.h, g.w, g.activations_in), *dx)}});
+                 {DNNL_ARG_DIFF_SRC, Memory(g.In(), *dx)}});
     stream.wait();
   });
 }
@@ -191,8 +190,8 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
     const bool direct = conv->weights == user.get_desc();
     memory diff_weights = direct ? user : memory(conv->weights, Engine());
     conv->primitive.execute(stream,
-                            {{DNNL_ARG_SRC, Memory(Activations(g.n, g.c, g.h, g.w, g.activations_in), x)},
-                             {DNNL_ARG_DIFF_DST, Memory(Activations(g.n, g.o, g.oh, g.ow, g.activations_out), dy)},
+                            {{DNNL_ARG_SRC, Memory(g.In(), x)},
+                             {DNNL_ARG_DIFF_DST, Memory(g.Out(), dy)},
                              {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
     if (!direct) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
     stream.wait();
