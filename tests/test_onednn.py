@@ -28,6 +28,10 @@ from nfnet_jax.factory import create_model
 TARGET = onednn.TARGETS['forward'][0]
 
 
+def lowered_text(fn, *args) -> str:
+    return fn.lower(*args).as_text()
+
+
 def conv_loss(groups: int, strides: tuple[int, int], padding):
     """(x, kernel, bias) -> (a loss of the conv's output, the output), through `lowering.conv2d`."""
 
@@ -56,7 +60,7 @@ def test_onednn_convolutions_and_gradients_match_xla(x_shape, kernel_size, out, 
     bias = rng.standard_normal(out).astype(np.float32)
     step = conv_loss(groups, strides, padding)
     ours = lowering.jit(step, 'cpu')
-    assert TARGET in ours.lower(x, kernel, bias).as_text()  # the values below are oneDNN's
+    assert TARGET in lowered_text(ours, x, kernel, bias)  # the values below are oneDNN's
     expected = jax.tree.leaves(jax.jit(step)(x, kernel, bias))
     got = jax.tree.leaves(ours(x, kernel, bias))
     for a, b in zip(got, expected, strict=True):  # loss, output, and the gradients of x, kernel and bias
@@ -72,16 +76,12 @@ def test_bfloat16_onednn_convolutions_match_the_matmul_path(monkeypatch):
     )
     step = conv_loss(3, (2, 2), 'SAME')
     ours = lowering.jit(step, 'cpu')
-    assert TARGET in ours.lower(x, kernel, bias).as_text()
+    assert TARGET in lowered_text(ours, x, kernel, bias)
     expected = jax.tree.leaves(jax.jit(step)(x, kernel, bias))
     got = jax.tree.leaves(ours(x, kernel, bias))
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == b.dtype
         assert relative_error(a, b) <= 2**-7  # both sum in float32 and round to bfloat16 (8 significant bits)
-
-
-def lowered_text(fn, *args) -> str:
-    return fn.lower(*args).as_text()
 
 
 def test_which_convolutions_run_in_onednn(monkeypatch):
@@ -136,7 +136,7 @@ def test_inference_runs_onednn_and_exports_xla_convolutions():
     """The compiled classifier calls oneDNN; its export, even after that, has XLA's convolutions and the same logits."""
     fn = inference.classifier(create_model('test_nfnet', rngs=nnx.Rngs(0)))
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    assert TARGET in fn.compiled.lower(fn.state, x).as_text()
+    assert TARGET in lowered_text(fn.compiled, fn.state, x)
     logits = fn(x)
     exported = jax.export.deserialize(fn.export(x.shape).serialize())
     assert TARGET not in exported.mlir_module()
