@@ -1,7 +1,7 @@
 """Where nfnet_jax's jitted training step spends its time, per XLA instruction, from a `jax.profiler` trace.
 
     python -m benchmarks.step_profile [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
-                                      [--steps 3] [--top 25] [--markdown F] [--force]
+                                      [--steps 3] [--top 25] [--markdown F] [--force] [--keep-cpu-memory]
 
 The step is compiled ahead of time with the training step's compiler options, so the trace's
 thunk names are the instructions of that compiled program: each is shown with its shape and the
@@ -81,6 +81,8 @@ def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str]],
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from nfnet_jax.cli import add_cpu_memory_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.step_profile')
     add_workload_arguments(parser, size=160, size_help='image height and width (default 160, as train_step)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
@@ -88,6 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--top', type=int, default=25, help='kinds and instructions listed')
     parser.add_argument('--markdown', type=Path, help='write the tables here')
     parser.add_argument('--force', action='store_true', help='replace an existing --markdown file')
+    add_cpu_memory_argument(parser)  # as train_step's, whose step this profiles
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.markdown,))
     if args.steps < 1 or args.top < 1:
@@ -97,6 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
+    from nfnet_jax.cli import apply_cpu_memory_argument, progress
+
+    kept = apply_cpu_memory_argument(args)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -104,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     import nfnet_jax
     from nfnet_jax import lowering
-    from nfnet_jax.cli import progress
     from nfnet_jax.files import atomic_write
     from nfnet_jax.train import TrainState, nfnet_optimizer
     from nfnet_jax.train.step import pure_train_step
@@ -128,9 +133,8 @@ def main(argv: Sequence[str] | None = None) -> str:
         seconds = thunk_seconds(Path(trace_dir), found)
     text = (
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
-        f'{jax.devices()[0].device_kind}: thunk time per step, {args.steps} traced steps\n\n'
-        + tables(seconds, found, args.steps, args.top)
-        + '\n'
+        f'{jax.devices()[0].device_kind}{", keep_cpu_memory" if kept else ""}: thunk time per step, '
+        f'{args.steps} traced steps\n\n' + tables(seconds, found, args.steps, args.top) + '\n'
     )
     print(text)
     if args.markdown:

@@ -484,3 +484,5 @@ def test_step_profile_lists_the_step_s_instructions(tmp_path):
     assert all(float(share) <= 100 for *_, share in kinds + slowest)
     with pytest.raises(SystemExit):  # an existing report is not replaced without --force
         step_profile.main(args + ['--markdown', str(out)])
+    with pytest.raises(ValueError, match='--keep-cpu-memory needs a process in which JAX has not run'):
+        step_profile.main(args + ['--keep-cpu-memory'])  # the flag is applied, and here JAX has run
