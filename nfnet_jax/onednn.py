@@ -9,7 +9,8 @@ oneDNN wheels: the library and its headers), nfnet_jax compiles a small XLA FFI 
 lowers for CPU inside `lowering.jit` (nfnet_jax's inference functions and train and eval steps on
 one device; training steps keep 1x1 ones as matmuls) run there, in float32, and in bfloat16 on a
 CPU with bfloat16 instructions (on AMX where there is one): the forward, and in training both
-gradients (`jax.custom_vjp`).
+gradients (`jax.custom_vjp`). In float32 training steps, the 1x1 convolutions' kernel gradients run
+there too (`matmul_kernel_gradient`).
 
 The programs with these calls are for the process that built them: `jax.export` refuses them,
 which is why `InferenceFn.export` and every jit outside `lowering.jit` keep XLA's convolutions.
@@ -48,6 +49,7 @@ TARGETS = {  # the XLA FFI names and the library's symbols
     'forward': ('nfnet_onednn_conv_forward', 'NfnetOnednnConvForward'),
     'backward_data': ('nfnet_onednn_conv_backward_data', 'NfnetOnednnConvBackwardData'),
     'backward_weights': ('nfnet_onednn_conv_backward_weights', 'NfnetOnednnConvBackwardWeights'),
+    'matmul_kernel_gradient': ('nfnet_onednn_matmul_kernel_gradient', 'NfnetOnednnMatmulKernelGradient'),
 }
 BUILD_TIMEOUT_S = 300
 _registered: set[str] = set()  # the targets registered with XLA:CPU in this process
@@ -155,6 +157,17 @@ def conv2d(x: Array, kernel: Array, groups: int, strides: tuple[int, int], paddi
     the output's gradient is rounded to the inputs' dtype, as under PyTorch's autocast.
     """
     return _conv(x, kernel, groups, tuple(strides), padding)
+
+
+def matmul_kernel_gradient(x: Array, dy: Array) -> Array:
+    """The kernel gradient (C, D) of `x` (..., C) times a kernel (C, D) over the channels, given the
+    output's gradient `dy` (..., D): x^T dy over every other axis, float32, one oneDNN matmul.
+
+    For 1x1 convolutions that run as XLA's matmuls: XLA runs this product as Eigen contractions in
+    blocks, each block packed by Eigen and again by the matmul it calls. `load()` must have succeeded.
+    """
+    out = jax.ShapeDtypeStruct((x.shape[-1], dy.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(TARGETS['matmul_kernel_gradient'][0], out, vmap_method='sequential')(x, dy)
 
 
 def _call(

@@ -67,6 +67,24 @@ def test_onednn_convolutions_and_gradients_match_xla(x_shape, kernel_size, out, 
         assert relative_error(a, b) <= FP32_RTOL
 
 
+@pytest.mark.parametrize('x_shape', [(2, 6, 5, 8), (0, 6, 5, 8)])  # the second: no rows to sum, a zero gradient
+def test_a_training_step_s_1x1_kernel_gradient_in_onednn_matches_xla(x_shape):
+    """In training a 1x1 conv stays XLA's matmul; only its kernel gradient is oneDNN's (float32)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.standard_normal((1, 1, 8, 12)).astype(np.float32)
+    bias = rng.standard_normal(12).astype(np.float32)
+    step = conv_loss(1, (1, 1), 'SAME')
+    ours = lowering.jit(step, 'cpu', training=True)
+    text = lowered_text(ours, x, kernel, bias)
+    assert onednn.TARGETS['matmul_kernel_gradient'][0] in text and TARGET not in text
+    expected = jax.tree.leaves(jax.jit(step)(x, kernel, bias))
+    got = jax.tree.leaves(ours(x, kernel, bias))
+    for a, b in zip(got, expected, strict=True):  # loss, output, and the gradients of x, kernel and bias
+        assert a.shape == b.shape and (a.size == 0 or relative_error(a, b) <= FP32_RTOL)
+    assert x_shape[0] > 0 or not np.any(got[3])  # the kernel's gradient of an empty batch: zeros
+
+
 def test_bfloat16_onednn_convolutions_match_the_matmul_path(monkeypatch):
     """With bfloat16 arithmetic in the CPU: the values and gradients of the matmul path, within its rounding."""
     monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: True)

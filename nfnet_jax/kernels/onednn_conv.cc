@@ -8,7 +8,10 @@
 // Three handlers, one per pass of a training step: the forward, the input gradient and the kernel
 // gradient. Each pass of each convolution (shapes, dtypes, strides, padding, groups) gets its
 // primitive once, cached for the process; the calls run one at a time (`execution_mutex`).
+// A fourth gives a 1x1 convolution's kernel gradient when the convolution itself runs as XLA's
+// matmul (training steps): one float32 oneDNN matmul, where XLA splits it into Eigen blocks.
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -134,7 +137,7 @@ ffi::Error Guarded(F run) {
     std::lock_guard<std::mutex> lock(execution_mutex);
     run();
   } catch (const std::exception& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -198,6 +201,21 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
   });
 }
 
+// x (..., C) and dy (..., D), float32, to dkernel (C, D) = x^T dy summed over every other axis.
+ffi::Error MatmulKernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel) {
+  return Guarded([&] {
+    const int64_t in = x.dimensions().back(), out = dy.dimensions().back();
+    const int64_t rows = in == 0 ? 0 : static_cast<int64_t>(x.element_count()) / in;
+    if (rows == 0 || out == 0) {  // nothing summed: zeros (oneDNN would not take a leading dimension of 0)
+      std::fill_n(dkernel->typed_data(), dkernel->element_count(), 0.0f);
+      return;
+    }
+    const dnnl_status_t status = dnnl_sgemm('T', 'N', in, out, rows, 1.0f, x.typed_data(), in, dy.typed_data(), out,
+                                            0.0f, dkernel->typed_data(), out);
+    if (status != dnnl_success) throw std::runtime_error("sgemm failed with status " + std::to_string(status));
+  });
+}
+
 // Two arrays in, one out, and the convolution's geometry as attributes (nfnet_jax.onednn._call).
 auto ConvBinding() {
   return ffi::Ffi::Bind()
@@ -218,3 +236,5 @@ auto ConvBinding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvForward, Forward, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvBackwardData, BackwardData, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvBackwardWeights, BackwardWeights, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnMatmulKernelGradient, MatmulKernelGradient,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
