@@ -286,8 +286,9 @@ def _matmul_onednn_kernel_gradient(x: Array, kernel: Array, precision: Any = Non
     """`_channel_matmul` in float32 whose kernel gradient is one oneDNN matmul (`onednn.matmul_kernel_gradient`).
 
     The forward and the input gradient stay XLA's matmuls (YNNPACK). The kernel gradient, which
-    contracts the rows of both operands, is one that XLA:CPU gives to Eigen instead, in packed
-    blocks: in oneDNN dm_nfnet_f0's training step (batch 8, 160 px) ran 1.03-1.04x faster.
+    contracts the rows of both operands, is one that XLA:CPU gives to Eigen instead, which packs it
+    into many small blocks; as one oneDNN call the training step runs faster (docs/performance.md,
+    change 11).
     """
     return _channel_matmul(x, kernel, precision=precision)
 
