@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     from nfnet_jax import lowering
     from nfnet_jax.files import atomic_write
     from nfnet_jax.train import TrainState, nfnet_optimizer
-    from nfnet_jax.train.step import pure_train_step
+    from nfnet_jax.train.step import compiled_steps
 
     model = nfnet_jax.create_model(args.model, dtype=jnp.dtype(args.dtype))
     graphdef, arrays = nnx.split(TrainState(model, nfnet_optimizer(0.1)))
@@ -120,16 +120,16 @@ def main(argv: Sequence[str] | None = None) -> str:
     images = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch))
     platform = lowering.platform_of((arrays, images))
-    step = lowering.jit(pure_train_step, platform, training=True, static_argnums=(0, 4))
+    step = compiled_steps(platform)[0]  # the library's step, donating its state
     print(f'compiling the {args.model} step', file=sys.stderr)
     compiled = step.lower(graphdef, arrays, images, labels, 0.1).compile()
     found = instructions(compiled.as_text())
     for _ in range(2):
-        jax.block_until_ready(compiled(arrays, images, labels))
+        arrays = jax.block_until_ready(compiled(arrays, images, labels))[0]
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in progress(range(args.steps), desc='traced steps'):
-                jax.block_until_ready(compiled(arrays, images, labels))
+                arrays = jax.block_until_ready(compiled(arrays, images, labels))[0]
         seconds = thunk_seconds(Path(trace_dir), found)
     text = (
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '

@@ -46,6 +46,7 @@ from nfnet_jax import lowering
 from nfnet_jax.features import FeatureListNet
 from nfnet_jax.layers import Array, ScaledStdConv2d
 from nfnet_jax.model import NormFreeNet
+from nfnet_jax.weights.params import clone_with_own_arrays
 
 M = TypeVar('M', bound=nnx.Module)
 
@@ -112,7 +113,7 @@ def inference_model(model: M) -> M:
     and the state is weights only (arrays numpy can read and `jax.export` can close over; a PRNG
     key is neither).
     """
-    folded = nnx.clone(model)
+    folded = clone_with_own_arrays(model)  # it outlives steps that donate the model's arrays
     folded.eval()
     for _, module in nnx.iter_modules(folded):
         if isinstance(module, ScaledStdConv2d):

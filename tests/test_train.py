@@ -25,6 +25,7 @@ from helpers import leaves, make_train_state, relative_error
 from timm.loss import LabelSmoothingCrossEntropy
 
 import nfnet_jax
+from nfnet_jax.inference import inference_model
 from nfnet_jax.model import NormFreeBlock
 from nfnet_jax.train import (
     ModelEma,
@@ -35,7 +36,7 @@ from nfnet_jax.train import (
     train_step,
     warmup_cosine_schedule,
 )
-from nfnet_jax.weights import CheckpointError, StateMismatchError, dotted_path, flat_params
+from nfnet_jax.weights import CheckpointError, StateMismatchError, clone_with_own_arrays, dotted_path, flat_params
 
 SIZE = 32
 # One optimizer for the module: it is static structure of a TrainState, so sharing it lets every
@@ -243,6 +244,17 @@ def test_train_step_updates_params_ema_and_step(trained):
             assert not np.array_equal(ema[path], after[path]), path
 
 
+def test_the_step_donates_the_state_and_copies_made_before_it_keep_their_arrays():
+    """The state's arrays go to the step (JAX deletes them); an EMA and a folded model own theirs."""
+    state = make_state()
+    taken = jax.tree.leaves(nnx.state(state.model, nnx.Param))
+    folded = inference_model(state.model)
+    train_step(state, *batch(0), label_smoothing=0.1)  # the `trained` fixture's program: no new compile
+    assert all(x.is_deleted() for x in taken)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(folded)))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(state)))
+
+
 def test_bfloat16_compute_follows_float32():
     """The same weights in bf16 and f32 give close logits and loss: bf16 changes the rounding, not the math."""
     x, labels = batch(0)
@@ -285,7 +297,7 @@ def test_a_resumed_run_takes_the_identical_next_step(saved_run, trained):
     assert_bitwise_equal(nnx.state(resumed), nnx.state(state))
 
     x, labels = batch(2)
-    continued = nnx.clone(state)
+    continued = clone_with_own_arrays(state)
     expected = train_step(continued, x, labels, label_smoothing=0.1)
     got = train_step(resumed, x, labels, label_smoothing=0.1)
     assert float(got['loss']) == float(expected['loss'])

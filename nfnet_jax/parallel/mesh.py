@@ -168,19 +168,9 @@ def place(tree: Any, shardings: Any) -> Any:
     """The arrays of `tree` on their shardings; every process must hold the same values (not checked).
 
     Works for process-local arrays in a multi-process run too (each process contributes its
-    own shards). Leaves that share a buffer (a fresh EMA shares the model's arrays) get their
-    own copy, so a step that donates its state never receives one buffer twice.
+    own shards).
     """
-    seen: set[int] = set()
-
-    def own_buffers(x: jax.Array, sharding: NamedSharding) -> jax.Array:
-        x = _put(x, sharding)
-        if any(shard.data.unsafe_buffer_pointer() in seen for shard in x.addressable_shards):
-            x = jax.device_put(jnp.copy(x), sharding)
-        seen.update(shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards)
-        return x
-
-    return jax.tree.map(own_buffers, tree, shardings)
+    return jax.tree.map(_put, tree, shardings)
 
 
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:

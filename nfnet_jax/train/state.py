@@ -16,6 +16,8 @@ import optax
 from flax import nnx
 from flax.nnx.filterlib import Filter
 
+from nfnet_jax.weights.params import clone_with_own_arrays
+
 
 class ModelEma(nnx.Module):
     """An exponential moving average of a model's weights, kept as a second model in eval mode.
@@ -29,7 +31,7 @@ class ModelEma(nnx.Module):
     def __init__(self, model: nnx.Module, decay: float = 0.9999, warmup: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f'EMA decay must be in (0, 1), got {decay}')
-        self.model = nnx.clone(model)
+        self.model = clone_with_own_arrays(model)  # the step donates both; one buffer cannot go twice
         self.model.eval()
         self.decay = decay
         self.warmup = warmup

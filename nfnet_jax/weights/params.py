@@ -9,7 +9,7 @@ of the training checkpoints' run record.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 Shape = tuple[int, ...]
+M = TypeVar('M', bound=nnx.Module)
 
 # nnx.Variable flattens to one child named 'value'; it is the variable, not a level of the tree.
 _VARIABLE_FIELDS = ('value', 'raw_value')
@@ -87,6 +88,17 @@ def param_shapes(model: nnx.Module) -> dict[str, Shape]:
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters as a flat dict of numpy arrays."""
     return {path: np.asarray(var.get_value()) for path, var in flat_state(model, nnx.Param)}
+
+
+def clone_with_own_arrays(module: M) -> M:
+    """`nnx.clone(module)` whose arrays are copies: a plain clone shares the original's arrays.
+
+    A training step donates its state's arrays (JAX deletes them), so a copy meant to outlive
+    the training of the original (an EMA, a compiled classifier) must not share them.
+    """
+    clone = nnx.clone(module)
+    nnx.update(clone, jax.tree.map(jnp.copy, nnx.state(clone)))
+    return clone
 
 
 def check_shapes(what: str, expected: Mapping[str, Shape], got: Mapping[str, Shape], hint: str = '') -> None:
