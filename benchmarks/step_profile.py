@@ -1,7 +1,7 @@
 """Where nfnet_jax's jitted training step spends its time, per XLA instruction, from a `jax.profiler` trace.
 
     python -m benchmarks.step_profile [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
-                                      [--steps 3] [--top 25] [--markdown F] [--force] [--keep-cpu-memory]
+                                      [--steps 3] [--top 25] [--markdown F] [--force] [--no-keep-cpu-memory]
 
 The step is compiled ahead of time with the training step's compiler options, so the trace's
 thunk names are the instructions of that compiled program: each is shown with its shape and the
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_memory_argument, progress
 
-    kept = apply_cpu_memory_argument(args)
+    kept = apply_cpu_memory_argument(args, own_process=__name__ == '__main__')
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -438,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_memory_argument, progress
 
-    kept = apply_cpu_memory_argument(args)
+    kept = apply_cpu_memory_argument(args, own_process=__name__ == '__main__')
     import torch
 
     from nfnet_jax.files import atomic_write

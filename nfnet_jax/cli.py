@@ -134,22 +134,25 @@ def apply_image_arguments(args: argparse.Namespace) -> None:
 
 
 def add_cpu_memory_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """`--keep-cpu-memory`, applied by `apply_cpu_memory_argument`."""
+    """`--keep-cpu-memory` / `--no-keep-cpu-memory`, applied by `apply_cpu_memory_argument`."""
     parser.add_argument(
         '--keep-cpu-memory',
-        action='store_true',
-        help='keep large CPU buffers between calls (nfnet_jax.keep_cpu_memory): faster on CPU; '
-        'the process keeps its peak memory until it exits',
+        action=argparse.BooleanOptionalAction,
+        help='keep large CPU buffers between calls (nfnet_jax.keep_cpu_memory): faster on CPU; the process '
+        'keeps its peak memory until it exits. On by default when the command is the process (python -m ...)',
     )
 
 
-def apply_cpu_memory_argument(args: argparse.Namespace) -> bool:
-    """`keep_cpu_memory()` when `--keep-cpu-memory` asks for it; True when the settings were made.
+def apply_cpu_memory_argument(args: argparse.Namespace, own_process: bool) -> bool:
+    """`keep_cpu_memory()` when the flags ask for it; True when the settings were made.
 
-    A command calls this first, before any JAX computation. Where JAX already ran in the process
-    (a command's `main` called from Python), that is a user error: the settings can no longer be made.
+    Without either flag, the settings are made when the command is the process (`own_process`:
+    run as `python -m ...`; the caller passes `__name__ == '__main__'`): they hold for the whole
+    process, so a command's `main` called from Python leaves that process as it is. A command
+    calls this first, before any JAX computation. `--keep-cpu-memory` where JAX already ran in
+    the process is a user error: the settings can no longer be made.
     """
-    if not args.keep_cpu_memory:
+    if not (own_process if args.keep_cpu_memory is None else args.keep_cpu_memory):
         return False
     try:
         kept = keep_cpu_memory()
@@ -158,7 +161,7 @@ def apply_cpu_memory_argument(args: argparse.Namespace) -> bool:
             '--keep-cpu-memory needs a process in which JAX has not run yet (its CPU client keeps the settings '
             'it was made with): run the command on its own (python -m ...), or leave the flag out'
         ) from None
-    if not kept:
+    if not kept and args.keep_cpu_memory:
         log('--keep-cpu-memory: the C library is not glibc, so there is nothing to set; going on without it')
     return kept
 

@@ -1,5 +1,5 @@
-"""`keep_cpu_memory`: after it, a CPU call stops page-faulting its temporary buffer in afresh; the commands'
-`--keep-cpu-memory` makes it before their first JAX work.
+"""`keep_cpu_memory`: after it, a CPU call stops page-faulting its temporary buffer in afresh; the commands
+make it before their first JAX work, by default when they are the process (`python -m`), or when asked.
 
 The settings hold for a whole process, so the tests run in child processes of their own.
 """
@@ -115,6 +115,32 @@ def test_each_command_keeps_cpu_memory_before_its_first_jax_work(tmp_path, comma
     done, result = run_python(COMMAND_CHILD, command, *args, '--keep-cpu-memory', timeout=300)
     assert result.get('code') == 2 and error in done.stderr and '--keep-cpu-memory' not in done.stderr, done.stderr
     assert not result['async_dispatch']
+
+
+MODULE_CHILD = textwrap.dedent(
+    """
+    import json, runpy, sys
+    import jax
+
+    sys.argv = sys.argv[1:]  # the command line of `python -m COMMAND ARGS...`
+    try:
+        runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)
+    except SystemExit as stop:
+        print(json.dumps(dict(code=stop.code, async_dispatch=jax.config.read('jax_cpu_enable_async_dispatch'))))
+    """
+)
+
+
+@pytest.mark.skipif(glibc() is None, reason='the settings exist in glibc only')
+@pytest.mark.parametrize(
+    'how,flags,kept',
+    [('python -m', [], True), ('python -m', ['--no-keep-cpu-memory'], False), ('main() from Python', [], False)],
+)
+def test_a_command_keeps_cpu_memory_by_default_only_when_it_is_the_process(tmp_path, how, flags, kept):
+    args = ['nfnet_jax.predict', str(tmp_path / 'MISSING.jpg'), '--model', 'test_nfnet.r160_in1k', *flags]
+    done, result = run_python(MODULE_CHILD if how == 'python -m' else COMMAND_CHILD, *args, timeout=300)
+    assert result.get('code') == 2 and 'no such file or folder' in done.stderr, done.stderr
+    assert result['async_dispatch'] is not kept
 
 
 def test_a_command_asked_to_keep_memory_after_jax_ran_says_what_to_do(capsys):

@@ -131,9 +131,9 @@ def test_a_run_killed_mid_epoch_resumes_into_the_uninterrupted_metrics(finished_
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert max(r['step'] for r in records(run)) < 3 * STEPS_PER_EPOCH
-    # --keep-cpu-memory may differ on --resume, and computes the same steps (the CPU work then runs synchronously)
+    # The CPU memory setting may differ on --resume (off here, on by default before), and computes the same steps
     resumed = subprocess.run(
-        [*command, '--resume', '--keep-cpu-memory'], env=child_env(1), cwd=ROOT, capture_output=True, text=True
+        [*command, '--resume', '--no-keep-cpu-memory'], env=child_env(1), cwd=ROOT, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resuming' in resumed.stderr and 'at step 15' in resumed.stderr
