@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_memory_argument, progress
 
-    kept = apply_cpu_memory_argument(args, own_process=__name__ == '__main__')
+    kept = apply_cpu_memory_argument(args, default=__name__ == '__main__')
     import jax
     import jax.numpy as jnp
     import numpy as np

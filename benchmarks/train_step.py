@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     add_cpu_memory_argument(parser)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
-    kept = apply_cpu_memory_argument(args, own_process=__name__ == '__main__')
+    kept = apply_cpu_memory_argument(args, default=__name__ == '__main__')
 
     import torch
 

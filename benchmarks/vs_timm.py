@@ -403,7 +403,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         '--skip-compile', action='store_true', help='leave out torch.compile (minutes per shape on CPU)'
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
-    add_cpu_memory_argument(parser)  # for the whole process: timm runs with it too
+    # Off by default: the peak memory columns count what the system newly gives the process, which it hides.
+    add_cpu_memory_argument(parser, on_by_default=False)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.json, args.plot if args.sweep else None))
     return args
@@ -438,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_memory_argument, progress
 
-    kept = apply_cpu_memory_argument(args, own_process=__name__ == '__main__')
+    kept = apply_cpu_memory_argument(args, default=False)
     import torch
 
     from nfnet_jax.files import atomic_write

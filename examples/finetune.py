@@ -176,7 +176,7 @@ def evaluate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the history (train losses, evaluations, final accuracies)."""
     args = parse_args(argv)
-    apply_cpu_memory_argument(args, own_process=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     check_args(args)
     start_time = time.perf_counter()

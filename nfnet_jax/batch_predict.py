@@ -233,7 +233,7 @@ def lock_path(run_dir: Path, process: int) -> Path:
 
 
 def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
-    apply_cpu_memory_argument(args, own_process=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')

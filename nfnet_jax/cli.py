@@ -133,26 +133,29 @@ def apply_image_arguments(args: argparse.Namespace) -> None:
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 
 
-def add_cpu_memory_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+def add_cpu_memory_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, on_by_default: bool = True
+) -> None:
     """`--keep-cpu-memory` / `--no-keep-cpu-memory`, applied by `apply_cpu_memory_argument`."""
+    default = 'on by default when the command is the process (python -m ...)' if on_by_default else 'off by default'
     parser.add_argument(
         '--keep-cpu-memory',
         action=argparse.BooleanOptionalAction,
         help='keep large CPU buffers between calls (nfnet_jax.keep_cpu_memory): faster on CPU; the process '
-        'keeps its peak memory until it exits. On by default when the command is the process (python -m ...)',
+        f'keeps its peak memory until it exits. {default}',
     )
 
 
-def apply_cpu_memory_argument(args: argparse.Namespace, own_process: bool) -> bool:
-    """`keep_cpu_memory()` when the flags ask for it; True when the settings were made.
+def apply_cpu_memory_argument(args: argparse.Namespace, default: bool) -> bool:
+    """`keep_cpu_memory()` when the flags ask for it, or `default` without either; True when the settings were made.
 
-    Without either flag, the settings are made when the command is the process (`own_process`:
-    run as `python -m ...`; the caller passes `__name__ == '__main__'`): they hold for the whole
-    process, so a command's `main` called from Python leaves that process as it is. A command
-    calls this first, before any JAX computation. `--keep-cpu-memory` where JAX already ran in
-    the process is a user error: the settings can no longer be made.
+    The commands pass `default=__name__ == '__main__'`: on when the command is the process (run
+    as `python -m ...`). The settings hold for the whole process, so a command's `main` called
+    from Python leaves that process as it is. A command calls this first, before any JAX
+    computation. `--keep-cpu-memory` where JAX already ran in the process is a user error: the
+    settings can no longer be made.
     """
-    if not (own_process if args.keep_cpu_memory is None else args.keep_cpu_memory):
+    if not (default if args.keep_cpu_memory is None else args.keep_cpu_memory):
         return False
     try:
         kept = keep_cpu_memory()

@@ -323,7 +323,7 @@ def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: pip
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_cpu_memory_argument(args, own_process=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     check_args(args)
     train, val = read_data(args)

@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_cpu_memory_argument(args, own_process=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
     # Everything that can be checked is checked before the model is loaded.
     if args.batch_size < 1 or args.topk < 1:
         raise ValueError('--batch-size and --topk must be at least 1')
