@@ -97,7 +97,7 @@ def clone_with_own_arrays(module: M) -> M:
     the training of the original (an EMA, a compiled classifier) must not share them.
     """
     clone = nnx.clone(module)
-    nnx.update(clone, jax.tree.map(jnp.copy, nnx.state(clone)))
+    nnx.update(clone, jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, nnx.state(clone)))
     return clone
 
 
