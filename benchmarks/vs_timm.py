@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_memory_argument, progress
 
-    kept = apply_cpu_memory_argument(args, default=False)
+    kept = apply_cpu_memory_argument(args, default=__name__ == '__main__')  # off unless asked (parse_args)
     import torch
 
     from nfnet_jax.files import atomic_write

@@ -136,11 +136,16 @@ def apply_image_arguments(args: argparse.Namespace) -> None:
 def add_cpu_memory_argument(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, on_by_default: bool = True
 ) -> None:
-    """`--keep-cpu-memory` / `--no-keep-cpu-memory`, applied by `apply_cpu_memory_argument`."""
+    """`--keep-cpu-memory` / `--no-keep-cpu-memory`, applied by `apply_cpu_memory_argument`.
+
+    Without either flag the value is None (on when the command is the process), or with
+    `on_by_default=False` it is False.
+    """
     default = 'on by default when the command is the process (python -m ...)' if on_by_default else 'off by default'
     parser.add_argument(
         '--keep-cpu-memory',
         action=argparse.BooleanOptionalAction,
+        default=None if on_by_default else False,
         help='keep large CPU buffers between calls (nfnet_jax.keep_cpu_memory): faster on CPU; the process '
         f'keeps its peak memory until it exits. {default}',
     )
