@@ -17,8 +17,9 @@ cuts the step's temporary memory from 810 to 552 MiB and runs 1.10x faster, with
 results bit for bit. Inference keeps the default scheduler (-13 to -29% memory, but 2-4% slower).
 Other platforms compile with XLA's defaults.
 
-Inference on CPU runs a large batch a chunk of images at a time (`in_chunks`): XLA:CPU's throughput
-does not grow past ~8 images, while its memory grows with the whole batch.
+Inference on CPU runs a large batch a chunk of images at a time (`in_chunks`): the throughput of
+XLA:CPU's and oneDNN's kernels stops growing once a chunk holds about 8 images of 256 x 256 pixels,
+while memory grows with the whole batch.
 
 With the optional oneDNN kernels installed (`nfnet_jax.onednn`), `jit` also has the convolutions of a
 single-device CPU program run in oneDNN instead of XLA's Eigen and matmuls (`onednn_convolutions`).
@@ -43,7 +44,8 @@ Array = jax.Array
 
 CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 CPU_TRAINING_OPTIONS = {**CPU_OPTIONS, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
-CPU_CHUNK = 8  # images per chunk of a CPU inference batch (`in_chunks`)
+CPU_CHUNK = 8  # the fewest images per chunk of a CPU inference batch (`in_chunks`)
+CPU_CHUNK_PIXELS = CPU_CHUNK * 256 * 256  # the pixels a chunk holds at least, in images of 256 x 256 or smaller
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')  # the layouts of every convolution's input, kernel and output
 BFLOAT16_CPU_FLAGS = frozenset({'avx512_bf16', 'amx_bf16', 'bf16'})  # x86 AVX512_BF16 and AMX-BF16, Arm's BF16
 SHARDING_KEYWORDS = ('in_shardings', 'out_shardings')  # a jit's shardings, whose devices XLA partitions it over
@@ -144,27 +146,42 @@ def cpuinfo_has_bfloat16(cpuinfo: str) -> bool:
     return not flags.isdisjoint(BFLOAT16_CPU_FLAGS)
 
 
+def images_per_chunk(height: int, width: int) -> int:
+    """CPU_CHUNK images, doubled until the chunk holds CPU_CHUNK_PIXELS pixels.
+
+    Small images need more of them per chunk to keep the kernels busy: below 256 px, dm_nfnet_f0
+    runs faster in these chunks than in chunks of 8 (docs/performance.md, "Chunks by pixels").
+    """
+    images = CPU_CHUNK
+    while images * height * width < CPU_CHUNK_PIXELS:
+        images *= 2
+    return images
+
+
 def in_chunks(fn: Callable[[Any, Array], Any], platform: str | None) -> Callable[[Any, Array], Any]:
-    """`fn(state, images)` that on CPU runs a batch of 2 * CPU_CHUNK images or more in chunks of CPU_CHUNK.
+    """`fn(state, images)` that on CPU runs a batch of two chunks or more a chunk at a time (`images_per_chunk`).
 
     The chunks run one after another (a `lax.scan`), so only one chunk's activations are alive
-    at a time; a batch that CPU_CHUNK does not divide runs its last images as one more call. Measured
+    at a time; a batch that the chunk does not divide runs its last images as one more call. Measured
     on dm_nfnet_f0 at batch 32, 256 px, on an AVX-512 Xeon: XLA's temporary memory falls from 830
     to 256 MiB, at the same speed (0.98x median, 1.06x best of 12 calls), with the same logits
     bit for bit. `fn` must compute every image on its own, as every NFNet does in eval mode. Other
-    platforms, and a batch dimension that is symbolic (`jax.export`), run the batch whole.
+    platforms, and a batch or image size that is symbolic (`jax.export`), run the batch whole.
     """
     if platform != 'cpu':
         return fn
 
     @wraps(fn)  # the jit keeps fn's name (in profiles and XLA dumps)
     def chunked(state: Any, images: Array) -> Any:
-        n = images.shape[0]
-        if not isinstance(n, int) or n < 2 * CPU_CHUNK:
+        n, height, width = images.shape[:3]
+        if not all(isinstance(d, int) for d in (n, height, width)):
             return fn(state, images)
-        whole = n - n % CPU_CHUNK
-        chunks = images[:whole].reshape(whole // CPU_CHUNK, CPU_CHUNK, *images.shape[1:])
-        _, outputs = jax.lax.scan(lambda _, chunk: (None, fn(state, chunk)), None, chunks)
+        chunk = images_per_chunk(height, width)
+        if n < 2 * chunk:
+            return fn(state, images)
+        whole = n - n % chunk
+        chunks = images[:whole].reshape(whole // chunk, chunk, *images.shape[1:])
+        _, outputs = jax.lax.scan(lambda _, chunk_images: (None, fn(state, chunk_images)), None, chunks)
         outputs = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), outputs)
         if whole == n:
             return outputs

@@ -63,8 +63,15 @@ def test_embedder_and_feature_extractor_match_the_model():
         assert relative_error(ours, expected) <= FP32_RTOL
 
 
-def test_large_cpu_batches_run_in_chunks_with_the_outputs_of_the_whole_batch():
-    """2 * CPU_CHUNK + 3 images: a scan over two chunks, then the last 3; a smaller batch runs whole."""
+def test_a_cpu_chunk_holds_8_images_or_as_many_pixels_as_8_images_of_256_px():
+    sizes = (512, 320, 256, 224, 192, 160, 128)
+    assert [lowering.images_per_chunk(size, size) for size in sizes] == [8, 8, 8, 16, 16, 32, 32]
+    assert lowering.images_per_chunk(256, 128) == 16 and lowering.images_per_chunk(1, 1) == 8 * 256 * 256
+
+
+def test_large_cpu_batches_run_in_chunks_with_the_outputs_of_the_whole_batch(monkeypatch):
+    """Two chunks and 3 images more: a scan over two chunks, then the last 3; a smaller batch runs whole."""
+    monkeypatch.setattr(lowering, 'CPU_CHUNK_PIXELS', lowering.CPU_CHUNK * 32 * 32)  # chunks of 8 at 32 x 32
     model = nfnet_jax.create_model('test_nfnet')
     x = np.random.default_rng(0).standard_normal((2 * lowering.CPU_CHUNK + 3, 32, 32, 3)).astype(np.float32)
     for fn in (inference.classifier(model), inference.feature_extractor(model, indices=[1, -1])):
@@ -77,6 +84,9 @@ def test_large_cpu_batches_run_in_chunks_with_the_outputs_of_the_whole_batch():
         assert all(relative_error(ours, expected) <= FP32_RTOL for ours, expected in outputs)
         chunked_bytes, whole_bytes = (c.memory_analysis().temp_size_in_bytes for c in (chunked, whole))
         assert chunked_bytes < 0.75 * whole_bytes  # measured: 0.62x for the classifier, 0.66x for the taps
+    monkeypatch.undo()  # the real budget: 19 images of 32 x 32 are far fewer pixels than one chunk holds
+    fn = inference.classifier(model)
+    assert 'stablehlo.while' not in fn.compiled.lower(fn.state, x).as_text()
     assert lowering.in_chunks(len, 'gpu') is len and lowering.in_chunks(len, 'tpu') is len
 
 
