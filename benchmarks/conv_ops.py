@@ -5,7 +5,7 @@
 
 `benchmarks.train_step` says how far apart the whole steps are; this says which convolutions make
 the difference. The convolutions are the model's own: its forward is traced once with
-`nfnet_jax.layers.conv2d` recorded, and each distinct one (input shape, kernel, groups, stride,
+`nfnet_jax.models.layers.conv2d` recorded, and each distinct one (input shape, kernel, groups, stride,
 padding) runs three passes on both sides: the forward, the input gradient and the kernel
 gradient. nfnet_jax runs `lowering.conv2d` jitted with the training step's compiler options (on
 CPU: one convolution per group, 1x1 convolutions as matmuls); torch runs `conv2d` and its two
@@ -84,7 +84,7 @@ class Conv:
         import jax
         import jax.numpy as jnp
 
-        from nfnet_jax import lowering
+        from nfnet_jax.cpu import lowering
 
         x, kernel = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in (self.input_shape, self.kernel_shape))
         return jax.eval_shape(lambda x, k: lowering.conv2d(x, k, self.groups, **self.conv_kwargs), x, kernel).shape
@@ -103,7 +103,7 @@ def model_convs(model: Any, batch: int, size: int) -> dict[Conv, int]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from nfnet_jax import layers
+    from nfnet_jax.models import layers
 
     calls: collections.Counter[Conv] = collections.Counter()
     conv2d = layers.conv2d
@@ -127,7 +127,7 @@ def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) 
     returns its result."""
     import jax
 
-    from nfnet_jax import lowering
+    from nfnet_jax.cpu import lowering
 
     def forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
         return lowering.conv2d(x, kernel, conv.groups, **conv.conv_kwargs)

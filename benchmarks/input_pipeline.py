@@ -1,4 +1,4 @@
-"""Training input pipeline throughput: nfnet_jax.pipeline (grain) against timm's create_loader, on one folder.
+"""Training input pipeline throughput: nfnet_jax.data.loaders (grain) against timm's create_loader, on one folder.
 
     python -m benchmarks.input_pipeline [--images 256] [--size 224] [--workers 2] [--batch 32] [--runs 3]
 
@@ -44,12 +44,11 @@ def write_folder(root: Path, images: int, classes: int = 4) -> Path:
 
 
 def ours(root: Path, size: int, workers: int, batch: int):
-    from nfnet_jax import pipeline
-    from nfnet_jax.data import create_transform
+    from nfnet_jax.data import create_transform, loaders
 
-    samples = pipeline.image_folder(root)
+    samples = loaders.image_folder(root)
     transform = create_transform(size, is_training=True, auto_augment=AUTO_AUGMENT, re_prob=RE_PROB, re_mode='pixel')
-    loader = pipeline.TrainLoader(samples, transform, batch, workers=workers, process_index=0, process_count=1)
+    loader = loaders.TrainLoader(samples, transform, batch, workers=workers, process_index=0, process_count=1)
     return lambda: ((b.images, b.labels) for b in loader)
 
 
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_folder(Path(tmp), args.images)
         loaders = {
-            'nfnet_jax.pipeline (grain)': ours(root, args.size, args.workers, args.batch),
+            'nfnet_jax.data.loaders (grain)': ours(root, args.size, args.workers, args.batch),
             'timm create_loader': timms(root, args.size, args.workers, args.batch),
         }
         rates: dict[str, list[float]] = {name: [] for name in loaders}

@@ -81,7 +81,7 @@ def tables(seconds: collections.Counter[str], found: dict[str, tuple[str, str]],
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from nfnet_jax.cli import add_cpu_memory_argument
+    from nfnet_jax.cli import add_cpu_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.step_profile')
     add_workload_arguments(parser, size=160, size_help='image height and width (default 160, as train_step)')
@@ -90,7 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--top', type=int, default=25, help='kinds and instructions listed')
     parser.add_argument('--markdown', type=Path, help='write the tables here')
     parser.add_argument('--force', action='store_true', help='replace an existing --markdown file')
-    add_cpu_memory_argument(parser)  # as train_step's, whose step this profiles
+    add_cpu_arguments(parser)  # as train_step's, whose step this profiles
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.markdown,))
     if args.steps < 1 or args.top < 1:
@@ -100,16 +100,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    from nfnet_jax.cli import apply_cpu_memory_argument, progress
+    from nfnet_jax.cli import apply_cpu_arguments, progress
 
-    kept = apply_cpu_memory_argument(args, default=__name__ == '__main__')
+    kept = apply_cpu_arguments(args, is_process=__name__ == '__main__')
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     import nfnet_jax
-    from nfnet_jax import lowering
+    from nfnet_jax.cpu import lowering
     from nfnet_jax.files import atomic_write
     from nfnet_jax.train import TrainState, nfnet_optimizer
     from nfnet_jax.train.step import compiled_steps

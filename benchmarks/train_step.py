@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.vs_timm import JAX_CONFIG, matmul_ceiling
-from nfnet_jax.cli import add_cpu_memory_argument, apply_cpu_memory_argument, progress
+from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments, progress
 
 
 def timm_step(
@@ -144,13 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per configuration')
     parser.add_argument('--skip-compile', action='store_true', help='leave out torch.compile (minutes on CPU)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
-    add_cpu_memory_argument(parser)  # for the whole process: timm runs with it too
+    add_cpu_arguments(parser)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
-    kept = apply_cpu_memory_argument(args, default=__name__ == '__main__')
+    kept = apply_cpu_arguments(args, is_process=__name__ == '__main__')
 
     import torch
 
-    from nfnet_jax import onednn
+    from nfnet_jax.cpu import onednn
 
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     steps = build_steps(args.model, args.batch, args.size, device, not args.skip_compile, args.dtype)

@@ -342,7 +342,7 @@ def environment(dtype: str, gpu: bool) -> dict[str, Any]:
     import timm
     import torch
 
-    from nfnet_jax import onednn
+    from nfnet_jax.cpu import onednn
 
     return dict(
         device=torch.cuda.get_device_name() if gpu else cpu_model(),
@@ -386,7 +386,7 @@ def plot(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from nfnet_jax.cli import add_cpu_memory_argument
+    from nfnet_jax.cli import add_cpu_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.vs_timm')
     add_workload_arguments(parser, size=256, size_help='image height and width')
@@ -404,7 +404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument('--force', action='store_true', help='replace existing --json / --plot files')
     # Off by default: the peak memory columns count what the system newly gives the process, which it hides.
-    add_cpu_memory_argument(parser, on_by_default=False)  # for the whole process: timm runs with it too
+    add_cpu_arguments(parser, on_by_default=False)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.json, args.plot if args.sweep else None))
     return args
@@ -437,9 +437,9 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, o
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from nfnet_jax.cli import apply_cpu_memory_argument, progress
+    from nfnet_jax.cli import apply_cpu_arguments, progress
 
-    kept = apply_cpu_memory_argument(args, default=__name__ == '__main__')  # off unless asked (parse_args)
+    kept = apply_cpu_arguments(args, is_process=__name__ == '__main__')  # off unless asked (parse_args)
     import torch
 
     from nfnet_jax.files import atomic_write

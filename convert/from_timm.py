@@ -19,7 +19,7 @@ from convert.verify import print_report, require_timm, verify_checkpoint
 from nfnet_jax.cli import log, run_command
 from nfnet_jax.factory import from_timm
 from nfnet_jax.files import check_output
-from nfnet_jax.pretrained import resolve_name
+from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.weights import (
     CheckpointError,
     adapt_input_conv,

@@ -37,15 +37,15 @@ import nfnet_jax
 from nfnet_jax import parallel
 from nfnet_jax.cli import (
     USER_ERRORS,
-    add_cpu_memory_argument,
+    add_cpu_arguments,
     add_distributed_arguments,
-    apply_cpu_memory_argument,
+    apply_cpu_arguments,
     initialize_from_args,
     progress,
 )
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.nfnet import NormFreeNet
+from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.parallel.train import ShardedTrainer
-from nfnet_jax.pretrained import resolve_name
 from nfnet_jax.train import (
     TrainCheckpointer,
     TrainState,
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--fsdp', action='store_true', help='split params and optimizer state over the devices too')
     parser.add_argument('--model-parallelism', type=int, default=1, help='devices splitting each big weight')
-    add_cpu_memory_argument(parser)
+    add_cpu_arguments(parser)
     add_distributed_arguments(parser)
     return parser.parse_args(argv)
 
@@ -176,7 +176,7 @@ def evaluate(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns the history (train losses, evaluations, final accuracies)."""
     args = parse_args(argv)
-    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     check_args(args)
     start_time = time.perf_counter()

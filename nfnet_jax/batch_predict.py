@@ -44,11 +44,11 @@ from tqdm import tqdm
 
 from nfnet_jax import parallel
 from nfnet_jax.cli import (
-    add_cpu_memory_argument,
+    add_cpu_arguments,
     add_distributed_arguments,
     add_image_arguments,
     add_model_arguments,
-    apply_cpu_memory_argument,
+    apply_cpu_arguments,
     apply_image_arguments,
     check_model_arguments,
     initialize_from_args,
@@ -68,7 +68,7 @@ from nfnet_jax.files import (
     name_fields,
     read_list_file,
 )
-from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
+from nfnet_jax.inference.predictor import class_names, compile_prediction, format_topk, pad_rows
 
 FORMAT = 'nfnet_jax.batch_predict'
 MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'
@@ -94,7 +94,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument('--chunk-size', type=int, default=512, help='files per output chunk (default 512)')
     run.add_argument('--model-parallelism', type=int, default=1, help='devices splitting the weights (default 1)')
     run.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
-    add_cpu_memory_argument(run)
+    add_cpu_arguments(run)
     add_image_arguments(run)
     add_distributed_arguments(run)
     merge = commands.add_parser('merge', help='write one file with every output, in input order')
@@ -233,7 +233,7 @@ def lock_path(run_dir: Path, process: int) -> Path:
 
 
 def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
-    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError('--topk, --chunk-size and --batch-size must be at least 1')

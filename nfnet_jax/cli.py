@@ -14,13 +14,13 @@ from typing import IO, Any
 from PIL import Image
 from tqdm import tqdm
 
-from nfnet_jax.cpu_memory import keep_cpu_memory
+from nfnet_jax import cpu
 from nfnet_jax.data import set_max_image_pixels
 from nfnet_jax.factory import create_model, load_checkpoint
 from nfnet_jax.files import OutputError, Terminated, exit_on_signals
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.nfnet import NormFreeNet
+from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.parallel.mesh import initialize_distributed
-from nfnet_jax.pretrained import resolve_name
 from nfnet_jax.weights.params import CheckpointError
 
 # Errors that mean the input was wrong: the message says what to do, a traceback would only hide it.
@@ -133,10 +133,8 @@ def apply_image_arguments(args: argparse.Namespace) -> None:
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 
 
-def add_cpu_memory_argument(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, on_by_default: bool = True
-) -> None:
-    """`--keep-cpu-memory` / `--no-keep-cpu-memory`, applied by `apply_cpu_memory_argument`.
+def add_cpu_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, on_by_default: bool = True) -> None:
+    """`--keep-cpu-memory` / `--no-keep-cpu-memory`, applied with the CPU backend by `apply_cpu_arguments`.
 
     Without either flag the value is None (on when the command is the process), or with
     `on_by_default=False` it is False.
@@ -146,32 +144,29 @@ def add_cpu_memory_argument(
         '--keep-cpu-memory',
         action=argparse.BooleanOptionalAction,
         default=None if on_by_default else False,
-        help='keep large CPU buffers between calls (nfnet_jax.keep_cpu_memory): faster on CPU; the process '
-        f'keeps its peak memory until it exits. {default}',
+        help='on CPU, keep large buffers between calls (nfnet_jax.cpu.memory): faster; the process keeps its peak '
+        f'memory until it exits. {default}',
     )
 
 
-def apply_cpu_memory_argument(args: argparse.Namespace, default: bool) -> bool:
-    """`keep_cpu_memory()` when the flags ask for it, or `default` without either; True when the settings were made.
+def apply_cpu_arguments(args: argparse.Namespace, is_process: bool) -> bool:
+    """The CPU backend (`nfnet_jax.cpu.enable`) for a command that is the process, or that asks to keep CPU memory.
 
-    The commands pass `default=__name__ == '__main__'`: on when the command is the process (run
-    as `python -m ...`). The settings hold for the whole process, so a command's `main` called
-    from Python leaves that process as it is. A command calls this first, before any JAX
-    computation. `--keep-cpu-memory` where JAX already ran in the process is a user error: the
-    settings can no longer be made.
+    The commands pass `is_process=__name__ == '__main__'`. The backend and the memory settings
+    hold for the whole process, so a command's `main` called from Python leaves that process as it
+    is unless given `--keep-cpu-memory`. On another default backend nothing is changed. A command
+    calls this first, before any JAX computation; True when the backend is on.
     """
-    if not (default if args.keep_cpu_memory is None else args.keep_cpu_memory):
+    keep_memory = is_process if args.keep_cpu_memory is None else args.keep_cpu_memory
+    if not (is_process or keep_memory):
         return False
     try:
-        kept = keep_cpu_memory()
+        return cpu.enable(keep_memory=keep_memory)
     except RuntimeError:
         raise ValueError(
             '--keep-cpu-memory needs a process in which JAX has not run yet (its CPU client keeps the settings '
             'it was made with): run the command on its own (python -m ...), or leave the flag out'
         ) from None
-    if not kept and args.keep_cpu_memory:
-        log('--keep-cpu-memory: the C library is not glibc, so there is nothing to set; going on without it')
-    return kept
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nfnet_jax.configs import model_cfgs
-from nfnet_jax.features import FeatureListNet, OutIndices
-from nfnet_jax.layers import pool_feature_multiplier
-from nfnet_jax.model import NormFreeNet, abstract_model
-from nfnet_jax.pretrained import pretrained_cfgs, resolve_name
+from nfnet_jax.models.configs import model_cfgs
+from nfnet_jax.models.features import FeatureListNet, OutIndices
+from nfnet_jax.models.layers import pool_feature_multiplier
+from nfnet_jax.models.nfnet import NormFreeNet, abstract_model
+from nfnet_jax.models.pretrained import pretrained_cfgs, resolve_name
 from nfnet_jax.weights.file import read_checkpoint, read_checkpoint_metadata
 from nfnet_jax.weights.params import CheckpointError, set_flat_params
 from nfnet_jax.weights.table import CONV2D

@@ -37,24 +37,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nfnet_jax import parallel, pipeline
+from nfnet_jax import parallel
 from nfnet_jax.cli import (
-    add_cpu_memory_argument,
+    add_cpu_arguments,
     add_distributed_arguments,
     add_model_arguments,
-    apply_cpu_memory_argument,
+    apply_cpu_arguments,
     check_model_arguments,
     initialize_from_args,
     log,
     progress,
     run_command,
 )
-from nfnet_jax.data import create_transform, resolve_model_data_config
+from nfnet_jax.data import create_transform, loaders, resolve_model_data_config
 from nfnet_jax.factory import create_model
 from nfnet_jax.files import atomic_write
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.nfnet import NormFreeNet
+from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.parallel.train import ShardedTrainer
-from nfnet_jax.pretrained import resolve_name
 from nfnet_jax.train import Mixup, TrainCheckpointer, TrainState, nfnet_optimizer, warmup_cosine_schedule
 from nfnet_jax.train.optim import OPTIMIZERS
 from nfnet_jax.weights import CheckpointError, read_checkpoint_metadata, save_checkpoint
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument('--seed', type=int, default=42)
     run.add_argument('--checkpoint-hist', type=int, default=10, help='training checkpoints to keep')
     run.add_argument('--fsdp', action='store_true', help='split params and optimizer state over the devices too')
-    add_cpu_memory_argument(run)
+    add_cpu_arguments(run)
     add_distributed_arguments(parser)
     return parser.parse_args(argv)
 
@@ -154,19 +154,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError('--pretrained goes with --model NAME (a NAME.TAG is pretrained already)')
 
 
-def read_data(args: argparse.Namespace) -> tuple[pipeline.Samples, pipeline.Samples]:
+def read_data(args: argparse.Namespace) -> tuple[loaders.Samples, loaders.Samples]:
     """The training and validation samples, checked: enough classes, every class readable."""
-    train = pipeline.read_samples(args.data)
+    train = loaders.read_samples(args.data)
     if args.val is not None:
-        val = pipeline.read_samples(args.val, class_names=train.class_names)
+        val = loaders.read_samples(args.val, class_names=train.class_names)
     else:
-        train, val = pipeline.split(train, 0.1 if args.val_split is None else args.val_split, args.seed)
-    pipeline.check_samples(train, f'--data {args.data}')
-    pipeline.check_samples(val, 'the validation images', min_classes=1)
+        train, val = loaders.split(train, 0.1 if args.val_split is None else args.val_split, args.seed)
+    loaders.check_samples(train, f'--data {args.data}')
+    loaders.check_samples(val, 'the validation images', min_classes=1)
     return train, val
 
 
-def settings_of(args: argparse.Namespace, train: pipeline.Samples, val: pipeline.Samples) -> dict[str, Any]:
+def settings_of(args: argparse.Namespace, train: loaders.Samples, val: loaders.Samples) -> dict[str, Any]:
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in NOT_SETTINGS}
     flags = {k: list(v) if isinstance(v, tuple) else v for k, v in flags.items()}
     data = {'train_images': len(train), 'val_images': len(val), 'class_names': list(train.class_names)}
@@ -301,7 +301,7 @@ def gathered_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return params
 
 
-def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: pipeline.EvalLoader) -> dict[str, Any]:
+def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: loaders.EvalLoader) -> dict[str, Any]:
     """Top-1, top-5 and mean loss of each model on the validation images (each batch decoded once)."""
     totals = {name: {'loss_sum': 0.0, 'correct': 0, 'correct_top5': 0, 'count': 0} for name in models}
     skipped = []
@@ -323,7 +323,7 @@ def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: pip
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     check_args(args)
     train, val = read_data(args)
@@ -357,7 +357,7 @@ def _run(args: argparse.Namespace) -> int:
         re_count=args.recount,
     )
     eval_transform = create_transform(**(cfg | {'input_size': size}))
-    loader = pipeline.TrainLoader(train, train_transform, args.batch_size, seed=args.seed, epochs=args.epochs)
+    loader = loaders.TrainLoader(train, train_transform, args.batch_size, seed=args.seed, epochs=args.epochs)
     steps_per_epoch, total_steps = loader.steps_per_epoch, loader.total_steps
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     if warmup_steps >= total_steps:
@@ -410,11 +410,11 @@ def _run(args: argparse.Namespace) -> int:
             log(f'--resume: {out} has no checkpoint yet, starting from step 0')
         metrics = Metrics(out / METRICS, start if args.resume else None, leader)
         best = metrics.best()
-        loader = pipeline.TrainLoader(
+        loader = loaders.TrainLoader(
             train, train_transform, args.batch_size, seed=args.seed, epochs=args.epochs, start_step=start,
             workers=args.workers,
         )  # fmt: skip
-        val_loader = pipeline.EvalLoader(val, eval_transform, args.batch_size, workers=min(args.workers, 2))
+        val_loader = loaders.EvalLoader(val, eval_transform, args.batch_size, workers=min(args.workers, 2))
         if leader:
             log(
                 f'{model_name(args)} -> {len(train.class_names)} classes: {len(train)} training images '
@@ -471,10 +471,10 @@ def end_of_epoch(
     args: argparse.Namespace,
     trainer: ShardedTrainer,
     state: TrainState,
-    val_loader: pipeline.EvalLoader,
+    val_loader: loaders.EvalLoader,
     metrics: Metrics,
     checkpointer: TrainCheckpointer,
-    loader: pipeline.TrainLoader,
+    loader: loaders.TrainLoader,
     step: int,
     best: float,
     bar: Any,

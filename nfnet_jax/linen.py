@@ -25,11 +25,11 @@ from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
 
-from nfnet_jax.configs import model_cfgs
 from nfnet_jax.factory import create_model
-from nfnet_jax.features import FeatureListNet
-from nfnet_jax.model import NormFreeNet, abstract_model
-from nfnet_jax.pretrained import resolve_name
+from nfnet_jax.models.configs import model_cfgs
+from nfnet_jax.models.features import FeatureListNet
+from nfnet_jax.models.nfnet import NormFreeNet, abstract_model
+from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.weights.params import flat_params, nested
 
 OUTPUTS = ('logits', 'pre_logits', 'features', 'taps')

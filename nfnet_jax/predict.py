@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from nfnet_jax.cli import (
-    add_cpu_memory_argument,
+    add_cpu_arguments,
     add_image_arguments,
     add_model_arguments,
-    apply_cpu_memory_argument,
+    apply_cpu_arguments,
     apply_image_arguments,
     check_model_arguments,
     load_model,
@@ -29,7 +29,7 @@ from nfnet_jax.cli import (
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
 from nfnet_jax.files import atomic_write, check_output, display_name, name_fields
-from nfnet_jax.prediction import class_names, compile_prediction, format_topk, pad_rows
+from nfnet_jax.inference.predictor import class_names, compile_prediction, format_topk, pad_rows
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--force', action='store_true', help='overwrite the --embeddings file if it exists')
     parser.add_argument('--batch-size', type=int, default=16, help='images per batch (default 16)')
     parser.add_argument('--test-size', action='store_true', help="use the tag's larger test resolution and crop")
-    add_cpu_memory_argument(parser)
+    add_cpu_arguments(parser)
     add_image_arguments(parser)
     return parser.parse_args(argv)
 
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    apply_cpu_memory_argument(args, default=__name__ == '__main__')  # before any JAX computation
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     # Everything that can be checked is checked before the model is loaded.
     if args.batch_size < 1 or args.topk < 1:
         raise ValueError('--batch-size and --topk must be at least 1')

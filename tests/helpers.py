@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nfnet_jax import cpu
+from nfnet_jax.cpu import convolution
 from nfnet_jax.numerics import FP32_RTOL, relative_error
 
 __all__ = [
     'FP32_RTOL',
     'bomb_png',
     'count_sharded',
+    'cpu_backend',
     'make_train_state',
     'leaves',
     'nchw',
@@ -27,6 +31,18 @@ __all__ = [
     'relative_error',
     'stage_hub_checkpoint',
 ]
+
+
+@contextlib.contextmanager
+def cpu_backend() -> Iterator[convolution.Kernels]:
+    """The CPU backend on inside (the kernels `enable()` decides), and as it was after."""
+    was_enabled = cpu.enabled()
+    assert cpu.enable()
+    try:
+        yield convolution.kernels()
+    finally:
+        if not was_enabled:
+            cpu.disable()
 
 
 def random_weights(shapes: Mapping[str, tuple[int, ...]], output_axis: int, seed: int = 0) -> dict[str, np.ndarray]:

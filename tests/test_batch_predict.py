@@ -1,7 +1,7 @@
 """`python -m nfnet_jax.batch_predict`: equal to predict's outputs, resumable, on one and on two processes.
 
 A randomised test_nfnet checkpoint (10 classes, 160x160) on a folder of small images with one
-unreadable file. The reference is `nfnet_jax.prediction.compile_prediction` on one device over all
+unreadable file. The reference is `nfnet_jax.inference.predictor.compile_prediction` on one device over all
 readable images in one batch; figures are relative errors max|ours - ref| / max|ref|.
 """
 
@@ -25,7 +25,7 @@ from PIL import Image
 from nfnet_jax import batch_predict
 from nfnet_jax.data import create_transform, find_images, load_batch, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
-from nfnet_jax.prediction import compile_prediction
+from nfnet_jax.inference.predictor import compile_prediction
 from nfnet_jax.weights import flat_params, save_checkpoint
 
 RTOL = 1e-5

@@ -18,9 +18,8 @@ from safetensors.numpy import load_file, save_file
 import nfnet_jax
 from convert import from_timm as cli
 from convert.from_timm import convert_state_dict, from_timm, unwrap_state_dict
-from convert.to_timm import to_timm
-from nfnet_jax.configs import model_cfgs
-from nfnet_jax.model import abstract_model
+from nfnet_jax.models.configs import model_cfgs
+from nfnet_jax.models.nfnet import abstract_model
 from nfnet_jax.weights import (
     CheckpointError,
     StateMismatchError,
@@ -28,6 +27,7 @@ from nfnet_jax.weights import (
     read_checkpoint_metadata,
     read_timm_checkpoint,
     save_checkpoint,
+    to_timm,
 )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nfnet_jax.cpu_memory import glibc
+from nfnet_jax.cpu.memory import glibc
 
 REPO = Path(__file__).resolve().parents[1]
 

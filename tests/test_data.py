@@ -18,9 +18,9 @@ from PIL import Image
 
 import nfnet_jax
 from nfnet_jax import data
-from nfnet_jax.features import FeatureListNet
-from nfnet_jax.model import abstract_model
-from nfnet_jax.pretrained import resolve_name
+from nfnet_jax.models.features import FeatureListNet
+from nfnet_jax.models.nfnet import abstract_model
+from nfnet_jax.models.pretrained import resolve_name
 
 TRANSFORM_ATOL = 1e-6
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket', 'camera', 'logo')

@@ -21,8 +21,8 @@ from helpers import FP32_RTOL, random_weights, relative_error
 
 import nfnet_jax
 from nfnet_jax import export, inference
-from nfnet_jax.configs import model_cfgs
-from nfnet_jax.model import abstract_model
+from nfnet_jax.models.configs import model_cfgs
+from nfnet_jax.models.nfnet import abstract_model
 from nfnet_jax.weights.params import param_shapes
 
 EXPORT_RTOL = 1e-6

@@ -116,8 +116,8 @@ def test_a_stopped_conversion_leaves_no_file(tmp_path, signum):
 def model_and_image(tmp_path_factory) -> tuple[Path, Path]:
     from PIL import Image
 
-    from nfnet_jax.configs import model_cfgs
-    from nfnet_jax.model import abstract_model
+    from nfnet_jax.models.configs import model_cfgs
+    from nfnet_jax.models.nfnet import abstract_model
     from nfnet_jax.weights import param_shapes
 
     folder = tmp_path_factory.mktemp('inputs')

@@ -24,8 +24,8 @@ import pytest
 from multihost import ROOT, child_env, free_port, run_processes
 from PIL import Image
 
-from nfnet_jax import finetune, pipeline
-from nfnet_jax.data import create_transform
+from nfnet_jax import finetune
+from nfnet_jax.data import create_transform, loaders
 from nfnet_jax.weights import read_checkpoint
 
 NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
@@ -96,7 +96,7 @@ def test_finetuning_a_folder_learns_it_and_writes_the_run(finished_run):
     assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['15', '30', '45']
     assert (run / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     _, metadata = read_checkpoint(run / 'best.safetensors')
-    assert json.loads(metadata['class_names']) == sorted(NAMES, key=pipeline.natural_key)
+    assert json.loads(metadata['class_names']) == sorted(NAMES, key=loaders.natural_key)
     assert json.loads(metadata['finetune'])['top1'] == best
 
 
@@ -148,18 +148,18 @@ def test_a_run_killed_mid_epoch_resumes_into_the_uninterrupted_metrics(finished_
 
 
 def test_batches_do_not_depend_on_workers_processes_or_where_the_loader_starts(digits):
-    samples = pipeline.image_folder(digits)
+    samples = loaders.image_folder(digits)
     transform = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25)
-    whole = pipeline.TrainLoader(samples, transform, 16, seed=1, epochs=2, process_index=0, process_count=1)
+    whole = loaders.TrainLoader(samples, transform, 16, seed=1, epochs=2, process_index=0, process_count=1)
     later = whole.steps_per_epoch + 2  # a step of the second epoch
     expected = whole.batch(later)
     halves = [
-        pipeline.TrainLoader(samples, transform, 16, seed=1, epochs=2, process_index=i, process_count=2).batch(later)
+        loaders.TrainLoader(samples, transform, 16, seed=1, epochs=2, process_index=i, process_count=2).batch(later)
         for i in range(2)
     ]
     assert np.array_equal(np.concatenate([h.images for h in halves]), expected.images)
     assert np.array_equal(np.concatenate([h.labels for h in halves]), expected.labels)
-    resumed = pipeline.TrainLoader(samples, transform, 16, seed=1, epochs=2, start_step=later, workers=1)
+    resumed = loaders.TrainLoader(samples, transform, 16, seed=1, epochs=2, start_step=later, workers=1)
     first = next(iter(resumed))  # from a grain worker process
     assert first.step == later and np.array_equal(first.images, expected.images)
     assert not np.array_equal(whole.batch(later - whole.steps_per_epoch).labels, expected.labels)  # reshuffled
@@ -168,13 +168,13 @@ def test_batches_do_not_depend_on_workers_processes_or_where_the_loader_starts(d
 def test_folder_order_is_timms_and_unreadable_files_are_replaced_and_named(digits):
     from timm.data.readers.reader_image_folder import find_images_and_targets
 
-    samples = pipeline.image_folder(digits)
+    samples = loaders.image_folder(digits)
     theirs, class_to_idx = find_images_and_targets(str(digits))
     assert list(samples.files) == [f for f, _ in theirs] and samples.labels.tolist() == [t for _, t in theirs]
     assert list(samples.class_names) == list(class_to_idx)
     broken = samples.files.index(str(digits / 'three' / 'broken.png'))
     transform = create_transform(32, is_training=True)
-    loader = pipeline.TrainLoader(samples, transform, 8, seed=0, process_index=0, process_count=1)
+    loader = loaders.TrainLoader(samples, transform, 8, seed=0, process_index=0, process_count=1)
     at = int(np.flatnonzero(loader.order(0) == broken)[0])
     batch = loader.batch(at // 8)
     assert batch.skipped == [samples.files[broken]] and batch.images.shape == (8, 32, 32, 3)
@@ -184,9 +184,9 @@ def test_list_files_name_their_missing_files(digits, tmp_path):
     listing = tmp_path / 'train.tsv'
     listing.write_text(f'{digits}/one/{os.listdir(digits / "one")[0]}\tone\n{digits}/gone.png\ttwo\n')
     with pytest.raises(FileNotFoundError, match='gone.png'):
-        pipeline.list_file(listing)
+        loaders.list_file(listing)
     listing.write_text(''.join(f'{digits / n / os.listdir(digits / n)[0]}\t{n}\n' for n in NAMES))
-    assert pipeline.list_file(listing).class_names == tuple(sorted(NAMES, key=pipeline.natural_key))
+    assert loaders.list_file(listing).class_names == tuple(sorted(NAMES, key=loaders.natural_key))
 
 
 def bad_run(argv: list[str], capsys) -> str:

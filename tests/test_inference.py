@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import re
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -22,11 +20,9 @@ import pytest
 import timm
 import torch
 from helpers import FP32_RTOL, randomize_, relative_error
-from jax import export
-from multihost import FAST_COMPILE_FLAGS
 
 import nfnet_jax
-from nfnet_jax import inference, lowering
+from nfnet_jax import inference
 from nfnet_jax.factory import from_timm
 from nfnet_jax.weights import flat_params
 
@@ -63,33 +59,6 @@ def test_embedder_and_feature_extractor_match_the_model():
         assert relative_error(ours, expected) <= FP32_RTOL
 
 
-def test_a_cpu_chunk_holds_8_images_or_as_many_pixels_as_8_images_of_256_px():
-    sizes = (512, 320, 256, 224, 192, 160, 128)
-    assert [lowering.images_per_chunk(size, size) for size in sizes] == [8, 8, 8, 16, 16, 32, 32]
-    assert lowering.images_per_chunk(256, 128) == 16 and lowering.images_per_chunk(1, 1) == 8 * 256 * 256
-
-
-def test_large_cpu_batches_run_in_chunks_with_the_outputs_of_the_whole_batch(monkeypatch):
-    """Two chunks and 3 images more: a scan over two chunks, then the last 3; a smaller batch runs whole."""
-    monkeypatch.setattr(lowering, 'CPU_CHUNK_PIXELS', lowering.CPU_CHUNK * 32 * 32)  # chunks of 8 at 32 x 32
-    model = nfnet_jax.create_model('test_nfnet')
-    x = np.random.default_rng(0).standard_normal((2 * lowering.CPU_CHUNK + 3, 32, 32, 3)).astype(np.float32)
-    for fn in (inference.classifier(model), inference.feature_extractor(model, indices=[1, -1])):
-        chunked, whole = fn.compiled.lower(fn.state, x), fn.apply.lower(fn.state, x)  # apply: never chunked
-        assert 'stablehlo.while' in chunked.as_text() and 'stablehlo.while' not in whole.as_text()
-        small = fn.compiled.lower(fn.state, x[: 2 * lowering.CPU_CHUNK - 1])
-        assert 'stablehlo.while' not in small.as_text()
-        chunked, whole = chunked.compile(), whole.compile()
-        outputs = zip(jax.tree.leaves(chunked(fn.state, x)), jax.tree.leaves(whole(fn.state, x)), strict=True)
-        assert all(relative_error(ours, expected) <= FP32_RTOL for ours, expected in outputs)
-        chunked_bytes, whole_bytes = (c.memory_analysis().temp_size_in_bytes for c in (chunked, whole))
-        assert chunked_bytes < 0.75 * whole_bytes  # measured: 0.62x for the classifier, 0.66x for the taps
-    monkeypatch.undo()  # the real budget: 19 images of 32 x 32 are far fewer pixels than one chunk holds
-    fn = inference.classifier(model)
-    assert 'stablehlo.while' not in fn.compiled.lower(fn.state, x).as_text()
-    assert lowering.in_chunks(len, 'gpu') is len and lowering.in_chunks(len, 'tpu') is len
-
-
 def test_inference_does_not_standardise_per_call_and_leaves_the_model_alone():
     model = nfnet_jax.create_model('test_nfnet')
     classify = inference.classifier(model)
@@ -102,237 +71,6 @@ def test_inference_does_not_standardise_per_call_and_leaves_the_model_alone():
     folded = inference.inference_model(model).stages[0][0].conv2
     assert folded.folded and not hasattr(folded, 'gain')
     np.testing.assert_array_equal(folded.kernel[...], conv.standardized_kernel())
-
-
-@pytest.mark.parametrize(
-    'kernel_size,groups,cpu_ops',
-    [(3, 4, ['convolution group 1'] * 4), (1, 1, ['dot_general']), (3, 1, ['convolution group 1'])],
-)
-def test_convs_are_lowered_per_platform(kernel_size, groups, cpu_ops):
-    """CPU: one plain conv per group, 1x1 convs as matmuls. GPU and TPU: the convolution as written."""
-    conv = jax.jit(lambda x, k: lowering.conv2d(x, k, groups, window_strides=(1, 1), padding='SAME'))
-    args = (
-        jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32),
-        jax.ShapeDtypeStruct((kernel_size, kernel_size, 16 // groups, 16), jnp.float32),
-    )
-
-    def ops(platform: str) -> list[str]:
-        text = export.export(conv, platforms=[platform])(*args).mlir_module()
-        found = re.findall(r'stablehlo\.(convolution|dot_general)(?:.*feature_group_count = (\d+))?', text)
-        return [f'{op} group {group}' if op == 'convolution' else op for op, group in found]
-
-    assert ops('cpu') == cpu_ops
-    assert ops('cuda') == ops('tpu') == [f'convolution group {groups}']
-    x, k = (np.random.default_rng(0).standard_normal(a.shape).astype(np.float32) for a in args)
-    dims = ('NHWC', 'HWIO', 'NHWC')
-    native = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups)
-    assert relative_error(conv(x, k), native) <= FP32_RTOL
-
-
-@pytest.mark.parametrize('kernel_size,groups', [(3, 4), (1, 1), (3, 1)])
-def test_conv_bias_is_added_per_group_on_cpu(kernel_size, groups):
-    """conv2d's bias: the same values as conv-then-bias on every lowering, added per group before the concat on CPU."""
-    x = np.random.default_rng(1).standard_normal((2, 8, 8, 16)).astype(np.float32)
-    k = np.random.default_rng(2).standard_normal((kernel_size, kernel_size, 16 // groups, 16)).astype(np.float32)
-    b = np.random.default_rng(3).standard_normal(16).astype(np.float32)
-
-    def conv(x, k, b):
-        return lowering.conv2d(x, k, groups, bias=b, window_strides=(1, 1), padding='SAME')
-
-    def adds(platform: str) -> int:
-        return export.export(jax.jit(conv), platforms=[platform])(x, k, b).mlir_module().count('stablehlo.add')
-
-    assert adds('cpu') == (groups if kernel_size == 3 else 1)
-    assert adds('cuda') == adds('tpu') == 1
-    dims = ('NHWC', 'HWIO', 'NHWC')
-    expected = jax.lax.conv_general_dilated(
-        x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups, precision='highest'
-    )
-    assert relative_error(jax.jit(conv)(x, k, b), expected + b) <= FP32_RTOL
-
-
-@pytest.mark.parametrize(
-    'kernel_size,groups,stride,dilation,padding,cpu_ops',
-    [
-        (3, 4, 1, 1, 'SAME', ['dot_general'] * 12),  # one matmul per kernel row and group
-        (3, 4, 1, 1, ((1, 1), (1, 1)), ['dot_general'] * 12),
-        (3, 4, 2, 1, ((1, 1), (1, 1)), ['dot_general'] * 12),
-        (3, 1, 2, 1, 'SAME', ['dot_general'] * 3),
-        (1, 1, 1, 1, 'SAME', ['dot_general']),
-        (3, 4, 1, 2, ((2, 2), (2, 2)), ['convolution'] * 4),  # dilated: XLA's convolution, per group
-    ],
-)
-def test_bfloat16_convs_on_cpu_are_matmuls_summed_in_float32(
-    kernel_size, groups, stride, dilation, padding, cpu_ops, monkeypatch
-):
-    """bfloat16 on a CPU with bfloat16 arithmetic: undilated convs as matmuls with float32 results, rounded once."""
-    monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: True)
-    rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((2, 9, 7, 16)), jnp.bfloat16)
-    k = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 16 // groups, 16)), jnp.bfloat16)
-    b = jnp.asarray(rng.standard_normal(16), jnp.bfloat16)
-    strides, dilations = (stride, stride), (dilation, dilation)
-
-    def conv(x, k, b):
-        return lowering.conv2d(x, k, groups, bias=b, window_strides=strides, padding=padding, rhs_dilation=dilations)
-
-    text = export.export(jax.jit(conv), platforms=['cpu'])(x, k, b).mlir_module()
-    assert re.findall(r'stablehlo\.(convolution|dot_general)', text) == cpu_ops
-    if cpu_ops[0] == 'dot_general':
-        assert len(re.findall(r'stablehlo\.dot_general.*-> tensor<[0-9x]*xf32>', text)) == len(cpu_ops)
-    assert re.findall(
-        r'stablehlo\.convolution', export.export(jax.jit(conv), platforms=['cuda'])(x, k, b).mlir_module()
-    )
-    y = jax.jit(conv)(x, k, b)
-    assert y.dtype == jnp.bfloat16
-    dims = ('NHWC', 'HWIO', 'NHWC')
-    x32, k32, b32 = (np.asarray(a, np.float32) for a in (x, k, b))
-    expected = jax.lax.conv_general_dilated(
-        x32,
-        k32,
-        strides,
-        padding,
-        rhs_dilation=dilations,
-        dimension_numbers=dims,
-        feature_group_count=groups,
-        precision='highest',
-    )
-    assert relative_error(y, expected + b32) <= 2**-8  # one rounding to bfloat16 (8 significant bits)
-
-
-@pytest.mark.parametrize(
-    'kernel_size,groups,matmuls,convolutions',
-    [(1, 1, 3, 0), (3, 4, 3 * 4, 2 * 4)],
-    ids=['1x1-gradients-as-matmuls', '3x3-gradients-as-convolutions'],
-)
-def test_bfloat16_conv_gradients_on_cpu(kernel_size, groups, matmuls, convolutions, monkeypatch):
-    """The backward pass of a bfloat16 conv on a CPU with bfloat16 arithmetic, gradients within rounding of float32's.
-
-    A 1x1 conv's gradients are bfloat16 matmuls (its forward and two gradients: 3 matmuls); a 3x3
-    conv's forward is bfloat16 row matmuls (one per kernel row and group) and its gradients are
-    XLA's convolutions (two per group).
-    """
-    monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: True)
-    rng = np.random.default_rng(5)
-    shapes = ((2, 9, 7, 16), (kernel_size, kernel_size, 16 // groups, 16), (16,))
-    x, k, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes)
-
-    def loss(conv, x, k, b):
-        return jnp.sum(conv(x, k, b).astype(jnp.float32) ** 2)
-
-    def ours(x, k, b):
-        return lowering.conv2d(x, k, groups, bias=b, window_strides=(1, 1), padding='SAME')
-
-    def reference(x, k, b):
-        dims = ('NHWC', 'HWIO', 'NHWC')
-        conv = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dims, feature_group_count=groups)
-        return conv + b
-
-    grad = jax.jit(jax.grad(partial(loss, ours), argnums=(0, 1, 2)))
-    text = grad.lower(x, k, b).as_text()
-    dots = re.findall(
-        r'stablehlo\.dot_general .*: \((tensor<[0-9x]*x(?:bf16|f32)>), (tensor<[0-9x]*x(?:bf16|f32)>)\)', text
-    )
-    assert len(dots) == matmuls
-    assert all(lhs.endswith('xbf16>') and rhs.endswith('xbf16>') for lhs, rhs in dots)
-    assert len(re.findall(r'stablehlo\.convolution', text)) == convolutions
-    expected = jax.grad(partial(loss, reference), argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (x, k, b)))
-    for got, want in zip(grad(x, k, b), expected, strict=True):
-        assert got.dtype == jnp.bfloat16
-        assert relative_error(got, want) < 0.01  # bfloat16 roundings of the output, the cotangent and the sums
-
-
-@pytest.mark.parametrize('kernel_size,groups', [(3, 4), (1, 1), (3, 1)])
-def test_bfloat16_convs_on_a_cpu_without_bfloat16_run_in_float32(kernel_size, groups, monkeypatch):
-    """Without bfloat16 arithmetic in the CPU, a bfloat16 conv is the float32 one between conversions, bit for bit."""
-    monkeypatch.setattr(lowering, 'cpu_has_bfloat16', lambda: False)
-    rng = np.random.default_rng(6)
-    shapes = ((2, 9, 7, 16), (kernel_size, kernel_size, 16 // groups, 16), (16,))
-    x, k, b = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in shapes)
-
-    def conv(x, k, b):
-        return lowering.conv2d(x, k, groups, bias=b, window_strides=(1, 1), padding='SAME')
-
-    text = export.export(jax.jit(conv), platforms=['cpu'])(x, k, b).mlir_module()
-    assert not re.findall(r'stablehlo\.(?:dot_general|convolution)[^\n]*bf16', text)  # no bfloat16 operand
-    y = jax.jit(conv)(x, k, b)
-    assert y.dtype == jnp.bfloat16
-    expected = jax.jit(conv)(*(a.astype(jnp.float32) for a in (x, k, b))).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(expected, np.float32))
-    grads = jax.grad(lambda x, k: jnp.sum(conv(x, k, b).astype(jnp.float32) ** 2), argnums=(0, 1))(x, k)
-    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
-
-
-@pytest.mark.parametrize(
-    'cpuinfo,expected',
-    [
-        ('processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n', True),  # Xeon (Sapphire Rapids)
-        ('processor\t: 0\nflags\t\t: fpu sse2 fma avx avx2\n', False),  # EPYC (Zen 3)
-        ('processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n', True),  # Arm Neoverse V1
-        ('processor\t: 0\nFeatures\t: fp asimd\n', False),
-        ('', False),
-    ],
-)
-def test_cpuinfo_has_bfloat16(cpuinfo, expected):
-    assert lowering.cpuinfo_has_bfloat16(cpuinfo) is expected
-
-
-OPTIONS_WORKER = """
-import jax
-import numpy as np
-import nfnet_jax
-from nfnet_jax import inference, parallel
-from nfnet_jax.parallel.train import ShardedTrainer
-from nfnet_jax.train import TrainState, eval_step, nfnet_optimizer, train_step
-
-images, labels = np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, np.int32)
-model = nfnet_jax.create_model('test_nfnet', num_classes=10)
-classify = inference.classifier(model)
-classify(images)
-
-
-def users_jit(x):
-    return classify(x) + 1
-
-
-jax.jit(users_jit)(images)
-state = TrainState(model, nfnet_optimizer(0.1))
-train_step(state, images, labels)
-eval_step(state.model, images, labels)
-mesh = parallel.make_mesh()
-parallel.shard_inference(inference.embedder(model), mesh)(images)
-trainer = ShardedTrainer(state, mesh)
-trainer.train_step(images, labels)
-trainer.eval_step(images, labels)
-"""
-
-
-def test_every_top_level_jit_compiles_with_the_platform_options(tmp_path):
-    """XLA dumps each compiled program's non-default options: every jit of ours carries the lowering's CPU list.
-
-    The inference functions, the train and eval steps and their sharded forms; a classifier
-    called inside a user's jit runs too (a nested jit may take no options), under that jit's.
-    """
-    assert nfnet_jax.compiler_options('gpu') is None and nfnet_jax.compiler_options('tpu') is None
-    worker = tmp_path / 'worker.py'
-    worker.write_text(OPTIONS_WORKER)
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': f'--xla_dump_to={tmp_path / "dump"} {FAST_COMPILE_FLAGS}'}
-    env.pop('JAX_COMPILATION_CACHE_DIR', None)  # every program must compile (and be dumped), none come from the cache
-    subprocess.run([sys.executable, str(worker)], check=True, cwd=REPO, env=env, timeout=600)
-    fusion_types: dict[str, list[list[str]]] = {}
-    schedulers: dict[str, list[list[str]]] = {}
-    for path in (tmp_path / 'dump').glob('*.debug_options'):
-        name, text = path.name.split('.')[1], path.read_text(errors='replace')
-        fusion_types.setdefault(name, []).append(re.findall(r'xla_cpu_experimental_ynn_fusion_type: (\w+)', text))
-        schedulers.setdefault(name, []).append(re.findall(r'xla_cpu_scheduler_type: (\w+)', text))
-    ours = ['LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT', 'LIBRARY_FUSION_TYPE_REDUCE']
-    assert ours == nfnet_jax.compiler_options('cpu')['xla_cpu_experimental_ynn_fusion_type'].split(',')
-    for name in ('jit_apply', 'jit_pure_train_step', 'jit_pure_eval_step'):  # plain and sharded, each
-        assert fusion_types.get(name) == [ours, ours], name
-    assert fusion_types.get('jit_users_jit') == [[]]
-    # Training steps alone take the memory-optimised scheduler.
-    assert schedulers['jit_pure_train_step'] == [['CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED']] * 2
-    assert schedulers['jit_apply'] == schedulers['jit_pure_eval_step'] == [[], []]
 
 
 def test_bfloat16_compute_from_float32_params():
@@ -441,7 +179,7 @@ def test_conv_ops_benchmark(tmp_path):
     from flax import nnx
 
     from benchmarks import conv_ops
-    from nfnet_jax.layers import ScaledStdConv2d
+    from nfnet_jax.models.layers import ScaledStdConv2d
 
     model = nfnet_jax.create_model('test_nfnet')
     convs = conv_ops.model_convs(model, 2, 64)

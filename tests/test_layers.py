@@ -16,8 +16,8 @@ from flax import nnx
 from helpers import FP32_RTOL, nchw, nhwc, randomize_, relative_error
 from timm.models import nfnet as timm_nfnet
 
-from nfnet_jax import layers
-from nfnet_jax.model import Stem, drop_path_rates
+from nfnet_jax.models import layers
+from nfnet_jax.models.nfnet import Stem, drop_path_rates
 from nfnet_jax.weights.table import CONV2D, ECA_CONV1D, GAIN
 
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import nfnet_jax
 from nfnet_jax import cli
@@ -76,9 +75,7 @@ def test_dependencies_go_one_way():
 
 
 # Deliberate lazy imports, each with its reason: (module, imported module) -> why.
-LAZY_IMPORTS = {
-    ('nfnet_jax.parallel', 'nfnet_jax.parallel.train'): 'the deprecated ShardedTrainer alias; it loads optax and orbax',
-}
+LAZY_IMPORTS = {}
 
 
 def test_no_function_imports_the_project():
@@ -186,11 +183,3 @@ def test_progress_redraws_only_on_a_terminal(monkeypatch):
     lines = log.getvalue().splitlines()
     assert '\r' not in log.getvalue()
     assert [line[:10] for line in lines] == ['work:   0%', 'a message', 'work: 100%']
-
-
-@pytest.mark.parametrize('name', ['ShardedTrainer'])
-def test_moved_names_keep_a_deprecated_alias(name):
-    from nfnet_jax import parallel
-
-    with pytest.warns(DeprecationWarning, match='moved'):
-        assert getattr(parallel, name).__module__ == 'nfnet_jax.parallel.train'

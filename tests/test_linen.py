@@ -144,4 +144,4 @@ def test_every_family_has_the_nnx_param_tree(name, images):
     """Abstract init (shapes only): the Linen params are the NNX model's, path for path."""
     shapes = jax.eval_shape(NFNet(name).init, jax.random.key(0), images)['params']
     got = {dotted_path(p): tuple(s.shape) for p, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    assert got == param_shapes(nfnet_jax.model.abstract_model(nfnet_jax.model_cfgs[name]))
+    assert got == param_shapes(nfnet_jax.models.nfnet.abstract_model(nfnet_jax.model_cfgs[name]))

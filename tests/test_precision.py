@@ -15,7 +15,7 @@ from helpers import random_params
 
 import nfnet_jax
 from nfnet_jax import inference
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.weights.params import flat_params
 
 CONV_OR_DOT = re.compile(r'stablehlo\.(convolution|dot_general)')

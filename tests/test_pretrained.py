@@ -16,8 +16,8 @@ from helpers import FP32_RTOL, nchw, nhwc, relative_error
 
 import nfnet_jax
 from convert.from_timm import main as convert_main
-from nfnet_jax.features import FeatureListNet
-from nfnet_jax.model import abstract_model
+from nfnet_jax.models.features import FeatureListNet
+from nfnet_jax.models.nfnet import abstract_model
 from nfnet_jax.weights import CheckpointError, flat_params, param_shapes
 
 TAG = 'test_nfnet.r160_in1k'

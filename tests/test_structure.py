@@ -9,7 +9,7 @@ import pytest
 import timm
 
 import nfnet_jax
-from nfnet_jax.model import abstract_model
+from nfnet_jax.models.nfnet import abstract_model
 from nfnet_jax.weights import expected_timm_shapes, param_shapes
 from nfnet_jax.weights.table import flax_rule, timm_rule
 

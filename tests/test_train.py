@@ -26,7 +26,7 @@ from timm.loss import LabelSmoothingCrossEntropy
 
 import nfnet_jax
 from nfnet_jax.inference import inference_model
-from nfnet_jax.model import NormFreeBlock
+from nfnet_jax.models.nfnet import NormFreeBlock
 from nfnet_jax.train import (
     ModelEma,
     TrainCheckpointer,
@@ -103,8 +103,8 @@ def test_drop_path_drops_whole_residual_branches_with_the_right_rate():
         8,
         8,
         alpha=0.2,
-        act_layer=lambda: nfnet_jax.layers.GammaAct('relu'),
-        conv_layer=nfnet_jax.layers.ScaledStdConv2d,
+        act_layer=lambda: nfnet_jax.models.layers.GammaAct('relu'),
+        conv_layer=nfnet_jax.models.layers.ScaledStdConv2d,
         skipinit=True,
         drop_path_rate=0.25,
         rngs=nnx.Rngs(0, dropout=1),

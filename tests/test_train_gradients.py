@@ -16,11 +16,11 @@ import pytest
 import timm
 import torch
 from flax import nnx
-from helpers import nchw, randomize_, relative_error
+from helpers import cpu_backend, nchw, randomize_, relative_error
 from timm.models import model_parameters
 from timm.utils.agc import adaptive_clip_grad as timm_adaptive_clip_grad
 
-from nfnet_jax import lowering, onednn
+from nfnet_jax.cpu import onednn
 from nfnet_jax.factory import from_timm
 from nfnet_jax.train import adaptive_clip_grad, cross_entropy_loss
 from nfnet_jax.weights import convert_state_dict, dotted_path, to_timm
@@ -29,7 +29,7 @@ GRAD_RTOL = 1e-4
 AGC_RTOL = 1e-6
 ARCHITECTURES = ['dm_nfnet_f0', 'nfnet_l0', 'eca_nfnet_l0', 'nf_regnet_b0', 'nf_resnet26']
 OP_BY_OP = {'nf_regnet_b0'}  # gradients computed without jit (see `grads`)
-ONEDNN = ' with oneDNN'  # the same gradients jitted by nfnet_jax (`lowering.jit`): convolutions in oneDNN
+ONEDNN = ' with oneDNN'  # the same gradients jitted with the CPU backend on: convolutions in oneDNN
 LABEL_SMOOTHING = 0.1
 
 
@@ -58,15 +58,15 @@ def grads(request):
         logits = nnx.merge(graphdef, params, rest)(jnp.asarray(x))
         return cross_entropy_loss(logits, jnp.asarray(labels), LABEL_SMOOTHING)
 
-    # nf_regnet_b0's convs of 5-92 groups are one conv per group on CPU: even with the suite's fast-compile
-    # flags its program takes longer to compile (62 s with the run) than to run op by op (27 s).
+    # nf_regnet_b0's program takes longer to compile with the suite's fast-compile flags than to run op by op.
     grad = jax.grad(loss)
     if onednn_kernels:
-        grad = lowering.jit(grad, 'cpu')
-        assert onednn.TARGETS['backward_weights'][0] in grad.lower(params).as_text()
-    elif name not in OP_BY_OP:
-        grad = jax.jit(grad)
-    our_grads = grad(params)
+        with cpu_backend():
+            grad = jax.jit(grad)
+            assert onednn.TARGETS['backward_weights'][0] in grad.lower(params).as_text()
+            our_grads = grad(params)
+    else:
+        our_grads = (grad if name in OP_BY_OP else jax.jit(grad))(params)
     our_grads = to_timm({dotted_path(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(our_grads)})
     yield request.param, timm_grads, our_grads
     del theirs, ours

@@ -34,7 +34,7 @@ from nfnet_jax.data.transforms import (
     normalize,
     to_rgb,
 )
-from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
+from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PretrainedCfg
 
 __all__ = [
     'CROP_MODES',

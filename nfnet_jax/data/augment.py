@@ -21,7 +21,7 @@ from PIL import Image, ImageEnhance
 
 from nfnet_jax.data import auto_augment as aa
 from nfnet_jax.data.transforms import INTERPOLATIONS, EvalTransform, ImageLike, Size, image_size, normalize, to_rgb
-from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 RE_MODES = ('const', 'rand', 'pixel')
 Box = tuple[int, int, int, int]  # (top, left, height, width)

@@ -1,6 +1,6 @@
 """The ImageNet-1k class names and WordNet ids, read from the table shipped with the package.
 
-The names describe a model's outputs, not its inputs: `nfnet_jax.prediction` labels the top-k
+The names describe a model's outputs, not its inputs: `nfnet_jax.inference.predictor` labels the top-k
 classes with them. The table (from timm's data/_info) is package data in `nfnet_jax/_info`.
 """
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from nfnet_jax.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 DEFAULT_CROP_PCT = 0.875
 CROP_MODES = ('center', 'squash', 'border')

@@ -1,7 +1,5 @@
 """Sharding NFNets over many devices and many hosts: meshes and batches (`mesh`), sharded inference
-(`inference`) and sharded training (`train`, imported only when asked for: it loads optax and orbax)."""
-
-from typing import Any
+(`inference`) and sharded training (`train`: import it as `nfnet_jax.parallel.train`, as it loads optax and orbax)."""
 
 from nfnet_jax.parallel.inference import shard_inference
 from nfnet_jax.parallel.mesh import (
@@ -38,19 +36,3 @@ __all__ = [
     'shard_inference',
     'state_shardings',
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """`nfnet_jax.parallel.ShardedTrainer`, kept for one release: it now lives in `nfnet_jax.parallel.train`."""
-    if name == 'ShardedTrainer':
-        import warnings
-
-        from nfnet_jax.parallel import train
-
-        warnings.warn(
-            'nfnet_jax.parallel.ShardedTrainer moved to nfnet_jax.parallel.train.ShardedTrainer',
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return train.ShardedTrainer
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nfnet_jax import lowering
+from nfnet_jax import cpu
 from nfnet_jax.parallel.mesh import (
     DATA_AXIS,
     DEFAULT_MIN_SHARD_SIZE,
@@ -57,19 +57,17 @@ class ShardedTrainer:
         eval_shardings = state_shardings(nnx.state(state.eval_model), mesh, axes, min_shard_size)
         data, metrics = batch_sharding(mesh), replicated(mesh)
 
-        platform = lowering.platform_of(nnx.state(state))
-        self._train = lowering.jit(
+        self._train = jax.jit(
             partial(pure_train_step, label_smoothing=label_smoothing),
-            platform,
-            training=True,
+            compiler_options=cpu.compiler_options(training=True),
             static_argnums=0,
             in_shardings=(self.state_shardings, data, data),
             out_shardings=(self.state_shardings, metrics),
             donate_argnums=1,
         )
-        self._eval = lowering.jit(
+        self._eval = jax.jit(
             pure_eval_step,
-            platform,
+            compiler_options=cpu.compiler_options(),
             static_argnums=0,
             in_shardings=(eval_shardings, data, data),
             out_shardings=metrics,

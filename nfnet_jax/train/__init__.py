@@ -1,6 +1,7 @@
 """Training NFNets in Flax: timm's AGC, the paper's recipe, Mixup/CutMix, the train state, its step and checkpoints."""
 
 from nfnet_jax.train.agc import adaptive_clip_grad, unitwise_norm
+from nfnet_jax.train.checkpoint import TrainCheckpointer
 from nfnet_jax.train.mixup import Mixup, mixup_target, soft_target_cross_entropy
 from nfnet_jax.train.optim import cross_entropy_loss, nfnet_optimizer, warmup_cosine_schedule
 from nfnet_jax.train.paths import (
@@ -12,7 +13,6 @@ from nfnet_jax.train.paths import (
     matches,
     path_mask,
 )
-from nfnet_jax.train.run_checkpoint import TrainCheckpointer
 from nfnet_jax.train.state import ModelEma, TrainState
 from nfnet_jax.train.step import eval_step, eval_step_fn, train_step, train_step_fn
 from nfnet_jax.weights.params import dotted_path

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.weights.params import dotted_path, flat_state
 
 PathPredicate = Callable[[str], bool]

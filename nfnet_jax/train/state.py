@@ -2,7 +2,7 @@
 
 `nnx.state(train_state)` is the whole run: the model's params and its dropout / drop-path RNG
 streams, the optimizer state with its step count, and the EMA weights. That one state is what
-`nfnet_jax.train.run_checkpoint` saves and restores, so a resumed run continues bit for bit.
+`nfnet_jax.train.checkpoint` saves and restores, so a resumed run continues bit for bit.
 
 The model is any NNX module whose call maps images to logits: an NFNet, or a model of your own
 with an NFNet backbone inside (see docs/backbone.md).

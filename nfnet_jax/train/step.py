@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nfnet_jax import lowering
+from nfnet_jax import cpu
 from nfnet_jax.train.mixup import soft_target_cross_entropy
 from nfnet_jax.train.optim import cross_entropy_loss
 from nfnet_jax.train.state import TrainState
@@ -88,35 +88,39 @@ def pure_eval_step(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, 
 
 
 @functools.cache
-def compiled_steps(platform: str | None) -> tuple[Callable[..., tuple[nnx.State, Metrics]], Callable[..., Metrics]]:
-    """The jitted (pure_train_step, pure_eval_step) with `platform`'s compiler options (None: XLA's defaults).
+def compiled_steps(cpu_options: bool) -> tuple[Callable[..., tuple[nnx.State, Metrics]], Callable[..., Metrics]]:
+    """The jitted (pure_train_step, pure_eval_step), with the CPU backend's compiler options or XLA's defaults.
 
     The train step donates the state it is given (its buffers become the new state's), as
-    `ShardedTrainer`'s does: on CPU with `keep_cpu_memory()` the step runs faster for it
-    (docs/performance.md).
+    `ShardedTrainer`'s does.
     """
     return (
-        lowering.jit(pure_train_step, platform, training=True, static_argnums=(0, 4), donate_argnums=1),
-        lowering.jit(pure_eval_step, platform, static_argnums=0),
+        jax.jit(
+            pure_train_step,
+            static_argnums=(0, 4),
+            donate_argnums=1,
+            compiler_options=cpu.compiler_options(training=True) if cpu_options else None,
+        ),
+        jax.jit(pure_eval_step, static_argnums=0, compiler_options=cpu.compiler_options() if cpu_options else None),
     )
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> Metrics:
-    """`train_step_fn`, jitted with the compiler options of the state's platform; updates `state` in place.
+    """`train_step_fn`, jitted (with the CPU backend's compiler options when it is on); updates `state` in place.
 
     The state's arrays are donated to the step: arrays taken from it before the step (with
     `nnx.state` or `nnx.clone`, say) are deleted by it. Keep a copy with
     `nfnet_jax.weights.clone_with_own_arrays` or `jax.tree.map(jnp.copy, ...)`.
     """
     graphdef, arrays = nnx.split(state)
-    train = compiled_steps(lowering.platform_of((arrays, images, labels)))[0]
+    train = compiled_steps(cpu.enabled())[0]
     new_state, metrics = train(graphdef, arrays, images, labels, label_smoothing)
     nnx.update(state, new_state)
     return metrics
 
 
 def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
-    """`eval_step_fn`, jitted with the compiler options of the model's platform."""
+    """`eval_step_fn`, jitted (with the CPU backend's compiler options when it is on)."""
     graphdef, arrays = nnx.split(model)
-    evaluate = compiled_steps(lowering.platform_of((arrays, images, labels)))[1]
+    evaluate = compiled_steps(cpu.enabled())[1]
     return evaluate(graphdef, arrays, images, labels)

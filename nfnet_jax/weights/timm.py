@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from nfnet_jax.configs import model_cfgs
-from nfnet_jax.model import abstract_model
-from nfnet_jax.pretrained import PretrainedCfg, pretrained_cfgs, resolve_name
+from nfnet_jax.models.configs import model_cfgs
+from nfnet_jax.models.nfnet import abstract_model
+from nfnet_jax.models.pretrained import PretrainedCfg, pretrained_cfgs, resolve_name
 from nfnet_jax.weights.file import file_kind
 from nfnet_jax.weights.params import CheckpointError, StateMismatchError, check_shapes, flat_params, param_shapes
 from nfnet_jax.weights.table import flax_rule, timm_rule

@@ -36,7 +36,7 @@ import numpy as np
 try:
     import grain
 except ImportError as err:  # an optional dependency: say how to get it
-    raise ImportError('nfnet_jax.pipeline needs grain: pip install "nfnet-jax[finetune]"') from err
+    raise ImportError('nfnet_jax.data.loaders needs grain: pip install "nfnet-jax[finetune]"') from err
 
 from nfnet_jax.data import load_image
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from flax import nnx
 
-from nfnet_jax.layers import Array
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.layers import Array
+from nfnet_jax.models.nfnet import NormFreeNet
 
 OutIndices = int | Sequence[int]
 

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nfnet_jax.configs import NfCfg
-from nfnet_jax.layers import (
+from nfnet_jax.models.configs import NfCfg
+from nfnet_jax.models.layers import (
     ATTENTION_LAYERS,
     NONLIN_GAMMA,
     Array,
@@ -33,7 +33,7 @@ from nfnet_jax.layers import (
     make_divisible,
     max_pool_3x3_s2,
 )
-from nfnet_jax.pretrained import PretrainedCfg
+from nfnet_jax.models.pretrained import PretrainedCfg
 
 STEM_TYPES = ('', 'deep', 'deep_tiered', 'deep_quad', '3x3', '7x7', 'deep_pool', '3x3_pool', '7x7_pool')
 

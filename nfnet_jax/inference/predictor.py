@@ -13,7 +13,7 @@ import numpy as np
 from nfnet_jax.data import imagenet_labels, imagenet_synsets
 from nfnet_jax.files import display_name, name_fields
 from nfnet_jax.inference import InferenceFn, compile_forward
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.weights.file import read_checkpoint_metadata
 
 

@@ -5,9 +5,9 @@
 
 Each builder returns an `InferenceFn`: `fn(images)` is a jitted call and nothing else, and
 `fn.apply(fn.state, images)` is the same pure function for code that manages the state itself
-(placing it on devices, sharding it, nesting it in its own jit), jitted with XLA's default
-options, where `fn(images)` compiles with those of `nfnet_jax.lowering` (faster convolutions on
-CPU). The state is prepared once: the model is copied into eval mode
+(placing it on devices, sharding it, nesting it in its own jit). With the CPU backend on
+(`nfnet_jax.cpu.enable()`), `fn(images)` also takes its compiler options and runs large batches in
+chunks. The state is prepared once: the model is copied into eval mode
 and every weight-standardised conv gets its standardised kernel folded in
 (`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model passed in is
 untouched and keeps training with the usual per-call standardisation. The state holds weights
@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nfnet_jax import lowering
-from nfnet_jax.features import FeatureListNet
-from nfnet_jax.layers import Array, ScaledStdConv2d
-from nfnet_jax.model import NormFreeNet
+from nfnet_jax import cpu
+from nfnet_jax.models.features import FeatureListNet
+from nfnet_jax.models.layers import Array, ScaledStdConv2d
+from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.weights.params import clone_with_own_arrays
 
 M = TypeVar('M', bound=nnx.Module)
@@ -56,10 +56,9 @@ class InferenceFn:
     """A jitted pure function of (state, images) bound to its prepared state.
 
     `apply` is jitted with XLA's default options, so it can be nested in other jits and
-    exported; `compiled` is the same function jitted with the compiler options of the state's
-    platform (`nfnet_jax.lowering`), which only a top-level jit may take, and on CPU running a large
-    batch in chunks of images (`lowering.in_chunks`). A call runs `compiled`, or `apply` when it
-    is traced inside another jit.
+    exported; `compiled` is the same function as a top-level jit, which with the CPU backend on
+    takes its compiler options and runs a large batch in chunks (`cpu.in_chunks`); without it, the
+    same program as `apply`. A call runs `compiled`, or `apply` when it is traced inside another jit.
     """
 
     apply: Callable[[nnx.State, Array], Any]
@@ -98,11 +97,11 @@ def jit_inference(
     """`pure` jitted twice (see `InferenceFn`), with `jit_kwargs` (shardings) for both, bound to `state`.
 
     `per_image`: `pure` computes every image on its own, so `compiled` may run a large batch in
-    chunks on CPU (`lowering.in_chunks`).
+    chunks on CPU (`cpu.in_chunks`).
     """
-    platform = lowering.platform_of(state)
-    top_level = lowering.in_chunks(pure, platform) if per_image else pure
-    return InferenceFn(jax.jit(pure, **jit_kwargs), state, lowering.jit(top_level, platform, **jit_kwargs))
+    top_level = cpu.in_chunks(pure) if per_image else pure
+    compiled = jax.jit(top_level, compiler_options=cpu.compiler_options(), **jit_kwargs)
+    return InferenceFn(jax.jit(pure, **jit_kwargs), state, compiled)
 
 
 def inference_model(model: M) -> M:
@@ -131,7 +130,7 @@ def compile_forward(model: M, forward: Callable[[M, Array], Any], per_image: boo
     receives its folded copy in eval mode and may call any of its methods, e.g.
     `compile_forward(net, lambda m, x: m.neck(m.backbone.forward_intermediates(x, intermediates_only=True)))`.
     `per_image`: `forward` computes every image on its own (true of every NFNet in eval mode), so
-    a call on CPU may run a large batch in chunks (`lowering.in_chunks`); pass False if it mixes images.
+    a call on CPU may run a large batch in chunks (`cpu.in_chunks`); pass False if it mixes images.
     """
     graphdef, state = nnx.split(inference_model(model))
 

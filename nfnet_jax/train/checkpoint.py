@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from nfnet_jax.model import NormFreeNet, find_nfnets
+from nfnet_jax.models.nfnet import NormFreeNet, find_nfnets
 from nfnet_jax.train.state import TrainState
 from nfnet_jax.weights.file import array_sha256
 from nfnet_jax.weights.params import CheckpointError, check_shapes, dotted_path, flat_state

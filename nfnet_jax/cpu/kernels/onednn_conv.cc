@@ -1,15 +1,13 @@
-// oneDNN convolutions as XLA FFI handlers for XLA:CPU (see nfnet_jax/onednn.py).
+// oneDNN convolutions as XLA FFI handlers for XLA:CPU (see nfnet_jax/cpu/onednn.py).
 //
 // Input and output are NHWC, the kernel HWIO with O = groups * O/groups, as everywhere in
 // nfnet_jax; each array is float32 or bfloat16. oneDNN reads and writes the activations in place
 // (its `nhwc` layout) and keeps the kernel in the blocked layout its fastest kernels want: the
 // kernel (or its gradient) is reordered on every call, one pass over the weights.
 //
-// Three handlers, one per pass of a training step: the forward, the input gradient and the kernel
-// gradient. Each pass of each convolution (shapes, dtypes, strides, padding, groups) gets its
+// Two handlers: a convolution (which also computes an input gradient, given the transposed kernel) and
+// a kernel gradient. Each pass of each convolution (shapes, dtypes, strides, padding, groups) gets its
 // primitive once, cached for the process; the calls run one at a time (`execution_mutex`).
-// A fourth gives a 1x1 convolution's kernel gradient when the convolution itself runs as XLA's
-// matmul (training steps): one float32 oneDNN matmul, where XLA splits it into Eigen blocks.
 
 #include <algorithm>
 #include <cstdint>
@@ -33,7 +31,7 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-enum class Pass { kForward, kBackwardData, kBackwardWeights };
+enum class Pass { kForward, kBackwardWeights };
 
 // What a pass's primitive depends on. `activations_in` is the input side (x, or the input
 // gradient), `activations_out` the output side (y, or the output gradient).
@@ -91,7 +89,7 @@ std::shared_ptr<const Conv> Get(Pass pass, const Geometry& g) {
                      pad_r = {g.pad_bottom, g.pad_right};
   const memory::desc in = g.In(), out = g.Out();
   const auto direct = dnnl::algorithm::convolution_direct;
-  // The forward that the backward passes take as their hint: for the kernel gradient, one whose
+  // The forward that the kernel gradient takes as its hint: for the kernel gradient, one whose
   // kernel has the activations' type (a bfloat16 forward has no float32 kernel).
   Geometry hinted = g;
   if (pass == Pass::kBackwardWeights) hinted.weights = g.activations_in;
@@ -99,10 +97,6 @@ std::shared_ptr<const Conv> Get(Pass pass, const Geometry& g) {
                                                     Weights(hinted, false), out, strides, pad_l, pad_r);
   if (pass == Pass::kForward) {
     entry = std::make_shared<const Conv>(Conv{dnnl::convolution_forward(forward), forward.weights_desc()});
-  } else if (pass == Pass::kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, in, Weights(g, false), out, strides, pad_l,
-                                                       pad_r, forward);
-    entry = std::make_shared<const Conv>(Conv{dnnl::convolution_backward_data(pd), pd.weights_desc()});
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(Engine(), direct, in, Weights(g, false), out, strides,
                                                           pad_l, pad_r, forward);
@@ -166,22 +160,6 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::Any
   });
 }
 
-ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t stride_h,
-                        int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
-                        int64_t groups) {
-  return Guarded([&] {
-    const Geometry g = Make(*dx, kernel, dy, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups);
-    auto conv = Get(Pass::kBackwardData, g);
-    dnnl::stream stream(Engine());
-    memory weights = KernelFor(*conv, g, kernel, stream);
-    conv->primitive.execute(
-        stream, {{DNNL_ARG_DIFF_DST, Memory(g.Out(), dy)},
-                 {DNNL_ARG_WEIGHTS, weights},
-                 {DNNL_ARG_DIFF_SRC, Memory(g.In(), *dx)}});
-    stream.wait();
-  });
-}
-
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel,
                            int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
                            int64_t pad_right, int64_t groups) {
@@ -198,21 +176,6 @@ ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi:
                              {DNNL_ARG_DIFF_WEIGHTS, diff_weights}});
     if (!direct) dnnl::reorder(diff_weights, user).execute(stream, diff_weights, user);
     stream.wait();
-  });
-}
-
-// x (..., C) and dy (..., D), float32, to dkernel (C, D) = x^T dy summed over every other axis.
-ffi::Error MatmulKernelGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dkernel) {
-  return Guarded([&] {
-    const int64_t in = x.dimensions().back(), out = dy.dimensions().back();
-    const int64_t rows = in == 0 ? 0 : static_cast<int64_t>(x.element_count()) / in;
-    if (rows == 0 || out == 0) {  // nothing summed: zeros (oneDNN would not take a leading dimension of 0)
-      std::fill_n(dkernel->typed_data(), dkernel->element_count(), 0.0f);
-      return;
-    }
-    const dnnl_status_t status = dnnl_sgemm('T', 'N', in, out, rows, 1.0f, x.typed_data(), in, dy.typed_data(), out,
-                                            0.0f, dkernel->typed_data(), out);
-    if (status != dnnl_success) throw std::runtime_error("sgemm failed with status " + std::to_string(status));
   });
 }
 
@@ -234,7 +197,4 @@ auto ConvBinding() {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvForward, Forward, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvBackwardData, BackwardData, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvBackwardWeights, BackwardWeights, ConvBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnMatmulKernelGradient, MatmulKernelGradient,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());

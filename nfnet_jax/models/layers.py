@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nfnet_jax.lowering import conv2d
-
 Array = jax.Array
 Dtype = Any  # a jnp dtype or None, as in flax.nnx layers
 # The matmul/conv precision of every layer that does one: None (JAX's default, which follows
@@ -200,16 +198,17 @@ class ScaledStdConv2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or jnp.result_type(x.dtype, self.kernel.dtype)
-        return conv2d(
+        y = jax.lax.conv_general_dilated(
             x.astype(dtype),
             self.standardized_kernel().astype(dtype),
-            self.groups,
-            bias=self.bias[...].astype(dtype),
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             rhs_dilation=(self.dilation, self.dilation),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=self.groups,
             precision=self.precision,
         )
+        return y + self.bias[...].astype(dtype)
 
 
 class SqueezeExcite(nnx.Module):

@@ -1,21 +1,14 @@
 """Convolutions on XLA:CPU in oneDNN, Intel's CPU kernels (those under PyTorch on CPU), when installed.
 
-XLA:CPU runs convolutions in Eigen, which on AVX-512 is well behind oneDNN's kernels, and it has
-no bfloat16 convolution at all: that gap is most of what separates a jitted NFNet on CPU from
-timm's (docs/performance.md). With the optional extra `pip install 'nfnet-jax[onednn]'` (Intel's
-oneDNN wheels: the library and its headers), nfnet_jax compiles a small XLA FFI library once
-(`kernels/onednn_conv.cc`, with the C++ compiler `$CXX` or `c++`, a few seconds) into
-`$XDG_CACHE_HOME/nfnet_jax` (~/.cache/nfnet_jax). Then the convolutions that `lowering.conv2d`
-lowers for CPU inside `lowering.jit` (nfnet_jax's inference functions and train and eval steps on
-one device; training steps keep 1x1 ones as matmuls) run there, in float32, and in bfloat16 on a
-CPU with bfloat16 instructions (on AMX where there is one): the forward, and in training both
-gradients (`jax.custom_vjp`). In float32 training steps, the 1x1 convolutions' kernel gradients run
-there too (`matmul_kernel_gradient`).
+XLA:CPU runs convolutions in Eigen, which is well behind oneDNN's kernels, and it has no bfloat16
+convolution at all. With the optional extra `pip install 'nfnet-jax[onednn]'` (Intel's oneDNN wheels:
+the library and its headers), `load()` compiles a small XLA FFI library once (`kernels/onednn_conv.cc`,
+with the C++ compiler `$CXX` or `c++`) into `$XDG_CACHE_HOME/nfnet_jax` (~/.cache/nfnet_jax) and
+registers its calls; the CPU backend's convolution lowering (`cpu.convolution`) then emits them.
 
-The programs with these calls are for the process that built them: `jax.export` refuses them,
-which is why `InferenceFn.export` and every jit outside `lowering.jit` keep XLA's convolutions.
-`NFNET_JAX_ONEDNN=0` turns the kernels off; without the extra, or where the library cannot be
-built (no compiler), nfnet_jax logs why once and keeps XLA's convolutions.
+Programs with these calls are for the process that built them, so `jax.export` never gets them.
+`NFNET_JAX_ONEDNN=0` turns them off; without the extra, or where the library cannot be built (no
+compiler), `enabled()` logs why once and the CPU backend keeps XLA's convolutions.
 """
 
 from __future__ import annotations
@@ -28,7 +21,7 @@ import os
 import shlex
 import shutil
 import subprocess
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 
 import jax
@@ -47,9 +40,7 @@ LIBRARY_DISTRIBUTION = 'onednn-cpu-gomp'  # libdnnl.so.3, built with GCC's OpenM
 HEADERS_DISTRIBUTION = 'onednn-devel-cpu-gomp'  # oneapi/dnnl/*.hpp for the same version
 TARGETS = {  # the XLA FFI names and the library's symbols
     'forward': ('nfnet_onednn_conv_forward', 'NfnetOnednnConvForward'),
-    'backward_data': ('nfnet_onednn_conv_backward_data', 'NfnetOnednnConvBackwardData'),
     'backward_weights': ('nfnet_onednn_conv_backward_weights', 'NfnetOnednnConvBackwardWeights'),
-    'matmul_kernel_gradient': ('nfnet_onednn_matmul_kernel_gradient', 'NfnetOnednnMatmulKernelGradient'),
 }
 BUILD_TIMEOUT_S = 300
 _registered: set[str] = set()  # the targets registered with XLA:CPU in this process
@@ -64,8 +55,8 @@ class OnednnNotInstalled(OnednnUnavailable):
 
 
 def enabled() -> bool:
-    """Whether `lowering.jit` programs on CPU run their convolutions here: the extra is installed, the
-    library built, and `NFNET_JAX_ONEDNN` is not '0'. The first call builds or loads the library."""
+    """Whether convolutions can run here: the extra is installed, the library built and loaded, and
+    `NFNET_JAX_ONEDNN` is not '0'. The first call builds or loads the library."""
     if os.environ.get('NFNET_JAX_ONEDNN', '1') == '0':
         return False
     try:
@@ -77,8 +68,7 @@ def enabled() -> bool:
 
 
 def cpu_convolutions() -> str:
-    """Which kernels run the convolutions of `lowering.jit` programs on CPU, for reports:
-    'oneDNN <version>' or 'XLA'."""
+    """Which kernels can run convolutions on CPU, for reports: 'oneDNN <version>' or 'XLA'."""
     return f'oneDNN {importlib.metadata.version(LIBRARY_DISTRIBUTION)}' if enabled() else 'XLA'
 
 
@@ -150,24 +140,23 @@ def _onednn() -> tuple[Path, Path, str]:
 
 
 def conv2d(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding) -> Array:
-    """The convolution NHWC x HWIO -> NHWC in oneDNN, differentiable; `load()` must have succeeded.
+    """The convolution NHWC x HWIO -> NHWC in oneDNN, float32 (bfloat16 operands' products summed in float32).
 
-    `x` and `kernel` are both float32 or both bfloat16; the result is float32 (a bfloat16
-    convolution's products summed in float32, as XLA:CPU's bfloat16 matmuls do). In the gradients
-    the output's gradient is rounded to the inputs' dtype, as under PyTorch's autocast.
+    `x` and `kernel` are both float32 or both bfloat16; `load()` must have succeeded.
     """
-    return _conv(x, kernel, groups, tuple(strides), padding)
+    (top, bottom), (left, right) = padding
+    height = (x.shape[1] + top + bottom - kernel.shape[0]) // strides[0] + 1
+    width = (x.shape[2] + left + right - kernel.shape[1]) // strides[1] + 1
+    out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), jnp.float32)
+    return _call('forward', out, groups, strides, padding, x, kernel)
 
 
-def matmul_kernel_gradient(x: Array, dy: Array) -> Array:
-    """The kernel gradient (C, D) of `x` (..., C) times a kernel (C, D) over the channels, given the
-    output's gradient `dy` (..., D): x^T dy over every other axis, float32, one oneDNN matmul.
-
-    For 1x1 convolutions that run as XLA's matmuls: XLA runs this product as Eigen contractions in
-    blocks, each block packed by Eigen and again by the matmul it calls. `load()` must have succeeded.
-    """
-    out = jax.ShapeDtypeStruct((x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGETS['matmul_kernel_gradient'][0], out, vmap_method='sequential')(x, dy)
+def conv2d_kernel_gradient(
+    x: Array, dy: Array, kernel_shape: tuple[int, ...], groups: int, strides: tuple[int, int], padding: Padding
+) -> Array:
+    """The HWIO kernel gradient of `conv2d(x, kernel, groups, strides, padding)` given the output's gradient `dy`
+    (in x's dtype), summed in float32."""
+    return _call('backward_weights', jax.ShapeDtypeStruct(kernel_shape, jnp.float32), groups, strides, padding, x, dy)
 
 
 def _call(
@@ -185,28 +174,3 @@ def _call(
     )
     call = jax.ffi.ffi_call(TARGETS[target][0], out, vmap_method='sequential')
     return call(*operands, **{key: np.int64(value) for key, value in geometry.items()})
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding) -> Array:
-    (top, bottom), (left, right) = padding
-    height = (x.shape[1] + top + bottom - kernel.shape[0]) // strides[0] + 1
-    width = (x.shape[2] + left + right - kernel.shape[1]) // strides[1] + 1
-    out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), jnp.float32)
-    return _call('forward', out, groups, strides, padding, x, kernel)
-
-
-def _conv_forward(x: Array, kernel: Array, groups: int, strides: tuple[int, int], padding: Padding):
-    return _conv(x, kernel, groups, strides, padding), (x, kernel)
-
-
-def _conv_backward(groups: int, strides: tuple[int, int], padding: Padding, saved: tuple[Array, Array], dy: Array):
-    x, kernel = saved
-    dy = dy.astype(x.dtype)
-    dx = _call('backward_data', jax.ShapeDtypeStruct(x.shape, x.dtype), groups, strides, padding, dy, kernel)
-    dkernel = jax.ShapeDtypeStruct(kernel.shape, jnp.float32)  # summed in float32, rounded once
-    dkernel = _call('backward_weights', dkernel, groups, strides, padding, x, dy).astype(kernel.dtype)
-    return dx, dkernel
-
-
-_conv.defvjp(_conv_forward, _conv_backward)
