@@ -1,24 +1,15 @@
 """Keep XLA:CPU's large buffers in the process between calls, so that calls stop page-faulting them in.
 
-XLA:CPU allocates a program's temporary buffer with malloc on every call: hundreds of MiB for
-dm_nfnet_f0's inference or training step. glibc maps a buffer that large afresh and unmaps it when
-it is freed, so every call faults it in again page by page while the kernel zeroes each page.
+XLA:CPU mallocs a program's temporary buffer on every call, and glibc maps a buffer that large
+afresh each time, so every call faults it in again while the kernel zeroes its pages.
+`keep_cpu_memory()` stops that with two settings that need each other: glibc serves large buffers
+from its heap and never trims it (`mallopt`), and JAX runs CPU computations on the calling thread
+(`jax_cpu_enable_async_dispatch` off), whose heap can hold the buffer (a worker thread's arena
+cannot: glibc maps a larger buffer afresh whatever its settings).
 
-`keep_cpu_memory()` stops that, in two parts that need each other:
-
-1. glibc serves large buffers from its heap instead of mapping them (`mallopt`: no `mmap`), and
-   never returns freed memory to the system (no trimming), so a buffer freed by one call is reused
-   by the next;
-2. JAX runs CPU computations on the calling thread instead of its dispatch threads
-   (`jax_cpu_enable_async_dispatch`), so their buffers come from the main thread's heap. A
-   worker thread's arena holds at most 64 MiB, and glibc maps a larger buffer afresh whatever its
-   settings.
-
-The faults all but stop and dm_nfnet_f0 runs faster, in inference and in training
-(docs/performance.md, "Keeping CPU memory between calls"). The costs: the process keeps its peak
-memory until it exits, and Python waits for each CPU computation instead of running ahead of it.
-Both settings hold for the whole process, so the library never makes them
-on its own: call this once, at the start of a program that runs on CPU, before its first JAX
+The costs: the process keeps its peak memory until it exits, and Python waits for each CPU
+computation instead of running ahead of it. Both hold for the whole process, so the library makes
+them only when asked (`nfnet_jax.cpu.enable(keep_memory=True)`), before the process's first JAX
 computation (JAX makes its CPU client once, with the dispatch setting of that moment).
 """
 

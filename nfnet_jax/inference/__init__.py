@@ -3,32 +3,12 @@
     classify = nfnet_jax.inference.classifier(model)     # images (N, H, W, C) -> logits
     logits = classify(images)                             # compiled on the first call per shape/dtype
 
-Each builder returns an `InferenceFn`: `fn(images)` is a jitted call and nothing else, and
-`fn.apply(fn.state, images)` is the same pure function for code that manages the state itself
-(placing it on devices, sharding it, nesting it in its own jit). With the CPU backend on
-(`nfnet_jax.cpu.enable()`), `fn(images)` also takes its compiler options and runs large batches in
-chunks. The state is prepared once: the model is copied into eval mode
-and every weight-standardised conv gets its standardised kernel folded in
-(`ScaledStdConv2d.fold_standardization`), so no call recomputes it. The model passed in is
-untouched and keeps training with the usual per-call standardisation. The state holds weights
-only (no random state: an inference model never draws).
-
-`fn.export(shape)` is the function as a `jax.export.Exported`, weights included, for serving
-from a process that has jax and nothing else (`python -m nfnet_jax.export` writes one to a file).
-
-Any NNX module works: an NFNet, a features_only model, or a model of your own with an NFNet
-inside (`classifier` calls it; `embedder` and `feature_extractor` use the NFNet it holds). For
-any other output, `compile_forward(model, forward)` jits `forward(folded_model, images)` the same
-way, e.g. an FPN head on the taps:
-
-    fpn = compile_forward(net, lambda m, x: m.fpn(m.backbone.forward_intermediates(x, intermediates_only=True)))
-
-Mixed precision is the model's own `dtype`: build it with `create_model(name, dtype=jnp.bfloat16)`
-to compute in bfloat16 from float32 parameters (standardisation and pooling stay float32).
-
-Cold start: compiling dm_nfnet_f0 takes seconds to tens of seconds per input shape. Call
-`enable_compilation_cache(folder)` before the first compilation and later processes load the
-compiled executable from that folder instead of compiling again.
+Each builder copies the model into eval mode with every conv's weight standardisation folded into
+its kernel, so no call recomputes it (the model passed in is untouched), and returns an
+`InferenceFn`: `fn(images)` is a jitted call, `fn.apply(fn.state, images)` the same pure function
+for code that places, shards or nests it, and `fn.export(shape)` a `jax.export.Exported` with the
+weights inside. Any NNX module with an NFNet inside works; `compile_forward(model, forward)` jits
+any other output. `enable_compilation_cache(folder)` lets later processes skip compilation.
 """
 
 from __future__ import annotations
