@@ -1,9 +1,9 @@
-"""What several test modules share: the parity metric, random weights, layout converters, hub staging, state arrays."""
+"""What several test modules share: the parity metric, random weights (from `benchmarks.random_weights`), layout
+converters, hub staging, state arrays."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.random_weights import random_weights, randomize_
 from nfnet_jax import cpu
 from nfnet_jax.cpu import convolution
 from nfnet_jax.numerics import FP32_RTOL, relative_error
@@ -34,53 +35,18 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def cpu_backend() -> Iterator[convolution.Kernels]:
-    """The CPU backend on inside (the kernels `enable()` decides), and as it was after."""
+def cpu_backend(onednn: bool = True, bfloat16: bool | None = None) -> Iterator[convolution.Kernels]:
+    """The CPU backend on inside, and as it was after. `bfloat16`: as if the CPU had (or lacked) bfloat16
+    arithmetic; None: as it is."""
     was_enabled = cpu.enabled()
-    assert cpu.enable()
+    assert cpu.enable(onednn=onednn)
     try:
-        yield convolution.kernels()
+        yield convolution.register(use_onednn=onednn, bfloat16=bfloat16)
     finally:
-        if not was_enabled:
-            cpu.disable()
-
-
-def random_weights(shapes: Mapping[str, tuple[int, ...]], output_axis: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 values for named weight shapes: the one weight randomisation of every test.
-
-    timm's own init zeroes the biases, every skipinit gain and (non-dm models) every conv3
-    gain, which silences the residual branches and hides most bugs. Gains are drawn from
-    U(0.8, 1.2): wider ranges make the 96-block nfnet_f7 so ill-conditioned that timm's own
-    float32 result is 1.2e-5 (relative) away from its float64 result; with this range 1.8e-6.
-    Kernels are N(0, 1/fan_in), with fan_in every axis but `output_axis` (0 for torch, -1 for flax);
-    biases N(0, 0.01). Drawn by torch's generator: 15x numpy's speed, which made the randomisation
-    of the largest models (300-440M weights) most of their parity tests' time.
-    """
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, shape in shapes.items():
-        if name.endswith('gain'):
-            values = torch.empty(shape).uniform_(0.8, 1.2, generator=generator)
-        elif len(shape) > 1:
-            fan_in = np.prod(shape) // shape[output_axis]
-            values = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+        if was_enabled:
+            cpu.enable()
         else:
-            values = torch.randn(shape, generator=generator) * 0.1
-        weights[name] = values.numpy()
-    return weights
-
-
-def randomize_(module: Any, seed: int = 0) -> None:
-    """Give every parameter of a torch module random values (`random_weights`), in place."""
-    import torch
-
-    params = dict(module.named_parameters())
-    values = random_weights({name: tuple(p.shape) for name, p in params.items()}, output_axis=0, seed=seed)
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(torch.from_numpy(values[name]))
+            cpu.disable()
 
 
 def random_params(params: Mapping[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:

@@ -33,13 +33,11 @@ ONEDNN_KERNEL_GRADIENT = onednn.TARGETS['backward_weights'][0]
 
 
 @pytest.fixture(params=['xla', 'onednn'])
-def backend(request, monkeypatch):
+def backend(request):
     """The backend on for one test, with XLA:CPU's kernels only or with oneDNN's (built by the test extra)."""
-    with cpu_backend() as kernels:
-        if request.param == 'onednn':
-            assert kernels.onednn, 'the test extra installs oneDNN: its kernels must build'
-        monkeypatch.setattr(convolution, '_kernels', convolution.Kernels(request.param == 'onednn', kernels.bfloat16))
-        yield convolution.kernels()
+    with cpu_backend(onednn=request.param == 'onednn') as kernels:
+        assert kernels.onednn is (request.param == 'onednn'), 'the test extra installs oneDNN: its kernels must build'
+        yield kernels
 
 
 def conv_and_gradients(groups: int, **conv_kwargs):
@@ -102,9 +100,9 @@ def test_float32_convolutions_and_gradients_equal_xla_s(name, backend):
 
 @pytest.mark.parametrize('name', ['grouped', '1x1', 'stem-stride-2'])
 @pytest.mark.parametrize('bfloat16_cpu', [True, False], ids=['bf16-cpu', 'no-bf16-cpu'])
-def test_bfloat16_convolutions_and_gradients_round_float32_s_once(name, bfloat16_cpu, backend, monkeypatch):
+def test_bfloat16_convolutions_and_gradients_round_float32_s_once(name, bfloat16_cpu, backend):
     """With bfloat16 arithmetic: matmuls (or oneDNN) summing in float32; without it: float32 between two conversions."""
-    monkeypatch.setattr(convolution, '_kernels', convolution.Kernels(backend.onednn, bfloat16_cpu))
+    convolution.register(use_onednn=backend.onednn, bfloat16=bfloat16_cpu)
     _, _, _, groups, kwargs = CONVS[name]
     x, kernel = conv_inputs(name, jnp.bfloat16, seed=1)
     fn = conv_and_gradients(groups, **kwargs)

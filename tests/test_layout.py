@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,44 @@ def test_dependencies_go_one_way():
 
 
 # Deliberate lazy imports, each with its reason: (module, imported module) -> why.
-LAZY_IMPORTS = {}
+LAZY_IMPORTS = {
+    ('nfnet_jax.cpu', 'nfnet_jax.cpu.convolution'): 'the CPU backend loads only when a program enables it',
+    ('nfnet_jax.cpu', 'nfnet_jax.cpu.memory'): 'the CPU backend loads only when a program enables it',
+}
+
+COMMANDS = {'nfnet_jax.predict', 'nfnet_jax.batch_predict', 'nfnet_jax.export', 'nfnet_jax.finetune'}
+# Who may import the CPU backend's switch (nfnet_jax.cpu): the jit sites that take its options, and the commands' setup.
+CPU_BACKEND_USERS = {
+    'nfnet_jax',
+    'nfnet_jax.inference',
+    'nfnet_jax.train.step',
+    'nfnet_jax.parallel.train',
+    'nfnet_jax.cli',
+}
+
+
+def test_the_import_direction_by_role():
+    """commands -> library -> model: the model imports nothing else of the project; nothing imports a command;
+    the CPU backend is imported only where programs are jitted or the commands set up, its kernels only by itself."""
+    graph = {name: project_imports(name) for name in PROJECT}
+    wrong = set()
+    for name, imports in graph.items():
+        for module in imports:
+            if name.startswith('nfnet_jax.models') and not module.startswith('nfnet_jax.models'):
+                wrong.add((name, module, 'the model imports only the model'))
+            if module in COMMANDS:
+                wrong.add((name, module, 'nothing imports a command'))
+            if module == 'nfnet_jax.cpu' and name not in CPU_BACKEND_USERS and not name.startswith('nfnet_jax.cpu'):
+                wrong.add((name, module, 'the CPU backend is switched on by the jit sites and the commands only'))
+            if module.startswith('nfnet_jax.cpu.') and not name.startswith('nfnet_jax.cpu'):
+                wrong.add((name, module, "the backend's kernels are its own business"))
+    assert sorted(wrong) == []
+
+
+def test_the_architecture_page_lists_every_module():
+    listed = set(re.findall(r'`((?:nfnet_jax|convert)/[\w/]+\.py)`', (ROOT / 'docs' / 'architecture.md').read_text()))
+    modules = {str(path.relative_to(ROOT)) for path in PROJECT.values()}
+    assert sorted(modules - listed) == [] and sorted(listed - modules) == []
 
 
 def test_no_function_imports_the_project():
@@ -112,13 +150,17 @@ def test_only_parallel_train_imports_training_outside_nfnet_jax_train():
     assert importers == ['nfnet_jax/finetune.py', 'nfnet_jax/parallel/train.py']  # the training command
 
 
-def test_inference_and_its_commands_load_no_training_code():
-    """orbax and nfnet_jax.train stay unloaded. optax is loaded by flax.nnx itself (nnx.Optimizer), not by us."""
+def test_inference_and_its_commands_load_no_training_code_and_nothing_loads_the_cpu_backend():
+    """orbax and nfnet_jax.train stay unloaded; no module of the CPU backend is loaded by any import.
+    optax is loaded by flax.nnx itself (nnx.Optimizer), not by us."""
     code = (
         'import sys, nfnet_jax, nfnet_jax.inference, nfnet_jax.parallel, nfnet_jax.predict, nfnet_jax.batch_predict\n'
         "training = ('orbax', 'nfnet_jax.train', 'nfnet_jax.parallel.train')\n"
         'loaded = sorted(m for m in sys.modules if m.startswith(training))\n'
         'assert not loaded, loaded\n'
+        'import nfnet_jax.train, nfnet_jax.parallel.train, nfnet_jax.linen, nfnet_jax.finetune, nfnet_jax.export\n'
+        "backend = sorted(m for m in sys.modules if m.startswith('nfnet_jax.cpu.'))\n"
+        'assert not backend, backend  # the CPU backend loads only when enabled\n'
     )
     subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, timeout=300)
     flax_alone = subprocess.run(

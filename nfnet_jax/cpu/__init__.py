@@ -60,6 +60,9 @@ def enabled() -> bool:
 def disable() -> None:
     """Turn the CPU backend off: programs lowered from now on are as without `enable()` (the memory settings stay)."""
     global _enabled
+    from nfnet_jax.cpu import convolution
+
+    convolution.unregister()
     _enabled = False
 
 

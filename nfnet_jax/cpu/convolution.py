@@ -33,7 +33,6 @@ import jax.numpy as jnp
 from jax._src.interpreters import mlir as jax_mlir  # the rule XLA:CPU would use, our fallback
 from jax.interpreters import mlir
 
-import nfnet_jax.cpu
 from nfnet_jax.cpu import onednn
 
 Array = jax.Array
@@ -56,22 +55,33 @@ class Kernels:
     bfloat16: bool  # the CPU has bfloat16 arithmetic
 
 
-_kernels: Kernels | None = None
+_kernels: Kernels | None = None  # None: programs lowered now get XLA's own convolutions
 _xla_rule: Callable[..., Any] | None = None
 
 
-def register(use_onednn: bool = True) -> Kernels:
-    """Install the CPU lowering rule (once per process) and decide the kernels: builds oneDNN's bridge if asked."""
+def register(use_onednn: bool = True, bfloat16: bool | None = None) -> Kernels:
+    """Install the CPU lowering rule (once per process) and decide the kernels: builds oneDNN's bridge if asked.
+
+    `bfloat16`: whether the CPU has bfloat16 arithmetic; None reads it from the machine.
+    """
     global _kernels, _xla_rule
     if _xla_rule is None:
         _xla_rule = jax_mlir._platform_specific_lowerings['cpu'][CONV].rule
         mlir.register_lowering(CONV, _lower, platform='cpu')
-    _kernels = Kernels(onednn=use_onednn and onednn.enabled(), bfloat16=cpu_has_bfloat16())
+    _kernels = Kernels(
+        onednn=use_onednn and onednn.enabled(), bfloat16=cpu_has_bfloat16() if bfloat16 is None else bfloat16
+    )
     return _kernels
 
 
+def unregister() -> None:
+    """Programs lowered from now on get XLA's own convolutions (the rule stays installed, and passes them on)."""
+    global _kernels
+    _kernels = None
+
+
 def kernels() -> Kernels | None:
-    """The kernels `register` decided; None before it."""
+    """The kernels `register` decided; None when off."""
     return _kernels
 
 
@@ -128,7 +138,7 @@ def _lower(ctx: Any, lhs: Any, rhs: Any, **params: Any) -> Any:
     kernels = _kernels
     (lhs_aval, rhs_aval), (out_aval,) = ctx.avals_in, ctx.avals_out
     conv = Conv(lhs_aval.shape, rhs_aval.shape, out_aval.shape, lhs_aval.dtype, params)
-    usable = nfnet_jax.cpu.enabled() and kernels is not None and not ctx.module_context.lowering_parameters.for_export
+    usable = kernels is not None and not ctx.module_context.lowering_parameters.for_export
     rewrite = _rewrite(conv, kernels, _one_device(ctx)) if usable else None
     if rewrite is None:
         return _xla_rule(ctx, lhs, rhs, **params)
