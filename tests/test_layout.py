@@ -79,6 +79,8 @@ def test_dependencies_go_one_way():
 LAZY_IMPORTS = {
     ('nfnet_jax.cpu', 'nfnet_jax.cpu.convolution'): 'the CPU backend loads only when a program enables it',
     ('nfnet_jax.cpu', 'nfnet_jax.cpu.memory'): 'the CPU backend loads only when a program enables it',
+    ('nfnet_jax.train', 'nfnet_jax.train.loop'): 'train_and_evaluate needs grain (an extra) and parallel.train, '
+    'which imports nfnet_jax.train',
 }
 
 COMMANDS = {'nfnet_jax.predict', 'nfnet_jax.batch_predict', 'nfnet_jax.export', 'nfnet_jax.finetune'}

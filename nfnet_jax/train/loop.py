@@ -1,0 +1,471 @@
+"""The fine-tuning loop: `train_and_evaluate(config, workdir)`, what `python -m nfnet_jax.finetune` runs.
+
+The data are read and checked before anything is built; the model gets a fresh head for the
+data's classes and trains with the NFNet recipe on a `ShardedTrainer` over every device of every
+process, fed by `nfnet_jax.data.loaders`. Every epoch the model and its EMA are evaluated, and the
+run directory (`workdir`) gets:
+
+    settings.json         the config and the data, checked by a resume
+    metrics.jsonl         one JSON line per training step and per evaluation
+    curves.png            loss and accuracy curves (needs matplotlib)
+    checkpoints/<step>    the whole training state (orbax), one per epoch
+    data_position/<step>.json   where the input pipeline stands at that step
+    best.safetensors      the best weights so far (model or EMA), with the class names
+
+`resume=True` continues from the last checkpoint and sees exactly the batches an uninterrupted run
+would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nfnet_jax import parallel
+from nfnet_jax.cli import log, progress
+from nfnet_jax.data import create_transform, loaders, resolve_model_data_config
+from nfnet_jax.factory import create_model
+from nfnet_jax.files import atomic_write
+from nfnet_jax.models.nfnet import NormFreeNet
+from nfnet_jax.models.pretrained import resolve_name
+from nfnet_jax.parallel.train import ShardedTrainer
+from nfnet_jax.train.checkpoint import TrainCheckpointer
+from nfnet_jax.train.config import FinetuneConfig
+from nfnet_jax.train.mixup import Mixup
+from nfnet_jax.train.optim import nfnet_optimizer, warmup_cosine_schedule
+from nfnet_jax.train.state import TrainState
+from nfnet_jax.weights import CheckpointError, read_checkpoint_metadata, save_checkpoint
+from nfnet_jax.weights.params import flat_state
+
+SETTINGS, METRICS, PLOT, BEST = 'settings.json', 'metrics.jsonl', 'curves.png', 'best.safetensors'
+WORKERS = 4  # grain processes decoding and augmenting, by default
+
+
+def train_and_evaluate(
+    config: FinetuneConfig, workdir: str | Path, *, resume: bool = False, workers: int = WORKERS
+) -> dict[str, Any]:
+    """Fine-tune as `config` says, keeping the run in `workdir`; returns the final metrics.
+
+    `resume` continues the run in `workdir` (its settings must equal `config`'s); `workers` grain
+    processes decode and augment. The result is the last evaluation's record of metrics.jsonl
+    (`step`, `epoch`, `model` and `ema`: `top1`, `top5`, `loss`; `skipped`; `best`: whether it was
+    the best so far) with `best_top1` and `best_step`, the best validation top-1 of the run and
+    the step of the evaluation that reached it. Every process of a multi-host run calls it.
+    """
+    workdir = Path(workdir)
+    check_environment(config, workers)
+    train, val = read_data(config)
+    settings = settings_of(config, train, val)
+    check_workdir(workdir, settings, resume)
+    if jax.process_count() > 1:  # every process has seen the workdir as it was before process 0 writes to it
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices('nfnet_jax.finetune: output checked')
+    has_checkpoint = resume and any(p.name.isdigit() for p in (workdir / 'checkpoints').glob('*'))
+    run = Finetuning(config, workdir, train, val, fresh=has_checkpoint)
+    if run.leader:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not resume or not (workdir / SETTINGS).is_file():
+            atomic_write(workdir / SETTINGS, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)), True)
+    return run.train(resume, has_checkpoint, workers)
+
+
+def check_environment(config: FinetuneConfig, workers: int) -> None:
+    """What the config cannot say alone: the run's options, the devices, the starting checkpoint."""
+    if workers < 0:
+        raise ValueError('--workers must be 0 or more')
+    if config.batch_size % jax.device_count():
+        raise ValueError(f'--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices')
+    if config.checkpoint is not None and not config.checkpoint.is_file():
+        raise FileNotFoundError(f'no checkpoint at {config.checkpoint}')
+
+
+def read_data(config: FinetuneConfig) -> tuple[loaders.Samples, loaders.Samples]:
+    """The training and validation samples, checked: enough classes, every class readable."""
+    train = loaders.read_samples(config.data)
+    if config.val is not None:
+        val = loaders.read_samples(config.val, class_names=train.class_names)
+    else:
+        train, val = loaders.split(train, 0.1 if config.val_split is None else config.val_split, config.seed)
+    loaders.check_samples(train, f'--data {config.data}')
+    loaders.check_samples(val, 'the validation images', min_classes=1)
+    return train, val
+
+
+def settings_of(config: FinetuneConfig, train: loaders.Samples, val: loaders.Samples) -> dict[str, Any]:
+    """settings.json: the config, the data and the devices."""
+    data = {'train_images': len(train), 'val_images': len(val), 'class_names': list(train.class_names)}
+    return {'flags': config.flags(), 'data': data, 'processes': jax.process_count(), 'devices': jax.device_count()}
+
+
+def check_workdir(workdir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Refuse to start over another run, and to resume a run with other settings (naming each difference)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f'--output {workdir} is a file; the run needs a directory')
+    occupied = workdir.is_dir() and any(workdir.iterdir())
+    if not resume:
+        if occupied:
+            raise FileExistsError(
+                f'--output {workdir} already holds files (another run?): pass --resume to continue that run, '
+                'or choose another --output'
+            )
+        return
+    if not (workdir / SETTINGS).is_file():
+        raise CheckpointError(f'--resume: {workdir} holds no run ({SETTINGS} is missing)')
+    saved = json.loads((workdir / SETTINGS).read_text())
+    differences = []
+    for key in sorted(set(saved['flags']) | set(settings['flags'])):
+        before, now = saved['flags'].get(key), settings['flags'].get(key)
+        if before != now:
+            differences.append(f'--{key.replace("_", "-")} was {before}, now {now}')
+    for key, value in settings['data'].items():
+        if saved['data'].get(key) != value:
+            differences.append(f'the data changed: {key} was {_short(saved["data"].get(key))}, now {_short(value)}')
+    if differences:
+        raise ValueError(f'--resume: this command differs from the run in {workdir}: ' + '; '.join(differences))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) < 80 else text[:77] + '...'
+
+
+def model_name(config: FinetuneConfig) -> str:
+    if config.checkpoint is not None:
+        metadata = read_checkpoint_metadata(config.checkpoint)
+        return metadata.get('model_name') or metadata['architecture']
+    return resolve_name(config.model)[1].name if config.pretrained else config.model
+
+
+def build_model(config: FinetuneConfig, num_classes: int, fresh: bool) -> NormFreeNet:
+    """The backbone with a fresh head for `num_classes`; `fresh` skips loading weights (a resume overwrites them)."""
+    kwargs: dict[str, Any] = dict(
+        num_classes=num_classes,
+        drop_rate=config.drop,
+        dtype=jnp.bfloat16 if config.bf16 else None,
+        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+    )
+    if config.drop_path is not None:
+        kwargs['drop_path_rate'] = config.drop_path
+    name = model_name(config)
+    if fresh:
+        return create_model(name, **kwargs)
+    if config.checkpoint is not None:
+        return create_model(name, checkpoint_path=config.checkpoint, **kwargs)
+    return create_model(name, pretrained=config.pretrained or '.' in config.model, **kwargs)
+
+
+class Metrics:
+    """metrics.jsonl, written by process 0: one line per record, flushed."""
+
+    def __init__(self, path: Path, keep_up_to_step: int | None, leader: bool):
+        self.path, self.leader = path, leader
+        self.records: list[dict[str, Any]] = []
+        if keep_up_to_step is not None and path.is_file():  # a resumed run: drop what came after its checkpoint
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if record['step'] <= keep_up_to_step:
+                    self.records.append(record)
+        if leader:
+            text = ''.join(json.dumps(r) + '\n' for r in self.records)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=True)
+            self.file = open(path, 'a')  # noqa: SIM115 (kept open for the run)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.leader:
+            self.file.write(json.dumps(record) + '\n')
+            self.file.flush()
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r['kind'] == 'eval']
+
+    def best(self) -> float:
+        return max((max(r['model']['top1'], r['ema']['top1']) for r in self.evaluations()), default=-1.0)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> str | None:
+    """Loss and accuracy curves as a PNG; returns a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return f'no {path.name}: install matplotlib for the loss and accuracy plot'
+    train = [r for r in records if r['kind'] == 'train']
+    evals = [r for r in records if r['kind'] == 'eval']
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot([r['step'] for r in train], [r['loss'] for r in train], lw=0.6, label='train')
+    loss_ax.plot([r['step'] for r in evals], [r['model']['loss'] for r in evals], 'o-', label='validation')
+    loss_ax.set(xlabel='step', ylabel='loss', title='loss')
+    for which in ('model', 'ema'):
+        acc_ax.plot([r['step'] for r in evals], [r[which]['top1'] for r in evals], 'o-', label=f'{which} top-1')
+    acc_ax.set(xlabel='step', ylabel='validation accuracy', title='validation top-1', ylim=(0, 1))
+    for ax in (loss_ax, acc_ax):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=100), force=True)
+    plt.close(fig)
+    return None
+
+
+def gathered_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's params as numpy, gathered from every process (a collective: every process calls it)."""
+    from jax.experimental import multihost_utils
+
+    params = {}
+    for path, var in flat_state(model, nnx.Param):
+        value = var[...]
+        if not value.is_fully_addressable:
+            value = multihost_utils.process_allgather(value, tiled=True)
+        params[path] = np.asarray(value)
+    return params
+
+
+def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: loaders.EvalLoader) -> dict[str, Any]:
+    """Top-1, top-5 and mean loss of each model on the validation images (each batch decoded once)."""
+    totals = {name: {'loss_sum': 0.0, 'correct': 0, 'correct_top5': 0, 'count': 0} for name in models}
+    skipped = []
+    for batch in loader:
+        skipped += batch.skipped
+        for name, model in models.items():
+            for key, value in trainer.eval_step(batch.images, batch.labels, model).items():
+                totals[name][key] += value.item()
+    result: dict[str, Any] = {
+        name: {
+            'top1': t['correct'] / max(t['count'], 1),
+            'top5': t['correct_top5'] / max(t['count'], 1),
+            'loss': t['loss_sum'] / max(t['count'], 1),
+        }
+        for name, t in totals.items()
+    }
+    result['skipped'] = skipped
+    return result
+
+
+class Finetuning:
+    """One run's parts, built from its config and data: the model and its recipe on the mesh, the transforms."""
+
+    def __init__(
+        self, config: FinetuneConfig, workdir: Path, train: loaders.Samples, val: loaders.Samples, fresh: bool
+    ):
+        self.config, self.workdir, self.train_samples, self.val_samples = config, workdir, train, val
+        self.leader = jax.process_index() == 0
+        model = build_model(config, len(train.class_names), fresh=fresh)
+        data_config = resolve_model_data_config(model)
+        self.size = config.image_size or data_config['input_size'][-1]
+        self.train_transform = create_transform(
+            self.size,
+            is_training=True,
+            scale=config.scale,
+            ratio=config.ratio,
+            hflip=config.hflip,
+            vflip=config.vflip,
+            color_jitter=config.color_jitter,
+            auto_augment=config.aa,
+            interpolation=config.train_interpolation,
+            mean=data_config['mean'],
+            std=data_config['std'],
+            re_prob=config.reprob,
+            re_mode=config.remode,
+            re_count=config.recount,
+        )
+        self.eval_transform = create_transform(**(data_config | {'input_size': self.size}))
+        whole_run = loaders.TrainLoader(
+            train, self.train_transform, config.batch_size, seed=config.seed, epochs=config.epochs
+        )
+        self.steps_per_epoch, self.total_steps = whole_run.steps_per_epoch, whole_run.total_steps
+        warmup_steps = int(config.warmup_epochs * self.steps_per_epoch)
+        if warmup_steps >= self.total_steps:
+            raise ValueError(
+                f'--warmup-epochs {config.warmup_epochs} leaves no step of the {self.total_steps} to train'
+            )
+
+        scaling = math.sqrt if config.opt == 'adamw' else (lambda x: x)  # timm's --lr-base-scale: sqrt for Adam
+        self.lr = (
+            config.lr if config.lr is not None else config.lr_base * scaling(config.batch_size / config.lr_base_size)
+        )
+        self.schedule = warmup_cosine_schedule(self.lr, self.total_steps, warmup_steps)
+        tx = nfnet_optimizer(
+            self.schedule,
+            opt=config.opt,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            clip_factor=config.clip_grad or None,
+        )
+        self.state = TrainState(model, tx, ema_decay=config.ema_decay or None)
+        self.mesh = parallel.make_mesh()
+        self.trainer = ShardedTrainer(self.state, self.mesh, fsdp=config.fsdp, label_smoothing=config.smoothing)
+        self.mix = self._mixing() if config.mixup > 0 or config.cutmix > 0 else None
+
+    def _mixing(self) -> Any:
+        """Mixup/CutMix of a global batch, jitted, its draws a function of (seed, step)."""
+        config = self.config
+        mixup = Mixup(
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            prob=config.mixup_prob,
+            switch_prob=config.mixup_switch_prob,
+            mode=config.mixup_mode,
+            label_smoothing=config.smoothing,
+            num_classes=len(self.train_samples.class_names),
+        )
+        data = parallel.batch_sharding(self.mesh)
+
+        def mix_batch(step: jax.Array, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return mixup(jax.random.fold_in(jax.random.key(config.seed), step), images, labels)
+
+        return jax.jit(mix_batch, out_shardings=(data, data))
+
+    def train(self, resume: bool, has_checkpoint: bool, workers: int) -> dict[str, Any]:
+        """The epochs left (all of them, or those after the last checkpoint), then the final metrics."""
+        config, out, leader = self.config, self.workdir, self.leader
+        with TrainCheckpointer(out / 'checkpoints', max_to_keep=config.checkpoint_hist) as checkpointer:
+            self.checkpointer = checkpointer
+            start = checkpointer.restore(self.state) if has_checkpoint else 0
+            self.loader = loaders.TrainLoader(
+                self.train_samples, self.train_transform, config.batch_size, seed=config.seed, epochs=config.epochs,
+                start_step=start, workers=workers,
+            )  # fmt: skip
+            if has_checkpoint:
+                position = json.loads((out / 'data_position' / f'{start}.json').read_text())
+                if position != self.loader.position(start):
+                    raise CheckpointError(f'{out}: the saved input position {position} does not match step {start}')
+                log(f'resuming {out} at step {start}: epoch {position["epoch"]}, batch {position["batch_in_epoch"]}')
+            elif resume:
+                log(f'--resume: {out} has no checkpoint yet, starting from step 0')
+            self.metrics = Metrics(out / METRICS, start if resume else None, leader)
+            self.best = self.metrics.best()
+            self.val_loader = loaders.EvalLoader(
+                self.val_samples, self.eval_transform, config.batch_size, workers=min(workers, 2)
+            )
+            if leader:
+                log(
+                    f'{model_name(config)} -> {len(self.train_samples.class_names)} classes: '
+                    f'{len(self.train_samples)} training images ({self.steps_per_epoch} steps of {config.batch_size} '
+                    f'per epoch), {len(self.val_samples)} validation images, {self.size} px, '
+                    f'{jax.device_count()} devices in {jax.process_count()} processes, peak lr {self.lr:.3g}'
+                )
+            started = time.perf_counter()
+            skipped = self.train_steps(start)
+            checkpointer.wait()
+        if leader:
+            note = plot_curves(self.metrics.records, out / PLOT)
+            if note:
+                log(note)
+            seconds = time.perf_counter() - started
+            log(
+                f'done: best validation top-1 {self.best:.4f}, weights in {out / BEST}; {len(skipped)} unreadable '
+                f'images skipped; {self.total_steps - start} steps in {seconds:.0f} s'
+            )
+        evaluations = self.metrics.evaluations()
+        best_step = next(r['step'] for r in evaluations if max(r['model']['top1'], r['ema']['top1']) == self.best)
+        return evaluations[-1] | {'best_top1': self.best, 'best_step': best_step}
+
+    def train_steps(self, start: int) -> set[str]:
+        """Train from step `start` to the end, evaluating at the end of every epoch; returns the unreadable files."""
+        config, leader, metrics = self.config, self.leader, self.metrics
+        skipped: set[str] = set()
+        self.state.model.train()
+        self.bar = bar = progress(
+            total=(self.total_steps - start) * config.batch_size, unit='img', unit_scale=True, disable=not leader
+        )
+        pending: tuple[int, Any] | None = None
+
+        def record(step: int, result: Any) -> None:
+            values = {k: v.item() for k, v in result.items()} | {'lr': float(self.schedule(step - 1))}
+            metrics.write({'kind': 'train', 'step': step, 'epoch': (step - 1) // self.steps_per_epoch} | values)
+            bar.set_postfix(epoch=(step - 1) // self.steps_per_epoch, loss=f'{values["loss"]:.3f}')
+
+        for batch in self.loader:
+            for name in batch.skipped:
+                if name not in skipped:
+                    skipped.add(name)
+                    if leader:
+                        bar.write(f'warning: {name}: not a readable image, skipped', file=sys.stderr)
+            images, labels = parallel.global_batch((batch.images, batch.labels), self.mesh)
+            if self.mix is not None:
+                images, labels = self.mix(np.int32(batch.step), images, labels)
+            result = self.trainer.train_step(images, labels)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                record(*pending)
+            pending = (batch.step + 1, result)
+            bar.update(config.batch_size)
+            step = batch.step + 1
+            if step % self.steps_per_epoch == 0:
+                record(*pending)
+                pending = None
+                self.end_of_epoch(step)
+        bar.close()
+        if pending is not None:
+            record(*pending)
+        return skipped
+
+    def end_of_epoch(self, step: int) -> None:
+        """Evaluate the model and its EMA, keep the best weights, checkpoint the run."""
+        state, out, leader, bar = self.state, self.workdir, self.leader, self.bar
+        state.model.eval()
+        models = {'model': state.model, 'ema': state.eval_model}
+        result = evaluate(self.trainer, models, self.val_loader)
+        state.model.train()
+        epoch = step // self.steps_per_epoch - 1
+        which = max(('model', 'ema'), key=lambda name: result[name]['top1'])
+        improved = result[which]['top1'] > self.best
+        record = {'kind': 'eval', 'step': step, 'epoch': epoch, 'model': result['model'], 'ema': result['ema']}
+        record |= {'skipped': len(result['skipped']), 'best': improved}
+        self.metrics.write(record)
+        if leader:
+            bar.write(
+                f'epoch {epoch}: validation top-1 {result["model"]["top1"]:.4f} (EMA {result["ema"]["top1"]:.4f}), '
+                f'top-5 {result["model"]["top5"]:.4f}, loss {result["model"]["loss"]:.4f}'
+                + (f' -- best so far ({which})' if improved else ''),
+                file=sys.stderr,
+            )
+            for name in result['skipped']:
+                bar.write(f'warning: {name}: not a readable image, left out of the validation', file=sys.stderr)
+        if improved:
+            self.best = result[which]['top1']
+            self.save_best(models[which], which, step, epoch)
+        if leader:
+            position = json.dumps(self.loader.position(step))
+            atomic_write(out / 'data_position' / f'{step}.json', lambda tmp: Path(tmp).write_text(position), True)
+            plot_curves(self.metrics.records, out / PLOT)
+        if step not in self.checkpointer.steps():
+            self.checkpointer.save(state)
+
+    def save_best(self, weights: nnx.Module, which: str, step: int, epoch: int) -> None:
+        """best.safetensors: `weights` (the model or its EMA) with the class names, size and score."""
+        params = gathered_params(weights)  # every process takes part in the gather
+        if not self.leader:
+            return
+        model = self.state.model
+        extra = {
+            'class_names': json.dumps(list(self.val_samples.class_names)),
+            'model_name': model.pretrained_cfg.name if model.pretrained_cfg is not None else '',
+            'input_size': json.dumps([model.in_chans, *self.val_loader.transform.img_size]),
+            'finetune': json.dumps({'step': step, 'epoch': epoch, 'weights': which, 'top1': self.best}),
+        }
+        save_checkpoint(
+            self.workdir / BEST,
+            params,
+            architecture=model.pretrained_cfg.architecture,
+            num_classes=model.num_classes,
+            global_pool=model.global_pool,
+            in_chans=model.in_chans,
+            extra_metadata={k: v for k, v in extra.items() if v},
+            force=True,
+        )
