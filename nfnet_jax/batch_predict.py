@@ -7,7 +7,8 @@ The files (folders searched recursively, or `--list FILE`: one path per line, or
 into chunks of `--chunk-size` consecutive files; chunk c belongs to process c % num_processes,
 which reads only its own chunks' images and writes each finished chunk atomically:
 
-    RUN_DIR/manifest.json       what is computed: model, outputs, top-k, chunk size, the files' hash
+    RUN_DIR/manifest.json       what is computed: model, outputs, top-k, chunk size, the files' hash; and the
+                                checkpoint's own class names, which `merge` labels the classes with
     RUN_DIR/files.txt           the input files in order, a list file as --list reads; a file's place (from 0)
                                 is its index
     RUN_DIR/chunks/000042.npz   chunk 42's outputs: `index` (file indices), `probabilities` and `classes`
@@ -29,7 +30,6 @@ chunks, resumes with the same process count, and the chunk folders are copied to
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import sys
@@ -68,7 +68,7 @@ from nfnet_jax.files import (
     name_fields,
     read_list_file,
 )
-from nfnet_jax.inference.predictor import class_names, compile_prediction, format_topk, pad_rows
+from nfnet_jax.inference.predictor import ClassNames, Predictor
 
 FORMAT = 'nfnet_jax.batch_predict'
 MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'
@@ -112,17 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------ run
 
 
-def read_file_list(path: Path) -> list[Path]:
-    """The paths of a list file (`read_list_file`: one per line, or NUL-separated), relative to the working folder."""
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: no such list file')
-    return read_list_file(path)
-
-
 def input_files(args: argparse.Namespace) -> list[Path]:
+    """The inputs' files (`find_images`), or those of the `--list` file (one per line, or NUL-separated), each once."""
     if bool(args.inputs) == bool(args.list):
         raise ValueError('name the images either as inputs (files or folders) or with --list FILE, not both')
-    files = read_file_list(args.list) if args.list else find_images(args.inputs)
+    if args.list and not args.list.is_file():
+        raise FileNotFoundError(f'{args.list}: no such list file')
+    files = read_list_file(args.list) if args.list else find_images(args.inputs)
     if not files:
         raise FileNotFoundError('no image files to process')
     seen: set[Path] = set()
@@ -138,11 +134,6 @@ def chunk_range(chunk: int, chunk_size: int, num_files: int) -> range:
 
 def chunk_path(run_dir: Path, chunk: int) -> Path:
     return run_dir / CHUNKS / f'{chunk:06d}.npz'
-
-
-def file_list_bytes(files: Sequence[Path | str]) -> bytes:
-    """files.txt's bytes, which its manifest's hash covers: `list_file_bytes`, names exactly as they are."""
-    return list_file_bytes(files)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
@@ -174,7 +165,7 @@ def open_run_dir(run_dir: Path, settings: dict[str, Any], files: Sequence[Path])
 def _create_or_check(run_dir: Path, settings: dict[str, Any], files: Sequence[Path]) -> None:
     if check_run_dir(run_dir, settings, files):
         return
-    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_bytes(file_list_bytes(files)))
+    atomic_write(run_dir / FILE_LIST, lambda tmp: Path(tmp).write_bytes(list_file_bytes(files)))
     manifest = json.dumps({'format': FORMAT, **settings}, indent=1)
     atomic_write(run_dir / MANIFEST, lambda tmp: Path(tmp).write_text(manifest, encoding='utf-8'))
 
@@ -222,17 +213,12 @@ def _list_difference(run_dir: Path, files: Sequence[Path] | None) -> str:
     return f'file {first} is {there} there, {now} now{more}'
 
 
-def _run(args: argparse.Namespace) -> int:
-    with contextlib.ExitStack() as stack:
-        return _run_holding(args, stack)
-
-
 def lock_path(run_dir: Path, process: int) -> Path:
     """The lock a run's process holds while it works: one per process index, so the hosts of one run share nothing."""
     return run_dir / f'{LOCK_PREFIX}{process}'
 
 
-def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
+def _run(args: argparse.Namespace) -> int:
     apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     initialize_from_args(args)
     if args.topk < 1 or args.chunk_size < 1 or (args.batch_size is not None and args.batch_size < 1):
@@ -258,7 +244,7 @@ def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         'test_size': args.test_size,
         'chunk_size': args.chunk_size,
         'files': len(files),
-        'files_sha256': hashlib.sha256(file_list_bytes(files)).hexdigest(),
+        'files_sha256': hashlib.sha256(list_file_bytes(files)).hexdigest(),
     }
     check_model_arguments(args)
     # Refused before the model loads. Only process 0 may find the folder half-made by itself; the
@@ -267,43 +253,40 @@ def _run_holding(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     if process == 0 or (args.output / MANIFEST).exists():
         check_run_dir(args.output, settings, files)
     args.output.mkdir(parents=True, exist_ok=True)
-    stack.enter_context(hold_lock(lock_path(args.output, process), 'batch_predict run'))
+    with hold_lock(lock_path(args.output, process), 'batch_predict run'):
+        model = load_model(args)
+        predictor = Predictor(model, args.checkpoint, topk=args.topk, embeddings=args.embeddings, mesh=mesh)
+        config = resolve_model_data_config(model, use_test_size=args.test_size)
+        settings |= {'architecture': model.pretrained_cfg.architecture, 'num_classes': model.num_classes}
+        settings |= {'input_size': list(config['input_size']), 'class_names': predictor.own_class_names}
+        open_run_dir(args.output, settings, files)
+        transform = create_transform(**config)
 
-    model = load_model(args)
-    predict = parallel.shard_inference(compile_prediction(model, args.embeddings, args.topk), mesh)
-    config = resolve_model_data_config(model, use_test_size=args.test_size)
-    settings |= {'architecture': model.pretrained_cfg.architecture, 'num_classes': model.num_classes}
-    settings |= {'input_size': list(config['input_size'])}
-    open_run_dir(args.output, settings, files)
-    transform = create_transform(**config)
+        num_chunks = -(-len(files) // args.chunk_size)
+        mine = [c for c in range(process, num_chunks, processes)]
+        pending = [c for c in mine if not chunk_path(args.output, c).exists()]
+        # Every process makes the same number of sharded calls: those with less work left pad with empty batches.
+        my_steps = sum(-(-len(chunk_range(c, args.chunk_size, len(files))) // process_batch) for c in pending)
+        steps = _max_over_processes(my_steps)
+        log(
+            f'process {process}/{processes}: {len(mine) - len(pending)} of {len(mine)} chunks done, '
+            f'{len(pending)} to do; {mesh.devices.size} devices (mesh {dict(mesh.shape)}), batches of {batch_size} '
+            f'({process_batch} per process)'
+        )
 
-    num_chunks = -(-len(files) // args.chunk_size)
-    mine = [c for c in range(process, num_chunks, processes)]
-    pending = [c for c in mine if not chunk_path(args.output, c).exists()]
-    # Every process makes the same number of sharded calls: those with less work left pad with empty batches.
-    my_steps = sum(-(-len(chunk_range(c, args.chunk_size, len(files))) // process_batch) for c in pending)
-    steps = _max_over_processes(my_steps)
-    log(
-        f'process {process}/{processes}: {len(mine) - len(pending)} of {len(mine)} chunks done, {len(pending)} to do; '
-        f'{mesh.devices.size} devices (mesh {dict(mesh.shape)}), batches of {batch_size} ({process_batch} per process)'
-    )
-
-    def infer(images: np.ndarray) -> tuple[np.ndarray, ...]:
-        return parallel.local_rows(predict(parallel.global_batch(pad_rows(images, process_batch), mesh)), mesh)
-
-    todo = sum(len(chunk_range(c, args.chunk_size, len(files))) for c in pending)
-    bar = progress(total=todo, unit='img', desc=f'process {process}' if processes > 1 else None)
-    failures = 0
-    for chunk in pending:
-        indices = chunk_range(chunk, args.chunk_size, len(files))
-        done, outputs, failed = predict_chunk(files, indices, transform, process_batch, infer, bar)
-        steps -= len(outputs)
-        write_chunk(args.output, chunk, done, outputs, failed, args.embeddings, process)
-        failures += len(failed)
-    no_images = np.zeros((0, *config['input_size'][1:], config['input_size'][0]), np.float32)
-    for _ in range(steps):
-        infer(no_images)
-    bar.close()
+        todo = sum(len(chunk_range(c, args.chunk_size, len(files))) for c in pending)
+        bar = progress(total=todo, unit='img', desc=f'process {process}' if processes > 1 else None)
+        failures = 0
+        for chunk in pending:
+            indices = chunk_range(chunk, args.chunk_size, len(files))
+            done, outputs, failed = predict_chunk(files, indices, transform, predictor, process_batch, bar)
+            steps -= len(outputs)
+            write_chunk(args.output, chunk, done, outputs, failed, args.embeddings, process)
+            failures += len(failed)
+        no_images = np.zeros((0, *config['input_size'][1:], config['input_size'][0]), np.float32)
+        for _ in range(steps):
+            predictor(no_images, process_batch)
+        bar.close()
     log(f'process {process}: {todo} files of {len(pending)} chunks written to {args.output / CHUNKS}')
     return 1 if failures else 0
 
@@ -312,8 +295,8 @@ def predict_chunk(
     files: Sequence[Path],
     indices: range,
     transform: Callable[[Any], np.ndarray],
+    predictor: Predictor,
     batch_size: int,
-    infer: Callable[[np.ndarray], tuple[np.ndarray, ...]],
     bar: tqdm,
 ) -> tuple[list[int], list[tuple[np.ndarray, ...]], dict[int, str]]:
     """One chunk's (file indices, output tuple per batch, {index: error} of unreadable files)."""
@@ -327,7 +310,7 @@ def predict_chunk(
 
     done, outputs = [], []
     for paths, images in batches([files[i] for i in indices], transform, batch_size, on_error):
-        outputs.append(tuple(out[: len(paths)] for out in infer(images)))
+        outputs.append(predictor(images, batch_size))
         done += [index_of[path] for path in paths]
         bar.update(len(paths))
     return done, outputs, failed
@@ -396,15 +379,16 @@ def _merge(args: argparse.Namespace) -> int:
     if embeddings:
         rows = _merge_embeddings(chunks, files, args.out, row_files, args.force)
     else:
-        rows = _merge_predictions(chunks, files, failed, manifest['num_classes'], args.out, args.force)
+        # The labels of the run's Predictor: its checkpoint's own class names, as the run recorded them.
+        class_names = ClassNames.of(manifest['num_classes'], manifest.get('class_names'))
+        rows = _merge_predictions(chunks, files, failed, class_names, args.out, args.force)
     log(f'wrote {args.out}: {rows} of {len(files)} files' + (f'; {len(failed)} unreadable' if failed else ''))
     return 0
 
 
 def _merge_predictions(
-    chunks: list, files: list[str], failed: dict[int, str], num_classes: int, out: Path, force: bool
+    chunks: list, files: list[str], failed: dict[int, str], class_names: ClassNames, out: Path, force: bool
 ) -> int:
-    labels, synsets = class_names(num_classes)
 
     def write(tmp: str) -> None:
         with open(tmp, 'w', encoding='utf-8') as f:
@@ -414,12 +398,8 @@ def _merge_predictions(
                     if i in failed:
                         f.write(json.dumps({**name_fields(files[i]), 'error': failed[i]}) + '\n')
                         continue
-                    row = rows[i]
-                    top = [
-                        (float(p), int(c))
-                        for p, c in zip(chunk['probabilities'][row], chunk['classes'][row], strict=True)
-                    ]
-                    f.write(format_topk(Path(files[i]), top, labels, synsets, as_json=True) + '\n')
+                    top = chunk['probabilities'][rows[i]], chunk['classes'][rows[i]]
+                    f.write(class_names.format_topk(Path(files[i]), *top, as_json=True) + '\n')
 
     atomic_write(out, write, force=force)
     return sum(len(chunk['index']) for chunk in chunks)

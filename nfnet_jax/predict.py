@@ -8,7 +8,6 @@ skipped; the exit status is 1 if any was, 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,8 @@ from nfnet_jax.cli import (
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
-from nfnet_jax.files import atomic_write, check_output, display_name, name_fields
-from nfnet_jax.inference.predictor import class_names, compile_prediction, format_topk, pad_rows
+from nfnet_jax.files import atomic_write, check_output, display_name
+from nfnet_jax.inference.predictor import Predictor
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,10 +67,9 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError('no files found in ' + ', '.join(str(p) for p in args.inputs))
 
     model = load_model(args)
-    predict = compile_prediction(model, args.embeddings is not None, args.topk)
+    predictor = Predictor(model, args.checkpoint, topk=args.topk, embeddings=args.embeddings is not None)
     config = resolve_model_data_config(model, use_test_size=args.test_size)
     transform = create_transform(**config)
-    labels, synsets = class_names(model.num_classes, args.checkpoint)
     size = 'x'.join(str(v) for v in config['input_size'][1:])
     log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')
 
@@ -86,16 +84,11 @@ def _run(args: argparse.Namespace) -> int:
     embedded: list[np.ndarray] = []
     row = 0
     for paths, images in batches(files, transform, args.batch_size, on_error):
-        outputs = [np.asarray(out)[: len(paths)] for out in predict(pad_rows(images, args.batch_size))]
-        for i, path in enumerate(paths):
+        for path, output in zip(paths, zip(*predictor(images, args.batch_size), strict=True), strict=True):
             if args.embeddings is not None:
-                embedded.append(outputs[0][i])
-                line = json.dumps({**name_fields(path), 'row': row}) if args.json else f'{row}\t{display_name(path)}'
-                row += 1
-            else:
-                top = [(float(p), int(c)) for p, c in zip(outputs[0][i], outputs[1][i], strict=True)]
-                line = format_topk(path, top, labels, synsets, args.json)
-            bar.write(line, file=sys.stdout)
+                embedded.append(output[0])
+            bar.write(predictor.format_row(path, output, row, args.json), file=sys.stdout)
+            row += 1
         bar.update(len(paths))
     bar.close()
 

@@ -22,7 +22,7 @@ from helpers import bomb_png, random_params, relative_error
 from multihost import free_port, run_processes
 from PIL import Image
 
-from nfnet_jax import batch_predict
+from nfnet_jax import batch_predict, predict
 from nfnet_jax.data import create_transform, find_images, load_batch, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
 from nfnet_jax.inference.predictor import compile_prediction
@@ -97,6 +97,38 @@ def test_top_k_of_a_folder_in_chunks_equals_predict(images, checkpoint, referenc
     np.testing.assert_array_equal(classes, reference['classes'])
     assert relative_error(probabilities, reference['probabilities']) < RTOL
     assert predicted[0]['topk'][0]['label'] == f'class {classes[0, 0]}'
+
+
+def test_merge_labels_a_fine_tuned_checkpoints_classes_as_predict_does(images, tmp_path, capsys):
+    """A checkpoint whose metadata holds its class folders' names (as `finetune` writes best.safetensors): the
+    merged rows name the classes by those names, as `predict --json` does, even once the checkpoint has moved."""
+    names = ['daisy', 'rose', 'tulip']
+    checkpoint = tmp_path / 'best.safetensors'
+    model = create_model('test_nfnet', rngs=nnx.Rngs(1), num_classes=3)
+    metadata = {'class_names': json.dumps(names)}
+    save_checkpoint(
+        checkpoint,
+        random_params(flat_params(model)),
+        architecture='test_nfnet',
+        num_classes=3,
+        global_pool='avg',
+        extra_metadata=metadata,
+    )
+    files = [str(images / 'image0.png'), str(images / 'image3.png'), str(images / 'more' / 'image1.png')]
+    assert predict.main([*files, '--checkpoint', str(checkpoint), '--json', '--topk', '3']) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert batch_predict.main(['run', *files, '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'run')]) == 0
+    checkpoint.rename(tmp_path / 'moved.safetensors')  # merge labels with what the run recorded
+    assert batch_predict.main(['merge', str(tmp_path / 'run'), str(tmp_path / 'top.jsonl')]) == 0
+    merged = read_jsonl(tmp_path / 'top.jsonl')
+
+    def labels(rows: list[dict]) -> list[list[tuple[int, str]]]:
+        return [[(entry['index'], entry['label']) for entry in row['topk']] for row in rows]
+
+    assert [row['file'] for row in merged] == [row['file'] for row in printed] == files
+    assert labels(merged) == labels(printed)
+    assert all(label == names[index] for row in labels(merged) for index, label in row)
+    assert all(sorted(label for _, label in row) == names for row in labels(merged))  # top 3 of 3: every name
 
 
 def test_an_interrupted_run_resumes_without_redoing_chunks(images, checkpoint, reference, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from PIL import Image
 
 import nfnet_jax
 from nfnet_jax import data
+from nfnet_jax.data import loaders
 from nfnet_jax.models.features import FeatureListNet
 from nfnet_jax.models.nfnet import abstract_model
 from nfnet_jax.models.pretrained import resolve_name
@@ -133,6 +134,25 @@ def test_load_batch_takes_paths_images_and_arrays(tmp_path):
     np.testing.assert_array_equal(batch[0], transform(photo))
     np.testing.assert_array_equal(batch[1], transform(Image.open(tmp_path / 'gray.jpg')))
     np.testing.assert_array_equal(batch[2], batch[3])
+
+
+def test_one_rule_finds_a_folders_images_for_the_commands_and_for_training(tmp_path):
+    """Natural order (img2 before img10, case ignored), hidden files and folders left out, a link loop searched
+    once; the commands list every such file (a non-image is reported when read), training only timm's extensions."""
+    root = tmp_path / 'data'
+    names = ['cat/img10.png', 'cat/img2.JPG', 'cat/.hidden.png', 'cat/.cache/img1.png', 'cat/notes.txt']
+    names += ['Dog/sub/img1.jpeg', 'Dog/img1.png', '.trash/img0.png']
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b'pixels')
+    (root / 'cat' / 'again').symlink_to(root / 'cat')
+    found = data.find_images([root])
+    expected = ['cat/img2.JPG', 'cat/img10.png', 'cat/notes.txt', 'Dog/img1.png', 'Dog/sub/img1.jpeg']
+    assert [path.relative_to(root).as_posix() for path in found] == expected
+    assert data.find_images([root / 'cat' / '.hidden.png']) == [root / 'cat' / '.hidden.png']  # named: taken
+    samples = loaders.image_folder(root)
+    assert samples.files == tuple(str(path) for path in found if path.suffix.lower() in data.IMAGE_EXTENSIONS)
+    assert samples.class_names == ('cat', 'Dog') and samples.labels.tolist() == [0, 0, 1, 1]
 
 
 def test_unreadable_files_fail_by_name(tmp_path):

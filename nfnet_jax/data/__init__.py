@@ -9,7 +9,7 @@ import one another in one direction only and never this package:
 - `transforms`: the eval transform and the image conversions both transforms share,
 - `auto_augment`: RandAugment, AutoAugment and AugMix (builds on `transforms`),
 - `augment`: the training transform (builds on `transforms` and `auto_augment`),
-- `images`: finding, reading and batching image files,
+- `images`: finding (one rule for the commands and the training folders), reading and batching image files,
 - `labels`: the ImageNet-1k class names.
 """
 
@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from nfnet_jax.data.augment import TrainTransform, create_no_aug_transform, create_train_transform
-from nfnet_jax.data.images import batches, find_images, load_batch, load_image, set_max_image_pixels
+from nfnet_jax.data.images import (
+    IMAGE_EXTENSIONS,
+    batches,
+    find_images,
+    list_images,
+    load_batch,
+    load_image,
+    natural_key,
+    set_max_image_pixels,
+)
 from nfnet_jax.data.labels import imagenet_labels, imagenet_synsets
 from nfnet_jax.data.transforms import (
     CROP_MODES,
@@ -39,6 +48,7 @@ from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_
 __all__ = [
     'CROP_MODES',
     'DEFAULT_CROP_PCT',
+    'IMAGE_EXTENSIONS',
     'INTERPOLATIONS',
     'EvalTransform',
     'ImageLike',
@@ -54,8 +64,10 @@ __all__ = [
     'image_size',
     'imagenet_labels',
     'imagenet_synsets',
+    'list_images',
     'load_batch',
     'load_image',
+    'natural_key',
     'normalize',
     'resolve_model_data_config',
     'set_max_image_pixels',

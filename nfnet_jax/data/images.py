@@ -1,5 +1,9 @@
 """Image files: finding them, reading them safely (with a decompression-bomb limit), and batching them.
 
+Which files a folder's images are is decided here once, for the commands' inputs and the training
+folders alike (`list_images`): searched recursively, hidden files and folders left out, in timm's
+natural order; training folders also keep only timm's extensions (`IMAGE_EXTENSIONS`).
+
 Kept apart from the transforms, which take images already in memory: this module is the one that
 touches the file system, and every failure to read a file is an OSError naming it, so a command can
 report the file and go on.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ from PIL import Image
 
 from nfnet_jax.data.transforms import EvalTransform, ImageLike, to_rgb
 from nfnet_jax.files import display_name
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')  # timm's ImageFolder reads these, and only these
 
 
 def set_max_image_pixels(pixels: int | None) -> None:
@@ -72,14 +78,57 @@ def load_batch(images: Sequence[ImageLike | str | os.PathLike], transform: EvalT
     return np.stack(arrays)
 
 
+def natural_key(text: str) -> list[Any]:
+    """timm's sort key: digit runs compare as numbers ('class2' < 'class10'), case ignored."""
+    return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', text.lower())]
+
+
+def natural_order(paths: Iterable[Path]) -> list[Path]:
+    """`paths` in timm's order (`natural_key` of the whole path); paths equal but for case, by their text."""
+    return sorted(paths, key=lambda path: (natural_key(str(path)), str(path)))
+
+
+def is_hidden(name: str) -> bool:
+    """A hidden file or folder (its name starts with '.'): never an image of a folder, nor a folder searched."""
+    return name.startswith('.')
+
+
+def list_images(folder: Path, extensions: Sequence[str] | None = None) -> list[Path]:
+    """The files under `folder`, searched recursively through links, in timm's order (`natural_order`).
+
+    Hidden files and folders are left out, and, when `extensions` are given, every file whose
+    extension (in any case) is not one of them. A link that leads nowhere (dangling, or a loop) is
+    listed like a file, to be reported by name when it is read; a folder reached twice through
+    links is searched once.
+    """
+    found, searched = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in searched:
+            dirnames.clear()
+            continue
+        searched.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = [name for name in dirnames if not is_hidden(name)]
+        for name in filenames:
+            path = Path(dirpath, name)
+            if is_hidden(name) or (extensions is not None and path.suffix.lower() not in extensions):
+                continue
+            if path.is_file() or path.is_symlink():  # not a FIFO or a device, which a read would hang on
+                found.append(path)
+    return natural_order(found)
+
+
 def find_images(inputs: Sequence[Path]) -> list[Path]:
-    """The files named, and every non-hidden file (or broken link) under the folders named, in sorted order."""
+    """The commands' inputs: the files named, and every file `list_images` finds under the folders named.
+
+    Files of every extension are listed, so that a folder's file that is not an image is reported
+    by name when it is read rather than skipped in silence (and PIL reads more formats than timm's
+    ImageFolder takes).
+    """
     files = []
     for path in inputs:
         if path.is_dir():
-            # Links that lead nowhere (dangling, loops) are listed too, to be reported by name when read.
-            found = (p for p in path.rglob('*') if p.is_file() or (p.is_symlink() and not p.is_dir()))
-            files += sorted(p for p in found if not any(part.startswith('.') for part in p.relative_to(path).parts))
+            files += list_images(path)
         elif path.is_file():
             files.append(path)
         else:

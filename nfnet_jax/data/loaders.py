@@ -1,7 +1,8 @@
 """An input pipeline for training on your own images: folders or list files, decoded and augmented by grain workers.
 
 - `image_folder(root)` finds timm's ImageFolder samples (one sub-folder per class, class names in
-  natural sort order, files in natural sort order, timm's extensions); `list_file(path)` reads
+  natural sort order, files in natural sort order, timm's extensions; a folder's images are
+  found by `nfnet_jax.data.images.list_images`, as the commands' are); `list_file(path)` reads
   `path<TAB>label` or `path,label` lines. `split` holds out a seeded, per-class fraction.
 - `TrainLoader` yields global steps of training batches: each epoch a fresh permutation drawn
   from (seed, epoch); each global batch the next `global_batch_size` samples of it (the last,
@@ -25,7 +26,6 @@ from __future__ import annotations
 import csv
 import functools
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,16 +38,10 @@ try:
 except ImportError as err:  # an optional dependency: say how to get it
     raise ImportError('nfnet_jax.data.loaders needs grain: pip install "nfnet-jax[finetune]"') from err
 
-from nfnet_jax.data import load_image
+from nfnet_jax.data.images import IMAGE_EXTENSIONS, is_hidden, list_images, load_image, natural_key, natural_order
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')  # timm's ImageFolder reads these, and only these
 # A decode failure is replaced by the next sample of the epoch; this many failures in a row mean the data is gone.
 MAX_REPLACEMENTS = 64
-
-
-def natural_key(text: str) -> list[Any]:
-    """timm's sort key: digit runs compare as numbers ('class2' < 'class10'), case ignored."""
-    return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', text.lower())]
 
 
 def this_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -90,8 +84,10 @@ def image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = No
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f'{root}: no such folder')
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith('.')), key=lambda p: p.name)
-    loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)), key=lambda p: p.name)
+    loose = [
+        p.name for p in root.iterdir() if p.is_file() and not is_hidden(p.name) and p.suffix.lower() in IMAGE_EXTENSIONS
+    ]
     if loose:
         raise ValueError(
             f'{root} has image files outside any class folder ({", ".join(sorted(loose)[:3])}...): '
@@ -101,20 +97,15 @@ def image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = No
         raise ValueError(f'{root} has no class folders: expected one sub-folder of images per class')
     names = sorted((p.name for p in folders), key=natural_key) if class_names is None else list(class_names)
     index = {name: i for i, name in enumerate(names)}
-    samples: list[tuple[str, int]] = []
+    label_of: dict[Path, int] = {}
     for folder in folders:
-        found = [
-            os.path.join(dirpath, name)
-            for dirpath, _, files in os.walk(folder, followlinks=True)
-            for name in files
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-        ]
+        found = list_images(folder, IMAGE_EXTENSIONS)
         if not found:
             raise ValueError(f'class folder {folder} holds no image ({", ".join(IMAGE_EXTENSIONS)} files)')
         if folder.name not in index:
             raise ValueError(f'{folder}: class {folder.name!r} is not one of the training classes')
-        samples += [(path, index[folder.name]) for path in found]
-    samples.sort(key=lambda s: natural_key(s[0]))
+        label_of |= dict.fromkeys(found, index[folder.name])
+    samples = [(str(path), label_of[path]) for path in natural_order(label_of)]
     return _samples(samples, names, str(root))
 
 
