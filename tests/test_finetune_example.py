@@ -2,13 +2,15 @@
 
 Chance on the 10 digit classes is 0.1. test_nfnet at 32x32, 60 steps of batch 64, drop path on,
 so the converted-weights path, train mode and the checkpoints all run as a user runs them.
-Its multi-host flags drive the library code that tests/test_finetune.py runs on two processes
-(`python -m nfnet_jax.finetune`: FSDP, gloo): the example is not run on two processes again here.
+The example trains through `nfnet_jax.train.train_and_evaluate`, the loop of `python -m
+nfnet_jax.finetune`, whose multi-host path tests/test_finetune.py runs on two processes (FSDP,
+gloo): the example is not run on two processes again here.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,25 +31,33 @@ def finetune():
     return module
 
 
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+
+
 def test_finetuning_learns_the_digits(finetune, tmp_path):
     # "Converted" weights: a 1000-class test_nfnet written as `python -m convert.from_timm` writes it.
     weights = tmp_path / 'test_nfnet.safetensors'
     source = nfnet_jax.create_model('test_nfnet', rngs=nnx.Rngs(0))
     save_checkpoint(weights, flat_params(source), architecture='test_nfnet', num_classes=1000, global_pool='avg')
-    run = tmp_path / 'run'
-    argv = ['--model', 'test_nfnet', '--checkpoint', str(weights), '--output-dir', str(run)]
+    out = tmp_path / 'out'
+    argv = ['--model', 'test_nfnet', '--checkpoint', str(weights), '--output-dir', str(out)]
     argv += ['--steps', '60', '--eval-every', '30', '--warmup-steps', '10', '--drop-path-rate', '0.1']
-    history = finetune.main(argv)
+    result = finetune.main(argv)
 
-    losses = history['train_loss']
+    run = out / 'run'  # the run of train_and_evaluate, beside the digits it trained on
+    losses = [r['loss'] for r in records(run) if r['kind'] == 'train']
+    evals = [r for r in records(run) if r['kind'] == 'eval']
     assert len(losses) == 60
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5, (losses[:10], losses[-10:])
-    assert history['final_accuracy'] > 0.5, history['evals']
-    assert [e['step'] for e in history['evals']] == [30, 60]
-    assert sorted(int(p.name) for p in run.iterdir() if p.name.isdigit()) == [30, 60]
+    assert result['model']['top1'] > 0.5, evals
+    assert [e['step'] for e in evals] == [30, 60] and result['step'] == 60
+    assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir()) == [30, 60]
+    assert len((out / 'digits' / 'train.tsv').read_text().splitlines()) == 30 * 64  # an epoch is --eval-every steps
 
     # The run's directory is never reused by accident, and --resume at the end trains nothing more.
     with pytest.raises(FileExistsError, match='--resume'):
         finetune.main(argv)
+    before = records(run)
     resumed = finetune.main([*argv, '--resume'])
-    assert resumed['train_loss'] == [] and resumed['final_accuracy'] == history['final_accuracy']
+    assert records(run) == before and resumed == result
