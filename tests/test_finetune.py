@@ -5,12 +5,15 @@ plus one file that is not an image. test_nfnet trains from fresh weights at 32 p
 AdamW, 3 epochs of 15 steps; chance is 0.1 and the run must reach 0.6 validation top-1.
 Then: predict prints the folder's class names; a run killed (SIGKILL) in the middle of its
 second epoch and resumed writes the very metrics of the uninterrupted run (bit for bit, CPU);
-bad inputs are refused by name before any training; two processes of two devices (gloo) train
-the run of one process of four devices, FSDP, Mixup and CutMix included, to within 1e-5.
+bad inputs are refused by name before any training, a bad config with the same message by the
+command and by FinetuneConfig; train_and_evaluate called from Python runs the command's run and
+returns its last evaluation; two processes of two devices (gloo) train the run of one process of
+four devices, FSDP, Mixup and CutMix included, to within 1e-5.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -26,6 +29,7 @@ from PIL import Image
 
 from nfnet_jax import finetune
 from nfnet_jax.data import create_transform, loaders
+from nfnet_jax.train import FinetuneConfig, train_and_evaluate
 from nfnet_jax.weights import read_checkpoint
 
 NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
@@ -219,6 +223,49 @@ def test_bad_inputs_are_refused_before_any_work(finished_run, digits, tmp_path, 
     assert '--resume' in bad_run(existing, capsys)
     message = bad_run([*existing, '--resume', '--lr', '0.01'], capsys)
     assert '--lr was 0.003, now 0.01' in message
+
+
+def test_train_and_evaluate_from_python_returns_the_runs_last_evaluation(digits, tmp_path):
+    """The command's run as a function call: one epoch, in this process, and the metrics it returns."""
+    config = FinetuneConfig(
+        data=str(digits), model='test_nfnet', val_split=0.2, epochs=1, batch_size=32, image_size=32, opt='adamw',
+        lr=0.003, weight_decay=0.01, warmup_epochs=0.5, ema_decay=0.9, scale=[0.8, 1], hflip=0, color_jitter=0, seed=3,
+    )  # fmt: skip
+    run = tmp_path / 'run'
+    result = train_and_evaluate(config, run, workers=0)
+    evals = [r for r in records(run) if r['kind'] == 'eval']
+    assert [r['step'] for r in evals] == [STEPS_PER_EPOCH]
+    last = evals[-1]  # one epoch: its evaluation is the best
+    assert result == last | {'best_top1': max(last['model']['top1'], last['ema']['top1']), 'best_step': last['step']}
+    assert {'top1', 'top5', 'loss'} <= set(result['model']) == set(result['ema'])
+    # The settings the command would write for the same run: either may resume the other's run.
+    command = finetune.parse_args(['--data', str(digits), '--output', str(run), *ARGS, '--epochs', '1'])
+    assert json.loads((run / 'settings.json').read_text())['flags'] == finetune.config_of(command).flags()
+
+
+@pytest.mark.parametrize(
+    ('flags', 'fields', 'message'),
+    [
+        (['--epochs', '-1'], {'epochs': -1}, '--epochs must be positive'),
+        (['--warmup-epochs', '3'], {'warmup_epochs': 3.0}, '--warmup-epochs (3.0) must be in [0, --epochs (3))'),
+        (
+            ['--mixup', '0.2', '-b', '31'],
+            {'mixup': 0.2, 'batch_size': 31},
+            'Mixup and CutMix need an even --batch-size',
+        ),
+        (['--model', 'nfnet_x9'], {'model': 'nfnet_x9'}, "unknown model 'nfnet_x9'"),
+    ],
+)
+def test_the_command_and_the_config_refuse_a_bad_config_alike(digits, tmp_path, capsys, flags, fields, message):
+    out = tmp_path / 'run'
+    assert finetune.main(['--data', str(digits), '--output', str(out), *ARGS, *flags]) == 2
+    printed = capsys.readouterr().err.strip()
+    command = finetune.parse_args(['--data', str(digits), '--output', str(out), *ARGS])
+    settings = {field.name: getattr(command, field.name) for field in dataclasses.fields(FinetuneConfig)}
+    with pytest.raises(ValueError) as refused:
+        FinetuneConfig(**settings | fields)
+    assert printed == f'error: {refused.value}' and str(refused.value).startswith(message)
+    assert not out.exists()  # refused before anything was written
 
 
 def test_two_processes_of_two_devices_train_the_run_of_one_process_of_four(tmp_path):
