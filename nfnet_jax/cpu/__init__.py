@@ -16,12 +16,15 @@ lowering, so they run anywhere). Without `enable()` nothing here is loaded.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src import xla_bridge  # the only way to ask whether JAX has made its clients yet
 
 CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 CPU_TRAINING_OPTIONS = {**CPU_OPTIONS, 'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
@@ -34,22 +37,38 @@ _enabled = False
 def enable(*, onednn: bool = True, keep_memory: bool = False) -> bool:
     """Turn the CPU backend on for this process, if its default backend is the CPU; whether it is on.
 
-    Call it before the first compilation (programs compiled before keep their lowering).
+    Call it before the first compilation (programs compiled before keep their lowering); it starts
+    no JAX client, so it may come before `jax.distributed.initialize`.
     `onednn`: run convolutions in oneDNN where the optional extra is installed (its bridge
     library is built here, once per machine, not while a program is traced). `keep_memory`:
     also `memory.keep_cpu_memory()`, process-wide allocator settings that must come before the
     process's first JAX computation (RuntimeError after it).
     """
     global _enabled
+    if not default_backend_is_cpu():
+        return False
     from nfnet_jax.cpu import convolution, memory
 
-    if keep_memory and memory.cpu_is_the_default_backend():
+    if keep_memory:
         memory.keep_cpu_memory()
-    if jax.default_backend() != 'cpu':
-        return False
     convolution.register(use_onednn=onednn)
     _enabled = True
     return True
+
+
+def default_backend_is_cpu() -> bool:
+    """Whether JAX's default backend is (or will be) the CPU, found without starting JAX's clients.
+
+    Before they exist: the first of `jax_platforms` where it is set, else whether no accelerator
+    plugin (a `jax_plugins` entry point, jax_cuda*/jax_rocm*, libtpu) is installed.
+    """
+    if xla_bridge.backends_are_initialized():
+        return jax.default_backend() == 'cpu'
+    if jax.config.jax_platforms:
+        return jax.config.jax_platforms.split(',')[0].strip() == 'cpu'
+    plugins = {entry.name for entry in importlib.metadata.entry_points(group='jax_plugins')}
+    accelerators = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
+    return not plugins and not any(importlib.util.find_spec(name) for name in accelerators)
 
 
 def enabled() -> bool:

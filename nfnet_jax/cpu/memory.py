@@ -16,8 +16,6 @@ computation (JAX makes its CPU client once, with the dispatch setting of that mo
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
-import importlib.util
 import sys
 
 import jax
@@ -34,21 +32,6 @@ def glibc() -> ctypes.CDLL | None:
         return None
     libc = ctypes.CDLL(None)
     return libc if hasattr(libc, 'gnu_get_libc_version') else None
-
-
-def cpu_is_the_default_backend() -> bool:
-    """Whether JAX's default backend is (or will be) the CPU, found without starting JAX's clients.
-
-    Before they exist: the first of `jax_platforms` where it is set, else whether no accelerator
-    plugin (a `jax_plugins` entry point, jax_cuda*/jax_rocm*, libtpu) is installed.
-    """
-    if xla_bridge.backends_are_initialized():
-        return jax.default_backend() == 'cpu'
-    if jax.config.jax_platforms:
-        return jax.config.jax_platforms.split(',')[0].strip() == 'cpu'
-    plugins = {entry.name for entry in importlib.metadata.entry_points(group='jax_plugins')}
-    accelerators = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'jax_rocm7_plugin', 'libtpu')
-    return not plugins and not any(importlib.util.find_spec(name) for name in accelerators)
 
 
 def keep_cpu_memory() -> bool:
