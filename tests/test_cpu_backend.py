@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import FP32_RTOL, cpu_backend, relative_error
+from jax._src import xla_bridge
 from jax.sharding import NamedSharding, PartitionSpec
 from multihost import FAST_COMPILE_FLAGS, child_env
 
@@ -162,6 +163,7 @@ def test_programs_for_export_and_for_several_devices_keep_xla_s_convolutions(bac
 
 SHARDED_CHILD = """
 import json, jax, jax.numpy as jnp
+from jax._src import xla_bridge
 from jax.sharding import NamedSharding, PartitionSpec
 from nfnet_jax import cpu
 from nfnet_jax.cpu import onednn
@@ -186,8 +188,19 @@ def test_jits_sharded_over_several_devices_keep_xla_convolutions():
 
 
 def test_enable_does_nothing_where_the_default_backend_is_not_the_cpu(monkeypatch):
+    jax.devices()  # JAX's clients exist: their default backend decides
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
     assert cpu.enable() is False and not cpu.enabled() and cpu.compiler_options() is None
+    # Before JAX's clients exist (a command's first step), jax_platforms decides without starting them.
+    monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
+    platforms = jax.config.jax_platforms
+    try:
+        jax.config.update('jax_platforms', 'cuda,cpu')
+        assert cpu.default_backend_is_cpu() is False
+        jax.config.update('jax_platforms', 'cpu')
+        assert cpu.default_backend_is_cpu() is True
+    finally:
+        jax.config.update('jax_platforms', platforms)
 
 
 def test_onednn_can_be_left_out(monkeypatch):
