@@ -258,7 +258,16 @@ def evaluate(trainer: ShardedTrainer, models: dict[str, nnx.Module], loader: loa
 
 
 class Finetuning:
-    """One run's parts, built from its config and data: the model and its recipe on the mesh, the transforms."""
+    """One run: its parts built from the config and data (the model and its recipe on the mesh, the transforms),
+    then `train`, which restores the last checkpoint when there is one and runs the epochs left."""
+
+    # Set by `train` for the run's steps and evaluations:
+    checkpointer: TrainCheckpointer
+    loader: loaders.TrainLoader
+    val_loader: loaders.EvalLoader
+    metrics: Metrics
+    best: float  # the best validation top-1 so far (-1 before the first evaluation)
+    bar: Any  # the progress bar
 
     def __init__(
         self, config: FinetuneConfig, workdir: Path, train: loaders.Samples, val: loaders.Samples, fresh: bool
