@@ -15,7 +15,6 @@ are identical.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,9 +76,6 @@ class NFNet(nn.Module):
     map) or 'taps' (the list of NHWC maps at timm's taps `out_indices`). A `features_only`
     model has only its taps. `train=True` runs dropout and drop path, drawing from the 'dropout'
     RNG: `apply(..., rngs={'dropout': key})` with a new key every step.
-
-    `module_name` is the keyword of the earlier factory function; use Linen's `name`.
-    It is kept, deprecated, for one release.
     """
 
     model_name: str
@@ -92,18 +88,6 @@ class NFNet(nn.Module):
     features_only: bool = False
     out_indices: int | tuple[int, ...] = (0, 1, 2, 3, 4)
     model_kwargs: Mapping[str, Any] | None = None
-    module_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.module_name is not None:
-            warnings.warn(
-                "NFNet(..., module_name=...) is deprecated: pass Linen's name= instead",
-                DeprecationWarning,
-                stacklevel=3,
-            )
-            if self.name is None:
-                object.__setattr__(self, 'name', self.module_name)
-        super().__post_init__()
 
     def setup(self) -> None:
         kwargs = dict(
@@ -124,13 +108,7 @@ class NFNet(nn.Module):
     def indices(self) -> int | tuple[int, ...]:
         return self.out_indices if isinstance(self.out_indices, int) else tuple(self.out_indices)
 
-    def __call__(
-        self, x: jax.Array, train: bool = False, output: str | None = None, pre_logits: bool = False
-    ) -> jax.Array | list[jax.Array]:
-        if pre_logits:  # the factory's keyword, kept for one release
-            message = "NFNet(...)(x, pre_logits=True) is deprecated: use output='pre_logits'"
-            warnings.warn(message, DeprecationWarning, stacklevel=2)
-            output = 'pre_logits'
+    def __call__(self, x: jax.Array, train: bool = False, output: str | None = None) -> jax.Array | list[jax.Array]:
         if self.features_only and output not in (None, 'taps'):
             raise ValueError(f"a features_only NFNet returns its taps only (output='taps'), not {output!r}")
         output = output or ('taps' if self.features_only else 'logits')

@@ -122,10 +122,8 @@ def test_a_features_only_module_has_the_nnx_param_tree_and_returns_taps(images):
         jax.eval_shape(lambda v: module.apply(v, images, output='logits'), {'params': shapes})
 
 
-def test_name_is_linens_and_module_name_still_works_deprecated():
+def test_name_is_linens():
     assert NFNet('test_nfnet', name='backbone').name == 'backbone'  # TypeError: multiple values for 'name', before
-    with pytest.warns(DeprecationWarning, match='name='):
-        assert NFNet('test_nfnet', module_name='backbone').name == 'backbone'
 
 
 def test_train_mode_without_a_dropout_rng_is_an_error(converted, images):
