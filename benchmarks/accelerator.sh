@@ -63,6 +63,7 @@ import sys
 needed = (
     'jax', 'flax', 'optax', 'orbax.checkpoint', 'safetensors', 'torch', 'timm', 'tqdm', 'matplotlib',
     'nfnet_jax', 'benchmarks.vs_timm', 'benchmarks.train_step', 'benchmarks.sharded_inference',
+    'benchmarks.accelerator.worker',
 )
 missing = []
 for name in needed:

@@ -1,14 +1,16 @@
-"""Each convolution of an NFNet's training step timed on its own: nfnet_jax's lowering against torch's, in one process.
+"""Each convolution of an NFNet's training step timed on its own: nfnet_jax's against torch's, in one process.
 
     python -m benchmarks.conv_ops [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
-                                  [--repeats 7] [--json F] [--markdown F]
+                                  [--repeats 7] [--json F] [--markdown F] [--no-keep-cpu-memory]
 
 `benchmarks.train_step` says how far apart the whole steps are; this says which convolutions make
-the difference. The convolutions are the model's own: its forward is traced once with
-`nfnet_jax.models.layers.conv2d` recorded, and each distinct one (input shape, kernel, groups, stride,
-padding) runs three passes on both sides: the forward, the input gradient and the kernel
-gradient. nfnet_jax runs `lowering.conv2d` jitted with the training step's compiler options (on
-CPU: one convolution per group, 1x1 convolutions as matmuls); torch runs `conv2d` and its two
+the difference. The convolutions are the model's own: its forward is traced once to a jaxpr and
+each distinct `lax.conv_general_dilated` in it (input shape, kernel, groups, stride, padding) runs
+three passes on both sides: the forward, the input gradient and the kernel gradient. nfnet_jax
+runs that call as the model makes it, jitted with the training step's compiler options
+(`nfnet_jax.cpu.compiler_options(training=True)`), on CPU with the CPU backend on as
+`benchmarks.train_step` runs it (when the benchmark is the process): its lowering rewrites each
+pass (per group, 1x1 as matmuls, oneDNN's kernels where installed). torch runs `conv2d` and its two
 gradients (`torch.nn.grad`) in channels_last, padded like timm (a symmetric pad inside the conv,
 TensorFlow's asymmetric SAME pad with `F.pad` first). Both sides get the same random tensors, in
 float32 or bfloat16 (`--dtype`: every tensor in it, as under autocast), and their results are
@@ -26,11 +28,10 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
@@ -45,49 +46,70 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 
 @dataclass(frozen=True)
 class Conv:
-    """One convolution of the model, with the arguments `lowering.conv2d` gets for it (NHWC input, HWIO kernel)."""
+    """One convolution of the model: an NHWC input, an HWIO kernel and the geometry of `lax.conv_general_dilated`."""
 
     input_shape: tuple[int, int, int, int]
     kernel_shape: tuple[int, int, int, int]
     groups: int
     strides: tuple[int, int]
-    padding: str | Padding
+    padding: Padding  # (low, high) pixels per spatial dimension, SAME already resolved
     dilation: tuple[int, int]
+
+    @classmethod
+    def of(cls, equation: Any) -> Conv:
+        """The convolution a jaxpr's `conv_general_dilated` equation computes; ValueError for one that is not the
+        model's kind (NHWC x HWIO, no input dilation, no batch groups)."""
+        import jax
+
+        params = equation.params
+        specs = jax.lax.conv_dimension_numbers(
+            equation.invars[0].aval.shape, equation.invars[1].aval.shape, ('NHWC', 'HWIO', 'NHWC')
+        )
+        if (
+            params['dimension_numbers'] != specs
+            or set(params['lhs_dilation']) != {1}
+            or params['batch_group_count'] != 1
+        ):
+            raise ValueError(f'not an NHWC x HWIO convolution as the model makes them: {params}')
+        return cls(
+            tuple(equation.invars[0].aval.shape),
+            tuple(equation.invars[1].aval.shape),
+            params['feature_group_count'],
+            tuple(params['window_strides']),
+            tuple(tuple(pair) for pair in params['padding']),
+            tuple(params['rhs_dilation']),
+        )
 
     @property
     def label(self) -> str:
-        """E.g. '3x3/2 g6': kernel size, stride (when not 1) and groups (when more than 1)."""
+        """E.g. '3x3/2 g6 -> 128': kernel size, stride (when not 1), groups (when more than 1), output channels."""
         kh, kw = self.kernel_shape[:2]
         stride = '' if self.strides == (1, 1) else f'/{self.strides[0]}'
         groups = '' if self.groups == 1 else f' g{self.groups}'
         return f'{kh}x{kw}{stride}{groups} -> {self.kernel_shape[3]}'
 
-    @property
-    def pads(self) -> Padding:
-        """The padding as (low, high) pixels per spatial dimension, SAME resolved as XLA resolves it."""
-        if not isinstance(self.padding, str):
-            return self.padding
+    def __call__(self, x: Any, kernel: Any) -> Any:
+        """This convolution of `x` by `kernel`, as the model calls it (`nfnet_jax.models.layers.ScaledStdConv2d`)."""
         import jax
 
-        window = [(k - 1) * d + 1 for k, d in zip(self.kernel_shape[:2], self.dilation, strict=True)]
-        (top, bottom), (left, right) = jax.lax.padtype_to_pads(self.input_shape[1:3], window, self.strides, 'SAME')
-        return (top, bottom), (left, right)
-
-    @property
-    def conv_kwargs(self) -> dict[str, Any]:
-        """The keywords of `lowering.conv2d` (those of `jax.lax.conv_general_dilated`) for this convolution."""
-        return dict(window_strides=self.strides, padding=self.padding, rhs_dilation=self.dilation)
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=self.strides,
+            padding=self.padding,
+            rhs_dilation=self.dilation,
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=self.groups,
+        )
 
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
-        """As `lowering.conv2d` gives it (no compilation: its abstract evaluation)."""
+        """Its output's shape (no compilation: its abstract evaluation)."""
         import jax
         import jax.numpy as jnp
 
-        from nfnet_jax.cpu import lowering
-
         x, kernel = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in (self.input_shape, self.kernel_shape))
-        return jax.eval_shape(lambda x, k: lowering.conv2d(x, k, self.groups, **self.conv_kwargs), x, kernel).shape
+        return jax.eval_shape(self, x, kernel).shape
 
     @property
     def flops(self) -> float:
@@ -97,29 +119,31 @@ class Conv:
         return 2.0 * n * ho * wo * cout * kh * kw * cin_per_group
 
 
+def equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of a jaxpr, those of the jaxprs inside its equations (jit, remat, control flow) included."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    for equation in jaxpr.eqns:
+        yield equation
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(inner, ClosedJaxpr):
+                    yield from equations(inner.jaxpr)
+                elif isinstance(inner, Jaxpr):
+                    yield from equations(inner)
+
+
 def model_convs(model: Any, batch: int, size: int) -> dict[Conv, int]:
     """Every distinct convolution of `model`'s forward on a batch of `size` x `size` images, with how often it runs."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from nfnet_jax.models import layers
-
-    calls: collections.Counter[Conv] = collections.Counter()
-    conv2d = layers.conv2d
-
-    def recording(x: jax.Array, kernel: jax.Array, groups: int = 1, **kwargs: Any) -> jax.Array:
-        padding = kwargs.get('padding', 'SAME')
-        padding = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
-        dilation = tuple(kwargs.get('rhs_dilation') or (1, 1))
-        calls[Conv(x.shape, kernel.shape, groups, tuple(kwargs.get('window_strides', (1, 1))), padding, dilation)] += 1
-        return conv2d(x, kernel, groups, **kwargs)
-
     graphdef, state = nnx.split(model)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    with mock.patch.object(layers, 'conv2d', recording):
-        jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
-    return dict(calls)
+    traced = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images)
+    convolutions = (e for e in equations(traced.jaxpr) if e.primitive is jax.lax.conv_general_dilated_p)
+    return dict(collections.Counter(Conv.of(equation) for equation in convolutions))
 
 
 def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) -> dict[str, Callable[[], Any]]:
@@ -127,21 +151,18 @@ def jax_passes(conv: Conv, x: np.ndarray, kernel: np.ndarray, grad: np.ndarray) 
     returns its result."""
     import jax
 
-    from nfnet_jax.cpu import lowering
-
-    def forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-        return lowering.conv2d(x, kernel, conv.groups, **conv.conv_kwargs)
+    from nfnet_jax import cpu
 
     programs = {
-        'forward': lambda x, k, g: forward(x, k),
-        'input grad': lambda x, k, g: jax.vjp(lambda x: forward(x, k), x)[1](g)[0],
-        'kernel grad': lambda x, k, g: jax.vjp(lambda k: forward(x, k), k)[1](g)[0],
+        'forward': lambda x, k, g: conv(x, k),
+        'input grad': lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g)[0],
+        'kernel grad': lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0],
     }
     args = [jax.device_put(a) for a in (x, kernel, grad)]
-    platform = lowering.platform_of(args)
+    options = cpu.compiler_options(training=True)
     runners = {}
     for name, program in programs.items():
-        compiled = lowering.jit(program, platform, training=True).lower(*args).compile()
+        compiled = jax.jit(program, compiler_options=options).lower(*args).compile()
         runners[name] = lambda compiled=compiled: jax.block_until_ready(compiled(*args))
     return runners
 
@@ -165,7 +186,7 @@ def torch_passes(
 
     tx, tgrad = nchw(x), nchw(grad)
     tkernel = tensor(kernel).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
-    (top, bottom), (left, right) = conv.pads
+    (top, bottom), (left, right) = conv.padding
     symmetric = top == bottom and left == right
     kwargs = dict(
         stride=conv.strides, dilation=conv.dilation, groups=conv.groups, padding=(top, left) if symmetric else 0
@@ -199,7 +220,7 @@ def torch_as_jax_layout(conv: Conv, name: str, out: Any) -> np.ndarray:
         return out.transpose(2, 3, 1, 0)
     out = out.transpose(0, 2, 3, 1)
     if name == 'input grad' and out.shape != conv.input_shape:  # the gradient of timm's F.pad is this crop
-        (top, _), (left, _) = conv.pads
+        (top, _), (left, _) = conv.padding
         _, h, w, _ = conv.input_shape
         out = out[:, top : top + h, left : left + w]
     return out
@@ -267,6 +288,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from nfnet_jax.cli import add_cpu_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], prog='python -m benchmarks.conv_ops')
     add_workload_arguments(parser, size=160, size_help='image height and width (default 160, as train_step)')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='every tensor in this')
@@ -274,6 +297,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument('--json', type=Path, help='write every measurement here as JSON')
     parser.add_argument('--markdown', type=Path, help='write the table here')
     parser.add_argument('--force', action='store_true', help='replace existing --json / --markdown files')
+    add_cpu_arguments(parser)  # as train_step's, whose convolutions these are
     args = parser.parse_args(argv)
     check_arguments(parser, args, outputs=(args.json, args.markdown))
     return args
@@ -281,11 +305,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from nfnet_jax.cli import apply_cpu_arguments, progress
+
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')
     import jax
     import torch
 
     import nfnet_jax
-    from nfnet_jax.cli import progress
     from nfnet_jax.files import atomic_write
 
     gpu = torch.cuda.is_available() and jax.default_backend() == 'gpu'

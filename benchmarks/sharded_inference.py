@@ -4,8 +4,10 @@
 
 On a GPU/TPU host this compares one accelerator with all of them. On a CPU, try
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`: the 8 "devices" share the same cores, so
-it shows the cost of the partitioning, not a speed-up. Reports the best and median images/s
-of `--runs` warm calls, after one compiling call each.
+it shows the cost of the partitioning, not a speed-up; the CPU backend is on as the commands run
+it (when the benchmark is the process), and a program for several devices keeps XLA's
+convolutions (`nfnet_jax.cpu.convolution`). Reports the best and median images/s of `--runs`
+warm calls, after one compiling call each.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from flax import nnx
 
 import nfnet_jax
 from nfnet_jax import parallel
-from nfnet_jax.cli import progress
+from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments, progress
 from nfnet_jax.inference import classifier
 
 
 def images_per_second(call: Callable[[], jax.Array], batch: int, runs: int, label: str) -> dict[str, float]:
+    """The best and median images/s of `runs` timed calls, and the seconds of the first (compiling) call."""
     begin = time.perf_counter()
     call().block_until_ready()
     first = time.perf_counter() - begin
@@ -42,14 +45,16 @@ def images_per_second(call: Callable[[], jax.Array], batch: int, runs: int, labe
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='python -m benchmarks.sharded_inference', description=__doc__.split('\n')[0])
     parser.add_argument('--model', default='dm_nfnet_f0')
     parser.add_argument('--batch', type=int, default=16, help='global batch (a multiple of the data axis)')
     parser.add_argument('--size', type=int, default=256)
     parser.add_argument('--runs', type=int, default=5)
     parser.add_argument('--model-parallelism', type=int, default=1)
-    args = parser.parse_args()
+    add_cpu_arguments(parser)
+    args = parser.parse_args(argv)
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')
 
     model = nfnet_jax.create_model(args.model, rngs=nnx.Rngs(0))
     fn = classifier(model)

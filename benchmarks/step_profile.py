@@ -3,14 +3,16 @@
     python -m benchmarks.step_profile [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
                                       [--steps 3] [--top 25] [--markdown F] [--force] [--no-keep-cpu-memory]
 
-The step is compiled ahead of time with the training step's compiler options, so the trace's
-thunk names are the instructions of that compiled program: each is shown with its shape and the
-JAX operation it came from. Two tables: the time per kind of instruction (fusion kinds,
-convolutions, matmuls), and the slowest instructions. This is how the two slow paths of changes 7
-and 8 in docs/performance.md were found. Read the times as a guide to outliers, then time the
-suspect alone: on XLA:CPU a thunk's time includes its waits for the shared thread pool, and
-convolutions run asynchronously on the Eigen threads, so they look shorter than they are
-(`benchmarks.conv_ops` times them). The model has nfnet_jax's random init; no timm side runs.
+The step is the library's (`nfnet_jax.train.step.compiled_steps`), run as `benchmarks.train_step`
+runs it: on CPU with the CPU backend and its memory settings on when the benchmark is the
+process. It is compiled ahead of time, so the trace's thunk names are the instructions of that
+compiled program: each is shown with its shape and the JAX operation it came from. Two tables:
+the time per kind of instruction (fusion kinds, convolutions, oneDNN's calls, matmuls), and the
+slowest instructions: this is how slow paths of XLA:CPU are found. Read the times as a guide to
+outliers, then time the suspect alone: on XLA:CPU a thunk's time includes its waits for the shared
+thread pool, and some kernels run asynchronously on their own threads, so they look shorter than
+they are (`benchmarks.conv_ops` times each convolution). The model has nfnet_jax's random init; no
+timm side runs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import markdown
-from benchmarks.vs_timm import add_workload_arguments, check_arguments
+from benchmarks.vs_timm import add_workload_arguments, check_arguments, cpu_convolutions, cpu_memory_kept
 
 # An instruction of the compiled module: `%name = shape opcode(operands), ..., metadata={op_name="..."}`.
 INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+) [\w-]+\((.*)$', re.M)
@@ -102,14 +104,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_arguments, progress
 
-    kept = apply_cpu_arguments(args, is_process=__name__ == '__main__')
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     import nfnet_jax
-    from nfnet_jax.cpu import lowering
+    from nfnet_jax import cpu
     from nfnet_jax.files import atomic_write
     from nfnet_jax.train import TrainState, nfnet_optimizer
     from nfnet_jax.train.step import compiled_steps
@@ -119,8 +121,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch))
-    platform = lowering.platform_of((arrays, images))
-    step = compiled_steps(platform)[0]  # the library's step, donating its state
+    step = compiled_steps(cpu.enabled())[0]  # the library's step, donating its state
     print(f'compiling the {args.model} step', file=sys.stderr)
     compiled = step.lower(graphdef, arrays, images, labels, 0.1).compile()
     found = instructions(compiled.as_text())
@@ -131,9 +132,11 @@ def main(argv: Sequence[str] | None = None) -> str:
             for _ in progress(range(args.steps), desc='traced steps'):
                 arrays = jax.block_until_ready(compiled(arrays, images, labels))[0]
         seconds = thunk_seconds(Path(trace_dir), found)
+    kernels = cpu_convolutions()
     text = (
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
-        f'{jax.devices()[0].device_kind}{", keep_cpu_memory" if kept else ""}: thunk time per step, '
+        f'{jax.devices()[0].device_kind}{f", convolutions in {kernels}" if kernels else ""}'
+        f'{", keep_cpu_memory" if cpu_memory_kept() else ""}: thunk time per step, '
         f'{args.steps} traced steps\n\n' + tables(seconds, found, args.steps, args.top) + '\n'
     )
     print(text)

@@ -6,14 +6,16 @@ Both sides do the same work per step: forward, cross entropy with label smoothin
 backward, timm's AGC (clip 0.01, head excluded), SGD with Nesterov momentum and weight decay.
 timm runs eager (NCHW and channels_last) and under `torch.compile` (channels_last; forward and
 backward compiled, the optimizer eager), on the GPU when torch sees one; nfnet_jax runs its jitted
-`train_step` on JAX's default device. `--dtype bfloat16` computes in bfloat16 from float32
-parameters on both sides: timm's forward and loss under `torch.autocast`, nfnet_jax's model built
-with `dtype=jnp.bfloat16`. Timed steps alternate between
+`train_step` on JAX's default device, on CPU as `python -m nfnet_jax.finetune` runs it: with the
+CPU backend and its memory settings on (`nfnet_jax.cpu.enable`, when the benchmark is the
+process; `--no-keep-cpu-memory` leaves the memory settings off, for timm too). `--dtype bfloat16`
+computes in bfloat16 from float32 parameters on both sides: timm's forward and loss under
+`torch.autocast`, nfnet_jax's model built with `dtype=jnp.bfloat16`. Timed steps alternate between
 the configurations, so load from other processes hits them alike; each reports the median
 seconds per step and its first step (compilation included), and nfnet_jax's speed against each.
-Speed is also given as GFLOP/s, counting the FLOPs of nfnet_jax's step (forward, backward, AGC
-and optimizer, from XLA's cost analysis) for every configuration, and as a share of the machine's
-ceiling, the same torch matmul as `benchmarks.vs_timm`'s, timed in the same run.
+Speed is also given as GFLOP/s, counting the FLOPs of nfnet_jax's step (forward, backward, AGC and
+optimizer, from XLA's cost analysis: `step_flops`) for every configuration, and as a share of the
+machine's ceiling, the same torch matmul as `benchmarks.vs_timm`'s, timed in the same run.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.vs_timm import JAX_CONFIG, matmul_ceiling
+from benchmarks.vs_timm import JAX_CONFIG, cpu_convolutions, cpu_memory_kept, matmul_ceiling, xla_convolutions
 from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments, progress
 
 
@@ -91,7 +93,8 @@ def jax_step(timm_model, images: np.ndarray, labels: np.ndarray, dtype: str = 'f
 
 
 def step_flops(model_name: str, batch: int, size: int, dtype: str = 'float32') -> float:
-    """FLOPs of one nfnet_jax training step, from XLA's cost analysis of the unoptimised program.
+    """FLOPs of one nfnet_jax training step, from XLA's cost analysis of the unoptimised program with XLA's own
+    convolutions (`xla_convolutions`).
 
     Both frameworks do the same arithmetic, so one count serves every configuration. About 3x
     the forward's: the backward computes each convolution's input and kernel gradients.
@@ -106,7 +109,8 @@ def step_flops(model_name: str, batch: int, size: int, dtype: str = 'float32') -
     graphdef, arrays = nnx.split(TrainState(model, nfnet_optimizer(0.1)))
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    lowered = jax.jit(pure_train_step, static_argnums=(0, 4)).lower(graphdef, arrays, images, labels, 0.1)
+    with xla_convolutions():
+        lowered = jax.jit(pure_train_step, static_argnums=(0, 4)).lower(graphdef, arrays, images, labels, 0.1)
     return lowered.cost_analysis()['flops']
 
 
@@ -146,11 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32', help='compute dtype')
     add_cpu_arguments(parser)  # for the whole process: timm runs with it too
     args = parser.parse_args(argv)
-    kept = apply_cpu_arguments(args, is_process=__name__ == '__main__')
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')
 
     import torch
-
-    from nfnet_jax.cpu import onednn
 
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     steps = build_steps(args.model, args.batch, args.size, device, not args.skip_compile, args.dtype)
@@ -169,11 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     ours = next(value for name, value in medians.items() if name.startswith(JAX_CONFIG))
     flops = step_flops(args.model, args.batch, args.size, args.dtype)
     ceiling = matmul_ceiling(args.dtype, device == 'cuda')
+    kernels = cpu_convolutions()
     print(
         f'{args.model} training step, batch {args.batch} at {args.size}x{args.size}, {args.dtype}, '
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
-        f'jax {jax.__version__} on {jax.devices()[0].device_kind}{", keep_cpu_memory" if kept else ""}'
-        f'{"" if device == "cuda" else f", convolutions in {onednn.cpu_convolutions()}"}; '
+        f'jax {jax.__version__} on {jax.devices()[0].device_kind}{", keep_cpu_memory" if cpu_memory_kept() else ""}'
+        f'{f", convolutions in {kernels}" if kernels else ""}; '
         f'{flops / 1e9:.1f} GFLOP per step; ceiling: a {ceiling.matmul} matmul in torch at {ceiling.gflops:.0f} GFLOP/s'
     )
     print(

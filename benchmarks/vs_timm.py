@@ -4,12 +4,15 @@
     python -m benchmarks.vs_timm --model dm_nfnet_f0 --sweep [--plot OUT.png] [--json OUT]
 
 timm runs eager NCHW, eager channels_last and torch.compile (channels_last); nfnet_jax runs its
-jitted inference path (`nfnet_jax.inference.classifier`). The timed calls go round-robin over
+jitted inference path (`nfnet_jax.inference.classifier`), on CPU with its CPU backend on as the
+commands run it (`nfnet_jax.cpu.enable`, when the benchmark is the process) but with the
+allocator's defaults: `--keep-cpu-memory` is off unless given, since it hides the memory the
+peak-memory columns count. The timed calls go round-robin over
 the configurations, so load from other processes hits all of them alike, and each reports the
 median images/s, its first call (compilation included) and the peak memory one call adds on
 top of the loaded weights. Speed is also given as GFLOP/s (the model's FLOPs per image from XLA's
-cost analysis) and as a share of the machine's practical ceiling, a 4096x4096 matmul in torch
-timed in the same run (see `matmul_ceiling`).
+cost analysis, `flops_per_image`) and as a share of the machine's practical ceiling, a large square
+matmul in torch timed in the same run (see `matmul_ceiling`).
 On a GPU the same command runs timm under AMP with channels_last and nfnet_jax in bfloat16 by
 default. The weights are timm's own random init, converted: speed does not depend on their
 values, and the logits of both sides are compared as a sanity check.
@@ -18,12 +21,13 @@ values, and the logits of both sides are compared as a sanity check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,14 +144,37 @@ def build_models(model_name: str, dtype: str, torch_device: str) -> tuple[Any, A
 
 
 def flops_per_image(jax_model: Any, size: int) -> float:
-    """The forward's FLOPs for one image of `size` x `size`, from XLA's cost analysis of the unoptimised program."""
+    """The forward's FLOPs for one image of `size` x `size`, from XLA's cost analysis of the unoptimised program
+    with XLA's own convolutions (`xla_convolutions`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     graphdef, state = nnx.split(jax_model)
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, image).cost_analysis()['flops']
+    with xla_convolutions():
+        lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, image)
+    return lowered.cost_analysis()['flops']
+
+
+@contextlib.contextmanager
+def xla_convolutions() -> Iterator[None]:
+    """Programs lowered inside take XLA's own convolutions; the CPU backend is as it was after.
+
+    For FLOP counts: XLA's cost analysis counts no work in the backend's oneDNN calls, while the
+    backend's other rewrites do the same arithmetic as XLA's convolutions. One count then serves
+    every configuration, whichever kernels run them.
+    """
+    from nfnet_jax import cpu
+    from nfnet_jax.cpu import convolution
+
+    kernels = convolution.kernels() if cpu.enabled() else None
+    cpu.disable()
+    try:
+        yield
+    finally:
+        if kernels is not None:
+            cpu.enable(onednn=kernels.onednn)
 
 
 @dataclass(frozen=True)
@@ -166,9 +193,8 @@ class Ceiling:
 def matmul_ceiling(dtype: str, gpu: bool, repeats: int = 7, budget_s: float = CEILING_BUDGET_S) -> Ceiling:
     """The ceiling for computing in `dtype`: torch's matmul in `dtype`, or in float32 where that is faster.
 
-    Any bfloat16 computation can run in float32, so on a CPU without bfloat16 instructions (an
-    AVX2 EPYC: torch's bfloat16 matmul at 0.3-1.2 GFLOP/s, float32 at 130-160) float32's speed
-    is the limit.
+    Any bfloat16 computation can run in float32, so on a CPU without bfloat16 instructions, where
+    torch's bfloat16 matmul is far slower than its float32 one, float32's speed is the limit.
     """
     timings = (_timed_matmul(d, gpu, repeats, budget_s) for d in dict.fromkeys((dtype, 'float32')))
     return max(timings, key=lambda ceiling: ceiling.gflops)
@@ -178,8 +204,8 @@ def _timed_matmul(dtype: str, gpu: bool, repeats: int, budget_s: float) -> Ceili
     """The best of `repeats` timed calls of torch's square matmul in `dtype`.
 
     The side doubles from 512 up to CEILING_MATMUL while `repeats` calls of the next side (8x the
-    work) fit in `budget_s`: where torch has no fast kernel for `dtype`, one 4096x4096 matmul takes
-    minutes.
+    work) fit in `budget_s`: where torch has no fast kernel for `dtype`, one of the largest would
+    take too long.
     """
     import torch
 
@@ -337,17 +363,38 @@ def table(results: dict[str, Result], ceiling_gflops: float) -> str:
     return '\n'.join(markdown.table(header, rows))
 
 
+def cpu_convolutions() -> str | None:
+    """Which kernels run nfnet_jax's convolutions on CPU, for the reports; None where JAX runs on another backend."""
+    import jax
+
+    from nfnet_jax import cpu
+    from nfnet_jax.cpu import convolution, onednn
+
+    if jax.default_backend() != 'cpu':
+        return None
+    if not cpu.enabled():
+        return 'XLA (CPU backend off)'
+    return f'{onednn.cpu_convolutions() if convolution.kernels().onednn else "XLA"} (CPU backend)'
+
+
+def cpu_memory_kept() -> bool:
+    """Whether `nfnet_jax.cpu.memory.keep_cpu_memory` holds in this process (seen by its dispatch setting)."""
+    import jax
+
+    return not jax.config.read('jax_cpu_enable_async_dispatch')
+
+
 def environment(dtype: str, gpu: bool) -> dict[str, Any]:
+    """What a report says of where it ran: the device, nfnet_jax's CPU settings, the dtype and the versions."""
     import jax
     import timm
     import torch
 
-    from nfnet_jax.cpu import onednn
-
     return dict(
         device=torch.cuda.get_device_name() if gpu else cpu_model(),
         jax_backend=jax.default_backend(),
-        cpu_convolutions=None if gpu else onednn.cpu_convolutions(),
+        cpu_convolutions=cpu_convolutions(),
+        keep_cpu_memory=cpu_memory_kept(),
         dtype=dtype,
         torch_threads=torch.get_num_threads(),
         versions=dict(
@@ -357,9 +404,10 @@ def environment(dtype: str, gpu: bool) -> dict[str, Any]:
 
 
 def describe(report: dict[str, Any]) -> str:
-    """The device, and on CPU which kernels ran nfnet_jax's convolutions."""
+    """The device, and on CPU which kernels ran nfnet_jax's convolutions and whether CPU memory was kept."""
     kernels = report['cpu_convolutions']
-    return report['device'] + (f', nfnet_jax convolutions in {kernels}' if kernels else '')
+    memory = ', keep_cpu_memory' if report['keep_cpu_memory'] else ''
+    return report['device'] + (f', nfnet_jax convolutions in {kernels}' if kernels else '') + memory
 
 
 def plot(runs: list[dict[str, Any]], path: str | Path, title: str) -> None:
@@ -439,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from nfnet_jax.cli import apply_cpu_arguments, progress
 
-    kept = apply_cpu_arguments(args, is_process=__name__ == '__main__')  # off unless asked (parse_args)
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # the backend; its memory settings only if asked
     import torch
 
     from nfnet_jax.files import atomic_write
@@ -463,7 +511,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **environment(dtype, gpu),
         matmul_ceiling_gflops=ceiling.gflops,
         matmul_ceiling_matmul=ceiling.matmul,
-        keep_cpu_memory=kept,
         runs=[],
     )
     calls_per_shape = len(TIMM_CONFIGS) + 1 - args.skip_compile

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import accelerator
+from benchmarks.accelerator import reports, runner
+from benchmarks.accelerator.steps import STEPS
+from benchmarks.machine import host_machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,16 +41,17 @@ def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
     done, json_path, markdown_path = quick_run
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(json_path.read_text())
-    assert report['schema'] == accelerator.SCHEMA and report['quick'] and report['device'] == 'cpu'
+    assert report['schema'] == reports.SCHEMA and report['quick'] and report['device'] == 'cpu'
     assert report['finished'] and report['complete'], {name: step['status'] for name, step in report['steps'].items()}
-    assert list(report['steps']) == list(accelerator.STEPS)
+    assert list(report['steps']) == list(STEPS)
     assert {'cpu', 'cpu_cores', 'python', 'gpus'} <= set(report['machine'])
     environment = report['environment']
     assert environment['jax_backend'] == 'cpu' and environment['jax_device_count'] == 2
+    assert environment['cpu_convolutions'].endswith('(CPU backend)')  # the steps run nfnet_jax as the commands do
     assert {'jax', 'jaxlib', 'torch', 'timm', 'flax'} <= set(environment)
     for name, step in report['steps'].items():
         assert step['status'] == 'ok' and not step['errors'], (name, step)
-        assert 0 < step['elapsed_s'] <= step['budget_s'] + accelerator.GRACE_S
+        assert 0 < step['elapsed_s'] <= step['budget_s'] + runner.GRACE_S
         assert all(skip['planned'] for skip in step['skipped'])
 
     parity = report['steps']['parity']['results']
@@ -79,9 +82,10 @@ def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
 
     markdown = markdown_path.read_text()
     assert f'{step_flops / 1e9:.1f} GFLOP per step' in markdown
-    for heading in ('## Machine', '## Steps', *(f'## {name}' for name in accelerator.STEPS)):
+    for heading in ('## Machine', '## Steps', *(f'## {name}' for name in STEPS)):
         assert f'\n{heading}\n' in markdown
     assert '| test_nfnet | 67x53 |' in markdown
+    assert f'| nfnet_jax convolutions on CPU | {environment["cpu_convolutions"]} |' in markdown
     assert 'float32 ' in markdown.split("Ceiling: torch's square matmul", 1)[1].split('\n', 1)[0]
     assert 'GFLOP/s (% of ceiling)' in markdown
 
@@ -90,7 +94,7 @@ def test_existing_reports_are_not_replaced_without_force(quick_run, capsys):
     _, json_path, markdown_path = quick_run
     before = json_path.read_text(), markdown_path.read_text()
     argv = ['--quick', '--device', 'cpu', '--json', str(json_path), '--markdown', str(markdown_path)]
-    assert accelerator.main(argv) == 2
+    assert runner.main(argv) == 2
     assert 'already exists' in capsys.readouterr().err
     assert (json_path.read_text(), markdown_path.read_text()) == before
 
@@ -102,23 +106,21 @@ def pending_report() -> dict:
         finished=None,
         command='python -m benchmarks.accelerator',
         quick=False,
-        machine=accelerator.host_machine([]),
+        machine=host_machine([]),
         environment=None,
         settings=dict(budget_s=1000),
-        steps={
-            name: dict(status='pending', budget_s=10, results={}, skipped=[], errors=[]) for name in accelerator.STEPS
-        },
+        steps={name: dict(status='pending', budget_s=10, results={}, skipped=[], errors=[]) for name in STEPS},
     )
 
 
 def test_partial_reports_render():
-    markdown = accelerator.render_markdown(pending_report())
-    assert 'running.' in markdown and markdown.count('| pending |') == len(accelerator.STEPS)
+    markdown = reports.render_markdown(pending_report())
+    assert 'running.' in markdown and markdown.count('| pending |') == len(STEPS)
 
 
-def fake_worker(*command: str) -> accelerator.Worker:
+def fake_worker(*command: str) -> runner.Worker:
     """A Worker running `command` in place of the steps' child process."""
-    worker = accelerator.Worker.__new__(accelerator.Worker)
+    worker = runner.Worker.__new__(runner.Worker)
     worker.tail = deque(maxlen=15)
     worker.proc = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
     worker.reader = threading.Thread(target=worker._pass_through, daemon=True)
@@ -148,13 +150,13 @@ def test_the_watchdog_stops_or_loses_one_step_and_keeps_its_figures(tmp_path, ca
     args = argparse.Namespace(json=tmp_path / 'report.json', markdown=tmp_path / 'report.md')
     report = pending_report()
     if case == 'past its budget':
-        child_state(state_path, 'vs_timm', started_s_ago=10 + accelerator.GRACE_S + 1)
+        child_state(state_path, 'vs_timm', started_s_ago=10 + runner.GRACE_S + 1)
         worker = fake_worker('sleep', '60')
     else:
         child_state(state_path, 'vs_timm', started_s_ago=1)
         worker = fake_worker(sys.executable, '-c', 'import sys; print("out of memory", file=sys.stderr); sys.exit(3)')
     began = time.monotonic()
-    remaining = accelerator.watch(worker, state_path, dict(steps=list(accelerator.STEPS)), report, args, began)
+    remaining = runner.watch(worker, state_path, dict(steps=list(STEPS)), report, args, began)
     assert time.monotonic() - began < 30 and worker.proc.returncode is not None
     assert remaining == ['train_step', 'sharded_inference']  # for a fresh child process
     step = report['steps']['vs_timm']
@@ -178,9 +180,9 @@ def test_a_child_that_ends_between_steps_leaves_the_rest_to_a_fresh_one(tmp_path
     state_path.write_text(json.dumps(state))
     args = argparse.Namespace(json=tmp_path / 'report.json', markdown=tmp_path / 'report.md')
     report = pending_report()
-    config = dict(steps=list(accelerator.STEPS))
+    config = dict(steps=list(STEPS))
     worker = fake_worker(sys.executable, '-c', 'pass')
-    remaining = accelerator.watch(worker, state_path, config, report, args, time.monotonic())
+    remaining = runner.watch(worker, state_path, config, report, args, time.monotonic())
     assert remaining == ['train_step', 'sharded_inference']
     assert [step['status'] for step in report['steps'].values()] == ['ok', 'ok', 'pending', 'pending']
 

@@ -1,5 +1,6 @@
-"""`keep_cpu_memory`: after it, a CPU call stops page-faulting its temporary buffer in afresh; the commands
-make it before their first JAX work, by default when they are the process (`python -m`), or when asked.
+"""`nfnet_jax.cpu.memory.keep_cpu_memory`: after it, a CPU call stops page-faulting its temporary buffer in
+afresh. The commands make it with the CPU backend (`nfnet_jax.cpu.enable(keep_memory=True)`) before their first
+JAX work, by default when they are the process (`python -m`), or when asked (`--keep-cpu-memory`).
 
 The settings hold for a whole process, so the tests run in child processes of their own.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from nfnet_jax.cpu.memory import glibc
+from nfnet_jax.cpu.memory import glibc, keep_cpu_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,9 @@ CHILD = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     import nfnet_jax
     from nfnet_jax import inference
+    from nfnet_jax.cpu.memory import keep_cpu_memory
 
-    applied = nfnet_jax.keep_cpu_memory() if sys.argv[1] == 'keep' else None
+    applied = keep_cpu_memory() if sys.argv[1] == 'keep' else None
 
     classify = inference.classifier(nfnet_jax.create_model('test_nfnet'))
     images = jnp.asarray(np.random.default_rng(0).standard_normal((8, 256, 256, 3), np.float32))
@@ -77,11 +79,9 @@ def test_keeping_memory_after_the_first_computation_is_refused_and_changes_nothi
     import jax
     import jax.numpy as jnp
 
-    import nfnet_jax
-
     jax.block_until_ready(jnp.ones(2) + 1)  # the backend exists from here on
     with pytest.raises(RuntimeError, match='before the process.s first JAX computation'):
-        nfnet_jax.keep_cpu_memory()
+        keep_cpu_memory()
     assert jax.config.read('jax_cpu_enable_async_dispatch')
 
 
