@@ -35,6 +35,9 @@ from nfnet_jax.train import TrainState, eval_step, nfnet_optimizer, train_step  
 from nfnet_jax.weights import flat_params, set_flat_params  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+# As the commands do on CPU. Without it, XLA's SPMD partitioner (jaxlib 0.10.2) aborts on the kernel gradient of a
+# grouped convolution in the FSDP + model-axis train step; the backend runs each group as its own convolution.
+nfnet_jax.cpu.enable()
 
 SIZE, BATCH, CLASSES = 32, 8, 10
 TX = nfnet_optimizer(0.1)
