@@ -167,8 +167,8 @@ def write_digits(folder: Path, image_size: int, rows_per_epoch: int, seed: int) 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; returns `train_and_evaluate`'s final metrics."""
     args = parse_args(argv)
-    initialize_from_args(args)  # a multi-host run is joined before JAX starts its backends,
-    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # which this starts; before any JAX computation
+    initialize_from_args(args)  # joins a multi-host run: before any JAX computation
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     check_args(args)
     config = config_of(args, args.output_dir / 'digits')
     tested = write_digits(args.output_dir / 'digits', args.image_size, args.eval_every * args.batch_size, args.seed)

@@ -115,8 +115,8 @@ def config_of(args: argparse.Namespace) -> FinetuneConfig:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_of(args)
-    initialize_from_args(args)  # a multi-host run is joined before JAX starts its backends,
-    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # which this starts; before any JAX computation
+    initialize_from_args(args)  # joins a multi-host run: before any JAX computation
+    apply_cpu_arguments(args, is_process=__name__ == '__main__')  # before any JAX computation
     train_and_evaluate(config, args.output, resume=args.resume, workers=args.workers)
     return 0
 
