@@ -8,13 +8,13 @@ and rewrites each into what XLA:CPU (or oneDNN) runs fast, in plain JAX lowered 
 - a grouped convolution of any layout as one convolution per group, concatenated: XLA:CPU's
   grouped convolutions, and their gradients, take a slow path;
 - a 1x1 convolution as a matmul over the channels, and a kernel gradient that sums over the whole
-  image (a 1x1 convolution's) as one matmul;
+  image (a 1x1 convolution's) as one matmul; always so on a 1x1 image (squeeze-excite's dense layers);
 - in bfloat16, a kxk convolution as one matmul per kernel row (XLA:CPU has bfloat16 matmuls but no
   bfloat16 convolutions), products summed in float32 and rounded once; on a CPU without bfloat16
   arithmetic every bfloat16 convolution runs in float32 between two conversions instead;
-- with the `onednn` extra, on a program for one device: convolutions (forward and input-gradient
-  layouts) and kernel gradients in oneDNN's kernels, float32, and bfloat16 where the CPU has it
-  (bfloat16 1x1 ones stay matmuls).
+- with the `onednn` extra, on a program for one device: convolutions and both their gradients in
+  oneDNN's kernels (its forward, backward-data and backward-weights calls), float32, and bfloat16
+  where the CPU has it (bfloat16 1x1 ones stay matmuls).
 
 Anything else, programs for several devices (XLA cannot partition oneDNN's calls) and programs
 lowered for `jax.export` keep XLA's own lowering. The results equal XLA's up to float rounding.
@@ -167,9 +167,13 @@ def _rewrite(conv: Conv, kernels: Kernels, one_device: bool) -> Callable[[Array,
     if lhs_spec == out_spec == NHWC and rhs_spec in (HWIO, HWOI) and conv.params['batch_group_count'] == 1:
         groups = conv.params['feature_group_count']
         pointwise = conv.rhs_shape[:2] == (1, 1) and conv.unit('window_strides') and conv.unpadded
-        if undilated and pointwise and groups == 1 and (bfloat16 or not in_onednn):
+        dense = conv.lhs_shape[1:3] == (1, 1)  # a dense layer over channels (squeeze-excite's): no image to convolve
+        if undilated and pointwise and groups == 1 and (bfloat16 or dense or not in_onednn):
             return partial(_pointwise_matmul, conv)
-        if undilated and in_onednn:
+        input_gradient = rhs_spec == HWOI and conv.unit('window_strides') and conv.unit('rhs_dilation')
+        if input_gradient and in_onednn and _forward_padding(conv) is not None:
+            return partial(_onednn_input_gradient, conv)
+        if rhs_spec == HWIO and undilated and in_onednn:
             return partial(_onednn_forward, conv)
         if undilated and bfloat16 and groups == 1:
             return partial(_row_matmuls, conv)
@@ -178,7 +182,8 @@ def _rewrite(conv: Conv, kernels: Kernels, one_device: bool) -> Callable[[Array,
         whole_image = whole_image and conv.params['batch_group_count'] == 1
         onednn_geometry = conv.unit('window_strides') and conv.unit('lhs_dilation')
         onednn_geometry = onednn_geometry and all(high >= 0 for _, high in conv.params['padding'])
-        if in_onednn and onednn_geometry and not (bfloat16 and whole_image):
+        dense = conv.lhs_shape[1:3] == (1, 1)
+        if in_onednn and onednn_geometry and not ((bfloat16 or dense) and whole_image):
             return partial(_onednn_kernel_gradient, conv)
         if whole_image:
             return partial(_whole_image_matmul, conv)
@@ -258,6 +263,41 @@ def _onednn_forward(conv: Conv, lhs: Array, rhs: Array) -> Array:
     padding = tuple(tuple(pair) for pair in conv.params['padding'])
     out = onednn.conv2d(lhs, kernel, conv.params['feature_group_count'], tuple(conv.params['window_strides']), padding)
     return out.astype(conv.out_dtype)
+
+
+def _forward_padding(conv: Conv) -> Padding | None:
+    """The padding of the forward convolution whose input gradient `conv` is; None if oneDNN cannot take it.
+
+    JAX pads the output's gradient by k - 1 - low before the (input-dilated) convolution; the high
+    side is the forward's trimmed to what its output reaches.
+    """
+    padding = []
+    strides = conv.params['lhs_dilation']
+    sizes = zip(
+        conv.params['padding'], conv.rhs_shape[:2], conv.lhs_shape[1:3], conv.out_shape[1:3], strides, strict=True
+    )
+    for (before, _), size, out, x, stride in sizes:
+        low = size - 1 - before
+        high = (out - 1) * stride + size - x - low
+        padding.append((low, high))
+    return None if min(min(pair) for pair in padding) < 0 else tuple(padding)
+
+
+def _onednn_input_gradient(conv: Conv, lhs: Array, rhs: Array) -> Array:
+    """An input gradient as oneDNN's backward-data call, given dy and the reversed, regrouped kernel.
+
+    JAX holds the kernel of a grouped convolution's input gradient as (kh, kw, groups * in, out / groups),
+    reversed in space; this undoes both to the forward's HWIO kernel.
+    """
+    groups = conv.params['feature_group_count']
+    kh, kw, cin, out_per_group = rhs.shape
+    kernel = jnp.flip(rhs, (0, 1)).reshape(kh, kw, groups, cin // groups, out_per_group)
+    kernel = kernel.transpose(0, 1, 3, 2, 4).reshape(kh, kw, cin // groups, groups * out_per_group)
+    strides = tuple(conv.params['lhs_dilation'])
+    dx = onednn.conv2d_input_gradient(
+        lhs, kernel.astype(lhs.dtype), conv.out_shape, groups, strides, _forward_padding(conv)
+    )
+    return dx.astype(conv.out_dtype)
 
 
 def _onednn_kernel_gradient(conv: Conv, lhs: Array, rhs: Array) -> Array:

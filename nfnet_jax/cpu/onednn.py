@@ -40,6 +40,7 @@ LIBRARY_DISTRIBUTION = 'onednn-cpu-gomp'  # libdnnl.so.3, built with GCC's OpenM
 HEADERS_DISTRIBUTION = 'onednn-devel-cpu-gomp'  # oneapi/dnnl/*.hpp for the same version
 TARGETS = {  # the XLA FFI names and the library's symbols
     'forward': ('nfnet_onednn_conv_forward', 'NfnetOnednnConvForward'),
+    'backward_data': ('nfnet_onednn_conv_backward_data', 'NfnetOnednnConvBackwardData'),
     'backward_weights': ('nfnet_onednn_conv_backward_weights', 'NfnetOnednnConvBackwardWeights'),
 }
 BUILD_TIMEOUT_S = 300
@@ -149,6 +150,14 @@ def conv2d(x: Array, kernel: Array, groups: int, strides: tuple[int, int], paddi
     width = (x.shape[2] + left + right - kernel.shape[1]) // strides[1] + 1
     out = jax.ShapeDtypeStruct((x.shape[0], height, width, kernel.shape[3]), jnp.float32)
     return _call('forward', out, groups, strides, padding, x, kernel)
+
+
+def conv2d_input_gradient(
+    dy: Array, kernel: Array, x_shape: tuple[int, ...], groups: int, strides: tuple[int, int], padding: Padding
+) -> Array:
+    """The NHWC input gradient of `conv2d(x, kernel, groups, strides, padding)` given the output's gradient `dy`,
+    in dy's dtype (summed in float32)."""
+    return _call('backward_data', jax.ShapeDtypeStruct(x_shape, dy.dtype), groups, strides, padding, dy, kernel)
 
 
 def conv2d_kernel_gradient(

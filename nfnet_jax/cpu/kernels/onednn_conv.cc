@@ -5,8 +5,8 @@
 // (its `nhwc` layout) and keeps the kernel in the blocked layout its fastest kernels want: the
 // kernel (or its gradient) is reordered on every call, one pass over the weights.
 //
-// Two handlers: a convolution (which also computes an input gradient, given the transposed kernel) and
-// a kernel gradient. Each pass of each convolution (shapes, dtypes, strides, padding, groups) gets its
+// Three handlers, one per pass of a training step: the forward, the input gradient and the kernel
+// gradient. Each pass of each convolution (shapes, dtypes, strides, padding, groups) gets its
 // primitive once, cached for the process; the calls run one at a time (`execution_mutex`).
 
 #include <algorithm>
@@ -31,7 +31,7 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-enum class Pass { kForward, kBackwardWeights };
+enum class Pass { kForward, kBackwardData, kBackwardWeights };
 
 // What a pass's primitive depends on. `activations_in` is the input side (x, or the input
 // gradient), `activations_out` the output side (y, or the output gradient).
@@ -89,7 +89,7 @@ std::shared_ptr<const Conv> Get(Pass pass, const Geometry& g) {
                      pad_r = {g.pad_bottom, g.pad_right};
   const memory::desc in = g.In(), out = g.Out();
   const auto direct = dnnl::algorithm::convolution_direct;
-  // The forward that the kernel gradient takes as its hint: for the kernel gradient, one whose
+  // The forward that the backward passes take as their hint: for the kernel gradient, one whose
   // kernel has the activations' type (a bfloat16 forward has no float32 kernel).
   Geometry hinted = g;
   if (pass == Pass::kBackwardWeights) hinted.weights = g.activations_in;
@@ -97,6 +97,10 @@ std::shared_ptr<const Conv> Get(Pass pass, const Geometry& g) {
                                                     Weights(hinted, false), out, strides, pad_l, pad_r);
   if (pass == Pass::kForward) {
     entry = std::make_shared<const Conv>(Conv{dnnl::convolution_forward(forward), forward.weights_desc()});
+  } else if (pass == Pass::kBackwardData) {
+    dnnl::convolution_backward_data::primitive_desc pd(Engine(), direct, in, Weights(g, false), out, strides, pad_l,
+                                                       pad_r, forward);
+    entry = std::make_shared<const Conv>(Conv{dnnl::convolution_backward_data(pd), pd.weights_desc()});
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(Engine(), direct, in, Weights(g, false), out, strides,
                                                           pad_l, pad_r, forward);
@@ -160,6 +164,22 @@ ffi::Error Forward(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Result<ffi::Any
   });
 }
 
+ffi::Error BackwardData(ffi::AnyBuffer dy, ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> dx, int64_t stride_h,
+                        int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                        int64_t groups) {
+  return Guarded([&] {
+    const Geometry g = Make(*dx, kernel, dy, stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups);
+    auto conv = Get(Pass::kBackwardData, g);
+    dnnl::stream stream(Engine());
+    memory weights = KernelFor(*conv, g, kernel, stream);
+    conv->primitive.execute(
+        stream, {{DNNL_ARG_DIFF_DST, Memory(g.Out(), dy)},
+                 {DNNL_ARG_WEIGHTS, weights},
+                 {DNNL_ARG_DIFF_SRC, Memory(g.In(), *dx)}});
+    stream.wait();
+  });
+}
+
 ffi::Error BackwardWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dkernel,
                            int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
                            int64_t pad_right, int64_t groups) {
@@ -197,4 +217,5 @@ auto ConvBinding() {
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvForward, Forward, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvBackwardData, BackwardData, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NfnetOnednnConvBackwardWeights, BackwardWeights, ConvBinding());
