@@ -30,6 +30,7 @@ from nfnet_jax.cpu import convolution, onednn
 
 REPO = Path(__file__).resolve().parent.parent
 ONEDNN = onednn.TARGETS['forward'][0]
+ONEDNN_INPUT_GRADIENT = onednn.TARGETS['backward_data'][0]
 ONEDNN_KERNEL_GRADIENT = onednn.TARGETS['backward_weights'][0]
 
 
@@ -60,8 +61,9 @@ def conv_and_gradients(groups: int, **conv_kwargs):
     return lambda x, kernel: (conv(x, kernel), *jax.grad(loss, argnums=(0, 1))(x, kernel))
 
 
-# name: (x shape, kernel size, output channels, groups, conv keywords). The last three have no kernel gradient
-# in oneDNN: the high padding it would need is negative (its output skips input rows), or the kernel is dilated.
+# name: (x shape, kernel size, output channels, groups, conv keywords). 'left-over-by-stride' and 'depthwise-uneven'
+# have no gradients in oneDNN (the high padding they would need is negative: the output skips input rows), nor has
+# 'dilated' anything.
 CONVS = {
     'grouped': ((2, 9, 7, 12), 3, 18, 3, dict(window_strides=(1, 1), padding='SAME')),
     'stem-stride-2': ((2, 9, 8, 8), 3, 16, 1, dict(window_strides=(2, 2), padding=((0, 1), (0, 1)))),
@@ -89,7 +91,8 @@ def test_float32_convolutions_and_gradients_equal_xla_s(name, backend):
     text = ours.lower(x, kernel).as_text()
     if backend.onednn and name != 'dilated':  # the values below are oneDNN's
         assert ONEDNN in text
-        assert (ONEDNN_KERNEL_GRADIENT in text) is (name not in ('left-over-by-stride', 'depthwise-uneven'))
+        gradients = name not in ('left-over-by-stride', 'depthwise-uneven')
+        assert (ONEDNN_INPUT_GRADIENT in text) is gradients and (ONEDNN_KERNEL_GRADIENT in text) is gradients
     if not backend.onednn:  # every group its own convolution
         assert 'custom_call' not in text and set(re.findall(r'(?:feature|batch)_group_count = (\d+)', text)) <= {'1'}
     got = ours(x, kernel)
