@@ -122,6 +122,13 @@ def test_bfloat16_convolutions_and_gradients_round_float32_s_once(name, bfloat16
         assert relative_error(a, b) <= 2**-7  # the output's, and the cotangent's, rounding to bfloat16
 
 
+def test_a_1x1_convolution_of_a_1x1_image_is_a_dense_layer(backend):
+    """Squeeze-excite's 1x1 convolutions of the pooled vector: matmuls and their gradients, never oneDNN's calls."""
+    x, kernel = jnp.ones((4, 1, 1, 16)), jnp.ones((1, 1, 16, 8))
+    text = jax.jit(conv_and_gradients(1, window_strides=(1, 1), padding='SAME')).lower(x, kernel).as_text()
+    assert 'custom_call' not in text and 'stablehlo.convolution' not in text and text.count('dot_general') == 3
+
+
 def test_the_model_is_one_plain_program_without_the_backend():
     """Off: a user's `jax.jit` of the folded model and the library's classifier lower to the same program,
     with grouped convolutions as written and no custom call."""
