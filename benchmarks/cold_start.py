@@ -72,7 +72,7 @@ def run_child(model_name: str, batch: int, size: int, cache: Path | None) -> dic
 
 def measure(model_name: str, batch: int, size: int, cache: Path) -> dict[str, dict[str, Any]]:
     """The three cold starts: no cache, writing an empty cache, reading it."""
-    from nfnet_jax.cli import progress  # here, not at the top: a child process times its own import of nfnet_jax
+    from nfnet_jax.progress import progress  # here, not at the top: a child process times its own import of nfnet_jax
 
     runs = {'no cache': None, 'cache, first process (writes)': cache, 'cache, second process (reads)': cache}
     results = {}

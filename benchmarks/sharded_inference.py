@@ -24,8 +24,9 @@ from flax import nnx
 
 import nfnet_jax
 from nfnet_jax import parallel
-from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments, progress
+from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments
 from nfnet_jax.inference import classifier
+from nfnet_jax.progress import progress
 
 
 def images_per_second(call: Callable[[], jax.Array], batch: int, runs: int, label: str) -> dict[str, float]:

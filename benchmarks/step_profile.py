@@ -102,7 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    from nfnet_jax.cli import apply_cpu_arguments, progress
+    from nfnet_jax.cli import apply_cpu_arguments
+    from nfnet_jax.progress import progress
 
     apply_cpu_arguments(args, is_process=__name__ == '__main__')
     import jax

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.vs_timm import JAX_CONFIG, cpu_convolutions, cpu_memory_kept, matmul_ceiling, xla_convolutions
-from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments, progress
+from nfnet_jax.cli import add_cpu_arguments, apply_cpu_arguments
+from nfnet_jax.progress import progress
 
 
 def timm_step(

@@ -485,7 +485,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, o
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from nfnet_jax.cli import apply_cpu_arguments, progress
+    from nfnet_jax.cli import apply_cpu_arguments
+    from nfnet_jax.progress import progress
 
     apply_cpu_arguments(args, is_process=__name__ == '__main__')  # the backend; its memory settings only if asked
     import torch

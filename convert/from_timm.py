@@ -16,10 +16,11 @@ import numpy as np
 
 import nfnet_jax
 from convert.verify import print_report, require_timm, verify_checkpoint
-from nfnet_jax.cli import log, run_command
+from nfnet_jax.cli import run_command
 from nfnet_jax.factory import from_timm
 from nfnet_jax.files import check_output
 from nfnet_jax.models.pretrained import resolve_name
+from nfnet_jax.progress import log
 from nfnet_jax.weights import (
     CheckpointError,
     adapt_input_conv,

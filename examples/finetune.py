@@ -43,10 +43,10 @@ from nfnet_jax.cli import (
     add_distributed_arguments,
     apply_cpu_arguments,
     initialize_from_args,
-    log,
 )
 from nfnet_jax.files import atomic_write
 from nfnet_jax.models.pretrained import resolve_name
+from nfnet_jax.progress import log
 from nfnet_jax.train import FinetuneConfig, train_and_evaluate
 from nfnet_jax.weights import read_checkpoint_metadata
 

@@ -53,8 +53,6 @@ from nfnet_jax.cli import (
     check_model_arguments,
     initialize_from_args,
     load_model,
-    log,
-    progress,
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
@@ -69,6 +67,7 @@ from nfnet_jax.files import (
     read_list_file,
 )
 from nfnet_jax.inference.predictor import ClassNames, Predictor
+from nfnet_jax.progress import log, progress
 
 FORMAT = 'nfnet_jax.batch_predict'
 MANIFEST, FILE_LIST, CHUNKS = 'manifest.json', 'files.txt', 'chunks'

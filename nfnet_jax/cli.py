@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from PIL import Image
-from tqdm import tqdm
 
 from nfnet_jax import cpu
 from nfnet_jax.data import set_max_image_pixels
@@ -21,16 +19,11 @@ from nfnet_jax.files import OutputError, Terminated, exit_on_signals
 from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.parallel.mesh import initialize_distributed
+from nfnet_jax.progress import log
 from nfnet_jax.weights.params import CheckpointError
 
 # Errors that mean the input was wrong: the message says what to do, a traceback would only hide it.
 USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, OutputError, ValueError)
-# In a log file (not a terminal), progress is one whole line at most this often instead of a redraw per step.
-LOG_INTERVAL_S = 10.0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -49,43 +42,6 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
         signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
         log(f'stopped by {signal.Signals(signum).name}: nothing half written was left')
         return 128 + signum
-
-
-class _LineProgress(tqdm):
-    """tqdm for a log file: each update it shows is a whole line, never a carriage-return redraw.
-
-    A line is written only when the count moved since the last one (tqdm also redraws around
-    every `write`), and the last count is shown once at `close`.
-    """
-
-    _shown_n: float | None = None
-
-    def clear(self, nolock: bool = False) -> None:
-        """Nothing to erase: lines in a log stay."""
-
-    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        if msg == '' or self.n == self._shown_n:
-            return False
-        self.fp.write((msg or self.__str__()) + '\n')
-        self.fp.flush()
-        self._shown_n = self.n
-        return True
-
-    def close(self) -> None:
-        if not self.disable:
-            self.display()
-            self.leave = False  # the final line is written; tqdm would otherwise add a redraw and a newline
-        super().close()
-
-
-def progress(
-    iterable: Iterable[Any] | None = None, *, total: int | None = None, file: IO[str] | None = None, **kwargs: Any
-) -> tqdm:
-    """A tqdm progress bar on stderr that redraws on a terminal and writes a line every few seconds to a log."""
-    file = file or sys.stderr
-    if file.isatty():
-        return tqdm(iterable, total=total, file=file, **kwargs)
-    return _LineProgress(iterable, total=total, file=file, mininterval=LOG_INTERVAL_S, **kwargs)
 
 
 def add_model_arguments(

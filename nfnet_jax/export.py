@@ -24,9 +24,10 @@ import jax.numpy as jnp
 
 import nfnet_jax
 from nfnet_jax import inference
-from nfnet_jax.cli import add_model_arguments, check_model_arguments, load_model, log, run_command
+from nfnet_jax.cli import add_model_arguments, check_model_arguments, load_model, run_command
 from nfnet_jax.files import atomic_write, check_output
 from nfnet_jax.models.nfnet import NormFreeNet
+from nfnet_jax.progress import log
 
 OUTPUTS = ('logits', 'embeddings', 'features')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names

@@ -22,13 +22,12 @@ from nfnet_jax.cli import (
     apply_image_arguments,
     check_model_arguments,
     load_model,
-    log,
-    progress,
     run_command,
 )
 from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
 from nfnet_jax.files import atomic_write, check_output, display_name
 from nfnet_jax.inference.predictor import Predictor
+from nfnet_jax.progress import log, progress
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import nfnet_jax
-from nfnet_jax import cli
+from nfnet_jax import progress
 from nfnet_jax.weights import file as weights_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,8 @@ CPU_BACKEND_USERS = {
 
 
 def test_the_import_direction_by_role():
-    """commands -> library -> model: the model imports nothing else of the project; nothing imports a command;
+    """commands -> library -> model: the model imports nothing else of the project; nothing imports a command, and
+    only the commands use their shared plumbing (nfnet_jax.cli);
     the CPU backend is imported only where programs are jitted or the commands set up, its kernels only by itself."""
     graph = {name: project_imports(name) for name in PROJECT}
     wrong = set()
@@ -105,6 +106,8 @@ def test_the_import_direction_by_role():
                 wrong.add((name, module, 'the model imports only the model'))
             if module in COMMANDS:
                 wrong.add((name, module, 'nothing imports a command'))
+            if module == 'nfnet_jax.cli' and name not in COMMANDS and not name.startswith('convert'):
+                wrong.add((name, module, "the commands' plumbing is theirs: the library does not use it"))
             if module == 'nfnet_jax.cpu' and name not in CPU_BACKEND_USERS and not name.startswith('nfnet_jax.cpu'):
                 wrong.add((name, module, 'the CPU backend is switched on by the jit sites and the commands only'))
             if module.startswith('nfnet_jax.cpu.') and not name.startswith('nfnet_jax.cpu'):
@@ -219,8 +222,8 @@ def test_progress_redraws_only_on_a_terminal(monkeypatch):
     """In a log file each shown update is its own line, at most one per interval, and a message written
     between updates does not redraw the bar: no carriage returns, no repeated lines."""
     log = io.StringIO()
-    monkeypatch.setattr(cli, 'LOG_INTERVAL_S', 3600.0)
-    with cli.progress(range(1000), file=log, desc='work') as bar:
+    monkeypatch.setattr(progress, 'LOG_INTERVAL_S', 3600.0)
+    with progress.progress(range(1000), file=log, desc='work') as bar:
         for i in bar:
             if i == 500:
                 bar.write('a message', file=log)

@@ -161,7 +161,7 @@ def run_steps(args: argparse.Namespace) -> int:
 
     for path in (args.json, args.markdown):  # before any work, not after minutes of it
         check_report_file(path, args.force)
-    from nfnet_jax.cli import log
+    from nfnet_jax.progress import log
 
     gpus = [] if args.device == 'cpu' else nvidia_gpus()
     if args.device == 'gpu' and not gpus:
@@ -228,7 +228,7 @@ def watch(
     start: float,
 ) -> list[str]:
     """Follow one child until it ends or is killed; returns the steps still to run."""
-    from nfnet_jax.cli import log
+    from nfnet_jax.progress import log
 
     seen_mtime = None
     state: dict[str, Any] = {}

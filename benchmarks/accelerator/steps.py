@@ -34,7 +34,7 @@ class StepContext:
 
     def skip(self, what: str, why: str, planned: bool = False) -> None:
         """Record a part not run: for the budget (the step is then 'partial'), or `planned` by the settings."""
-        from nfnet_jax.cli import log
+        from nfnet_jax.progress import log
 
         log(f'skipping {what}: {why}')
         self.record['skipped'].append(dict(what=what, why=why, planned=planned))
@@ -52,7 +52,7 @@ class StepContext:
 
     def failed(self, what: str, err: Exception) -> None:
         """Record a part that raised `err` (call it in the except block: it keeps the traceback)."""
-        from nfnet_jax.cli import log
+        from nfnet_jax.progress import log
 
         log(f'{what} failed: {err!r}')
         self.record['errors'].append(
@@ -205,7 +205,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     import torch
 
     from benchmarks import vs_timm as bench
-    from nfnet_jax.cli import log, progress
+    from nfnet_jax.progress import log, progress
 
     _, torch_device = check_devices(gpu)
     if gpu:
@@ -297,7 +297,7 @@ def train_step(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     import torch
 
     from benchmarks import train_step as bench
-    from nfnet_jax.cli import progress
+    from nfnet_jax.progress import progress
 
     _, torch_device = check_devices(gpu)
     if gpu:

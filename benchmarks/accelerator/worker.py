@@ -23,8 +23,8 @@ from benchmarks.accelerator.settings import MIN_STEP_BUDGET_S
 from benchmarks.accelerator.steps import STEPS, StepContext
 from benchmarks.vs_timm import cpu_convolutions
 from nfnet_jax import cpu
-from nfnet_jax.cli import log
 from nfnet_jax.files import atomic_write
+from nfnet_jax.progress import log
 
 
 def run_worker(config_path: Path) -> int:

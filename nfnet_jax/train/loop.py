@@ -31,13 +31,13 @@ import numpy as np
 from flax import nnx
 
 from nfnet_jax import parallel
-from nfnet_jax.cli import log, progress
 from nfnet_jax.data import create_transform, loaders, resolve_model_data_config
 from nfnet_jax.factory import create_model
 from nfnet_jax.files import atomic_write
 from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.parallel.train import ShardedTrainer
+from nfnet_jax.progress import log, progress
 from nfnet_jax.train.checkpoint import TrainCheckpointer
 from nfnet_jax.train.config import FinetuneConfig
 from nfnet_jax.train.mixup import Mixup
