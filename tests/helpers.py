@@ -19,6 +19,7 @@ from nfnet_jax.numerics import FP32_RTOL, relative_error
 
 __all__ = [
     'FP32_RTOL',
+    'ONE_PER_CONFIG',
     'bomb_png',
     'count_sharded',
     'cpu_backend',
@@ -32,6 +33,14 @@ __all__ = [
     'relative_error',
     'stage_hub_checkpoint',
 ]
+
+
+# One architecture of each config helper and stem: the larger ones of a family run the same layers, only deeper and
+# wider. The fast tier (-m "not slow") checks these.
+ONE_PER_CONFIG = frozenset(
+    {'dm_nfnet_f0', 'nfnet_f0', 'nfnet_l0', 'eca_nfnet_l0', 'nf_regnet_b0', 'nf_resnet26', 'nf_seresnet26'}
+    | {'nf_ecaresnet26', 'test_nfnet'}
+)
 
 
 @contextlib.contextmanager

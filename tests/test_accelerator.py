@@ -22,6 +22,8 @@ from benchmarks.accelerator import reports, runner
 from benchmarks.accelerator.steps import STEPS
 from benchmarks.machine import host_machine
 
+pytestmark = pytest.mark.slow  # benchmark tooling: most tests share one run of the accelerator command on CPU
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,7 @@ def quick_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path
     return done, json_path, markdown_path
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_writes_every_step_to_both_reports(quick_run):
     done, json_path, markdown_path = quick_run
     assert done.returncode == 0, done.stderr[-4000:]
@@ -204,6 +207,7 @@ def _accelerator_sh(python: Path | str, tmp_path: Path) -> subprocess.CompletedP
     return done
 
 
+@pytest.mark.slow
 def test_an_existing_interpreter_is_checked_and_used_as_it_is(tmp_path):
     done = _accelerator_sh(sys.executable, tmp_path)
     assert done.returncode == 0, done.stderr

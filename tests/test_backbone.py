@@ -100,6 +100,7 @@ def test_run_checkpoints_of_a_user_model_resume_and_refuse_another_backbone(trai
             checkpointer.restore(bare)
 
 
+@pytest.mark.slow
 def test_sharded_training_and_creation_take_a_user_model():
     mesh = make_mesh(devices=jax.devices()[:1])
     net = create_sharded(lambda: Net(rngs=nnx.Rngs(0)), mesh)

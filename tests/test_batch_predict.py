@@ -166,6 +166,7 @@ def test_an_interrupted_run_resumes_without_redoing_chunks(images, checkpoint, r
     check_embeddings(tmp_path / 'embeddings.npy', reference)
 
 
+@pytest.mark.slow
 def test_two_processes_embed_like_one(images, checkpoint, reference, tmp_path):
     """2 processes x 2 devices on loopback (gloo), each reading only its own chunks."""
     out, port = tmp_path / 'run', free_port()

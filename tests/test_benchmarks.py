@@ -24,6 +24,7 @@ def backend_on():
         yield kernels
 
 
+@pytest.mark.slow
 def test_vs_timm_benchmark_smoke(tmp_path, backend_on):
     """vs_timm end to end on test_nfnet, one repeat, without torch.compile: the report's structure, and which
     kernels ran nfnet_jax's convolutions."""
@@ -68,6 +69,7 @@ def test_bfloat16_ceiling_is_at_least_the_float32_one(monkeypatch):
     assert vs_timm.matmul_ceiling('bfloat16', gpu=False) == vs_timm.Ceiling(1700.0, 1024, 'bfloat16')
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_in_bfloat16(capsys, monkeypatch):
     """The training-step benchmark end to end in bfloat16 on test_nfnet: every configuration steps, one row each,
     its speed also as GFLOP/s of the step's FLOPs and as a share of the ceiling."""
@@ -107,6 +109,7 @@ def test_train_step_flops_are_three_forwards(backend_on):
     assert convolution.kernels() == backend_on
 
 
+@pytest.mark.slow
 def test_conv_ops_benchmark(tmp_path):
     """Every convolution of test_nfnet's forward (the standardised ones and squeeze-excite's), found by the
     benchmark, timed on both sides and equal to torch's."""
@@ -150,6 +153,7 @@ def test_conv_ops_bfloat16_passes_agree_with_torch():
     assert max(result['rel_error'].values()) < 1e-2
 
 
+@pytest.mark.slow
 def test_step_profile_lists_the_step_s_instructions(tmp_path):
     """The step profile of test_nfnet: both tables, each row an instruction of the compiled step with its time."""
     from benchmarks import step_profile

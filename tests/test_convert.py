@@ -323,6 +323,7 @@ def test_failed_verification_leaves_no_file(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_hub_unreachable_points_to_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty-cache'))

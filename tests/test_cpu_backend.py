@@ -146,6 +146,7 @@ def test_the_model_is_one_plain_program_without_the_backend():
     assert 'custom_call' not in users and 'stablehlo.while' not in users
 
 
+@pytest.mark.slow
 def test_with_the_backend_a_plain_jit_of_the_model_runs_the_fast_convolutions(backend):
     model = nfnet_jax.create_model('dm_nfnet_f0', rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
@@ -296,6 +297,7 @@ trainer.eval_step(images, labels)
 """
 
 
+@pytest.mark.slow
 def test_every_top_level_jit_of_ours_compiles_with_the_backend_s_options(tmp_path):
     """XLA dumps each compiled program's non-default options: with the backend on, every jit of ours carries
     the CPU list: the inference functions, the train and eval steps and their sharded forms; a classifier

@@ -64,6 +64,7 @@ def run_child(mode: str) -> dict:
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(glibc() is None, reason='the settings exist in glibc only')
 def test_kept_memory_stops_the_page_faults_of_each_call():
     default, kept = run_child('default'), run_child('keep')

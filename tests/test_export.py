@@ -95,6 +95,7 @@ def test_command_artifact_runs_without_flax_and_matches_the_inference_functions(
     record_property('figure', ('test_nfnet logits artifact in a jax-only process vs classify(x)', vs_compiled))
 
 
+@pytest.mark.slow
 def test_dm_nfnet_f0_artifact_matches_the_classifier(tmp_path, record_property):
     """dm_nfnet_f0 with random weights at 64 px, batch 1: the weights (71M) travel inside the artifact."""
     shapes = param_shapes(abstract_model(model_cfgs['dm_nfnet_f0']))

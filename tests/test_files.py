@@ -102,6 +102,7 @@ def stop_while_writing(tmp_path: Path, signum: int, module: str, function: str, 
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_conversion_leaves_no_file(tmp_path, signum):
     out = tmp_path / 'out' / 'test_nfnet.safetensors'
@@ -157,6 +158,7 @@ def test_commands_refuse_an_unwritable_output_before_any_work(tmp_path, model_an
     assert 'building' not in err and 'files at' not in err  # no model was loaded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('command', ['predict', 'batch_predict'])
 def test_a_stopped_prediction_leaves_no_file(tmp_path, model_and_image, command):
     checkpoint, image = model_and_image

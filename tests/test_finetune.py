@@ -88,6 +88,7 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.slow
 def test_finetuning_a_folder_learns_it_and_writes_the_run(finished_run):
     run, stderr, seconds = finished_run
     evals = [r for r in records(run) if r['kind'] == 'eval']
@@ -104,6 +105,7 @@ def test_finetuning_a_folder_learns_it_and_writes_the_run(finished_run):
     assert json.loads(metadata['finetune'])['top1'] == best
 
 
+@pytest.mark.slow
 def test_predict_prints_the_folders_class_names(finished_run, digits, capsys):
     from nfnet_jax import predict
 
@@ -116,6 +118,7 @@ def test_predict_prints_the_folders_class_names(finished_run, digits, capsys):
     assert sum(p == name for p, name in zip(predicted, NAMES, strict=True)) >= 5, predicted
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_into_the_uninterrupted_metrics(finished_run, digits, tmp_path):
     """SIGKILL in the middle of epoch 2 (after the epoch-1 checkpoint), then --resume: every record equals."""
     run = tmp_path / 'killed'
@@ -151,6 +154,7 @@ def test_a_run_killed_mid_epoch_resumes_into_the_uninterrupted_metrics(finished_
     assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.slow
 def test_batches_do_not_depend_on_workers_processes_or_where_the_loader_starts(digits):
     samples = loaders.image_folder(digits)
     transform = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25)
@@ -200,6 +204,7 @@ def bad_run(argv: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
+@pytest.mark.slow  # needs the finished run
 def test_bad_inputs_are_refused_before_any_work(finished_run, digits, tmp_path, capsys):
     out = ['--output', str(tmp_path / 'run'), *ARGS]
     empty = tmp_path / 'empty'
@@ -268,6 +273,7 @@ def test_the_command_and_the_config_refuse_a_bad_config_alike(digits, tmp_path, 
     assert not out.exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_two_processes_of_two_devices_train_the_run_of_one_process_of_four(tmp_path):
     """The same run (FSDP, Mixup and CutMix on the global batch) on 2 processes x 2 devices and on 1 x 4, gloo."""
     data = write_digits(tmp_path / 'digits', per_class=20)  # 160 training images: 5 steps of 32 per epoch

@@ -35,6 +35,7 @@ def records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetuning_learns_the_digits(finetune, tmp_path):
     # "Converted" weights: a 1000-class test_nfnet written as `python -m convert.from_timm` writes it.
     weights = tmp_path / 'test_nfnet.safetensors'

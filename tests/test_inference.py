@@ -28,7 +28,7 @@ from nfnet_jax.weights import flat_params
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope='module', params=['test_nfnet', 'dm_nfnet_f0'])
+@pytest.fixture(scope='module', params=['test_nfnet', pytest.param('dm_nfnet_f0', marks=pytest.mark.slow)])
 def model(request):
     """A converted timm model with random weights: dm_ (SAME padding, gamma in GELU, SE, groups)."""
     torch.manual_seed(0)
@@ -91,6 +91,7 @@ def test_bfloat16_compute_from_float32_params():
     assert np.mean(np.argmax(logits, -1) == np.argmax(reference, -1)) >= 0.75
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_written_then_reused_by_a_second_process(tmp_path):
     """Two fresh processes on one cache folder: the first writes entries, the second loads them."""
     command = [sys.executable, '-m', 'benchmarks.cold_start', '--child', '--model', 'test_nfnet']

@@ -23,6 +23,8 @@ from multihost import ROOT, free_port, run_processes
 
 from nfnet_jax import parallel
 
+pytestmark = pytest.mark.slow  # every test here starts processes of 8 or 2 devices
+
 WORKER = str(ROOT / 'tests' / 'parallel_worker.py')
 INFERENCE_RTOL = 1e-5
 # A training step sums gradients in another order on each layout; the worst array is a gain's

@@ -15,17 +15,23 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import FP32_RTOL, nchw, nhwc, randomize_, relative_error
+from helpers import FP32_RTOL, ONE_PER_CONFIG, nchw, nhwc, randomize_, relative_error
 
 import nfnet_jax
 from nfnet_jax.factory import from_timm
 
 ARCHITECTURES = nfnet_jax.list_models()
 ODD_SIZE, SQUARE_SIZE = (67, 53), (64, 64)
-SQUARE_TOO = {'dm_nfnet_f0', 'nfnet_f0', 'nfnet_l0', 'eca_nfnet_l0', 'nf_regnet_b0', 'nf_resnet26', 'nf_seresnet26'}
-SQUARE_TOO |= {'nf_ecaresnet26', 'test_nfnet'}
 CASES = [  # each architecture's cases in a row: its timm model is built once for them
-    (name, size) for name in ARCHITECTURES for size in (ODD_SIZE, SQUARE_SIZE) if size == ODD_SIZE or name in SQUARE_TOO
+    (name, size)
+    for name in ARCHITECTURES
+    for size in (ODD_SIZE, SQUARE_SIZE)
+    if size == ODD_SIZE or name in ONE_PER_CONFIG
+]
+# The fast tier (-m "not slow") keeps the square size of one architecture per config helper and stem.
+PARAMS = [
+    pytest.param(name, size, id=f'{name}-{size[0]}x{size[1]}', marks=[pytest.mark.slow] if size == ODD_SIZE else [])
+    for name, size in CASES
 ]
 
 
@@ -50,7 +56,7 @@ def tap_name(index: int, info: dict) -> str:
     return f'tap {index} ({info["module"]})'
 
 
-@pytest.mark.parametrize(('pair', 'size'), CASES, indirect=['pair'], ids=[f'{n}-{h}x{w}' for n, (h, w) in CASES])
+@pytest.mark.parametrize(('pair', 'size'), PARAMS, indirect=['pair'])
 def test_matches_timm(pair, size, record_property):
     theirs, ours = pair
     x = np.random.default_rng(1).standard_normal((2, *size, 3)).astype(np.float32)

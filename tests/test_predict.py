@@ -73,6 +73,7 @@ def test_topk_json_from_the_hub_cache_matches_timm_and_reports_bad_files(offline
         assert row['topk'][0]['label'] == timm.data.ImageNetInfo().index_to_description(int(expected_i[0]))
 
 
+@pytest.mark.slow
 def test_embeddings_from_a_converted_checkpoint_match_timm_with_cpu_memory_kept(offline_hub, folder, tmp_path):
     checkpoint, out = tmp_path / 'model.safetensors', tmp_path / 'embeddings.npy'
     assert convert_main([TAG, '-o', str(checkpoint)]) == 0

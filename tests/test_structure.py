@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import timm
+from helpers import ONE_PER_CONFIG
 
 import nfnet_jax
 from nfnet_jax.models.nfnet import abstract_model
@@ -16,7 +17,9 @@ from nfnet_jax.weights.table import flax_rule, timm_rule
 ARCHITECTURES = nfnet_jax.list_models()
 
 
-@pytest.mark.parametrize('name', ARCHITECTURES)
+@pytest.mark.parametrize(
+    'name', [pytest.param(n, marks=[] if n in ONE_PER_CONFIG else [pytest.mark.slow]) for n in ARCHITECTURES]
+)
 def test_state_dict_keys_shapes_and_param_count_equal_timms(name):
     theirs = timm.create_model(name, device='meta')
     timm_shapes = {key: tuple(value.shape) for key, value in theirs.state_dict().items()}

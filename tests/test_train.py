@@ -387,6 +387,7 @@ for _ in range(5):  # the reports come at random times: more tries, more chances
 """
 
 
+@pytest.mark.slow
 def test_a_failed_restore_says_one_thing_not_thousands(saved_run, tmp_path):
     """A real process: the reads orbax leaves running report at random times, up to the process's exit."""
     run = tmp_path / 'run'

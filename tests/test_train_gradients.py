@@ -45,7 +45,16 @@ def timm_backward(name: str) -> tuple[torch.nn.Module, np.ndarray, np.ndarray, d
     return theirs, x, labels, {key: p.grad.numpy() for key, p in theirs.named_parameters()}
 
 
-@pytest.fixture(scope='module', params=ARCHITECTURES + [f'dm_nfnet_f0{ONEDNN}'])
+FAST = {'dm_nfnet_f0', 'nf_resnet26'}  # the fast tier's (-m "not slow")
+
+
+@pytest.fixture(
+    scope='module',
+    params=[
+        pytest.param(name, marks=[] if name in FAST else [pytest.mark.slow])
+        for name in ARCHITECTURES + [f'dm_nfnet_f0{ONEDNN}']
+    ],
+)
 def grads(request):
     """(name, timm grads by key, our grads converted to timm keys and layout)."""
     name, onednn_kernels = request.param.removesuffix(ONEDNN), request.param.endswith(ONEDNN)
@@ -82,6 +91,7 @@ def test_gradients_match_timm(grads):
     assert errors[worst] <= GRAD_RTOL, (worst, errors[worst])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('exclude_head', [True, False], ids=['clip-mode-agc', 'head-too'])
 def test_agc_matches_timm_on_a_whole_model(exclude_head):
     """On dm_nfnet_f0's real gradients: every kind of tensor (4-D, gains, biases, 0-d skip gains)."""
