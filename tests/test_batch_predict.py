@@ -25,6 +25,7 @@ from PIL import Image
 from nfnet_jax import batch_predict, predict
 from nfnet_jax.data import create_transform, find_images, load_batch, resolve_model_data_config
 from nfnet_jax.factory import create_model, load_checkpoint
+from nfnet_jax.inference import batch_run
 from nfnet_jax.inference.predictor import compile_prediction
 from nfnet_jax.weights import flat_params, save_checkpoint
 
@@ -286,7 +287,7 @@ def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkp
 def test_one_run_at_a_time_and_a_killed_runs_lock_is_taken_over(images, checkpoint, tmp_path, capsys):
     out = tmp_path / 'run'
     out.mkdir()
-    lock = batch_predict.lock_path(out, 0)
+    lock = batch_run.lock_path(out, 0)
     holder = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
     try:
         lock.write_text(f'{holder.pid} {socket.gethostname()}\n')

@@ -132,6 +132,7 @@ def model_and_image(tmp_path_factory) -> tuple[Path, Path]:
 def test_commands_refuse_an_unwritable_output_before_any_work(tmp_path, model_and_image, capsys):
     from convert.from_timm import main as convert_main
     from nfnet_jax import batch_predict, predict
+    from nfnet_jax.inference import batch_run
 
     checkpoint, image = model_and_image
     (tmp_path / 'file').write_text('not a folder')
@@ -143,14 +144,14 @@ def test_commands_refuse_an_unwritable_output_before_any_work(tmp_path, model_an
     # merge checks its output before it reads a chunk (this run has none)
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    (run_dir / batch_predict.FILE_LIST).write_text(f'{image}\n')
+    (run_dir / batch_run.FILE_LIST).write_text(f'{image}\n')
     manifest = {
-        'format': batch_predict.FORMAT,
+        'format': batch_run.FORMAT,
         'files_sha256': hashlib.sha256(f'{image}\n'.encode()).hexdigest(),
         'output': 'topk',
         'chunk_size': 1,
     }
-    (run_dir / batch_predict.MANIFEST).write_text(json.dumps(manifest))
+    (run_dir / batch_run.MANIFEST).write_text(json.dumps(manifest))
     assert batch_predict.main(['merge', str(run_dir), str(under_file / 'top.jsonl')]) == 2
     err = capsys.readouterr().err
     assert err.count(f'error: {under_file} cannot be made: {tmp_path / "file"} is not a folder') == 3, err
