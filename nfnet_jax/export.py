@@ -1,6 +1,6 @@
-"""A model as a serialized `jax.export` artifact for serving: `python -m nfnet_jax.export`, and `export_inference`.
+"""A model as a serialized `jax.export` artifact for serving: `python -m nfnet_jax.export`.
 
-The artifact is the folded inference function (`nfnet_jax.inference`) with the weights closed
+The artifact is `nfnet_jax.inference.export_inference`: the folded inference function with the weights closed
 over as constants, lowered to StableHLO for the chosen platforms. Another process loads it with
 jax alone, neither flax nor nfnet_jax:
 
@@ -23,57 +23,13 @@ import jax
 import jax.numpy as jnp
 
 import nfnet_jax
-from nfnet_jax import inference
 from nfnet_jax.cli import add_model_arguments, check_model_arguments, load_model, run_command
 from nfnet_jax.files import atomic_write, check_output
-from nfnet_jax.models.nfnet import NormFreeNet
+from nfnet_jax.inference import OUTPUTS, export_inference
 from nfnet_jax.progress import log
 
-OUTPUTS = ('logits', 'embeddings', 'features')
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-BATCH_SYMBOL = 'batch'
-
-
-def inference_fn(model: NormFreeNet, output: str = 'logits') -> inference.InferenceFn:
-    """The inference function of `output`: 'logits', 'embeddings' (pooled pre-logits) or 'features' (every tap)."""
-    builders = {
-        'logits': inference.classifier,
-        'embeddings': inference.embedder,
-        'features': inference.feature_extractor,
-    }
-    if output not in builders:
-        raise ValueError(f'unknown output {output!r}; choose one of {OUTPUTS}')
-    return builders[output](model)
-
-
-def export_inference(
-    model: NormFreeNet,
-    *,
-    output: str = 'logits',
-    batch: int | None = 1,
-    size: int | tuple[int, int] | None = None,
-    platforms: Sequence[str] | None = None,
-) -> jax.export.Exported:
-    """`model`'s inference function of `output` as a `jax.export.Exported`, weights included.
-
-    Its one argument is float32 images (batch, H, W, in_chans): `batch=None` takes any batch size
-    (a symbolic dimension), `size` is H and W (default: the model's pretrained input size).
-    `platforms` as `jax.export` takes them (default: the default backend's). The compute dtype
-    and the conv/matmul precision are the model's (`create_model(..., dtype=, precision=)`).
-    `exported.serialize()` is the artifact's bytes.
-    """
-    if batch is not None and batch < 1:
-        raise ValueError(f'batch must be at least 1 (or None for any), not {batch}')
-    height, width = default_size(model) if size is None else (size, size) if isinstance(size, int) else size
-    shape = (BATCH_SYMBOL if batch is None else batch, height, width, model.in_chans)
-    return inference_fn(model, output).export(shape, jnp.float32, platforms)
-
-
-def default_size(model: NormFreeNet) -> tuple[int, int]:
-    """The (H, W) the model's pretrained weights were trained at (timm's `input_size`)."""
-    cfg = model.pretrained_cfg
-    return (224, 224) if cfg is None else tuple(cfg.input_size[1:])
 
 
 def parse_batch(value: str) -> int | None:

@@ -76,7 +76,7 @@ def test_command_artifact_runs_without_flax_and_matches_the_inference_functions(
     classify, embed = inference.classifier(model), inference.embedder(model)
     features = inference.feature_extractor(model)
     x = images((3, 64, 64, 3))
-    embeddings, maps = (export.export_inference(model, output=kind, batch=3, size=64) for kind in OUTPUT_KINDS[1:])
+    embeddings, maps = (inference.export_inference(model, output=kind, batch=3, size=64) for kind in OUTPUT_KINDS[1:])
     artifact = out.read_bytes()
     calls = [(artifact, x[:1]), (artifact, x), (embeddings.serialize(), x), (maps.serialize(), x)]
     loaded = load_elsewhere(tmp_path, calls)
@@ -103,7 +103,7 @@ def test_dm_nfnet_f0_artifact_matches_the_classifier(tmp_path, record_property):
     model = nfnet_jax.create_model('dm_nfnet_f0', params=params)
     classify = inference.classifier(model)
     x = images((1, 64, 64, 3))
-    data = export.export_inference(model, size=64).serialize()
+    data = inference.export_inference(model, size=64).serialize()
     assert len(data) > 4 * 70e6  # float32 weights included
     (got,) = load_elsewhere(tmp_path, [(data, x)])[0]
     # The artifact's weights are constants, which XLA:CPU compiles into other kernels than weights passed

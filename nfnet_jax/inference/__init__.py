@@ -198,3 +198,48 @@ def enable_compilation_cache(folder: str | os.PathLike) -> None:
     os.makedirs(folder, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', folder)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+OUTPUTS = ('logits', 'embeddings', 'features')  # what `for_output` and `export_inference` compute
+BATCH_SYMBOL = 'batch'  # the symbolic batch dimension of an artifact for any batch size
+
+
+def for_output(model: NormFreeNet, output: str = 'logits') -> InferenceFn:
+    """The inference function of `output`: 'logits', 'embeddings' (pooled pre-logits) or 'features' (every tap)."""
+    builders = {
+        'logits': classifier,
+        'embeddings': embedder,
+        'features': feature_extractor,
+    }
+    if output not in builders:
+        raise ValueError(f'unknown output {output!r}; choose one of {OUTPUTS}')
+    return builders[output](model)
+
+
+def export_inference(
+    model: NormFreeNet,
+    *,
+    output: str = 'logits',
+    batch: int | None = 1,
+    size: int | tuple[int, int] | None = None,
+    platforms: Sequence[str] | None = None,
+) -> jax.export.Exported:
+    """`model`'s inference function of `output` as a `jax.export.Exported`, weights included.
+
+    Its one argument is float32 images (batch, H, W, in_chans): `batch=None` takes any batch size
+    (a symbolic dimension), `size` is H and W (default: the model's pretrained input size).
+    `platforms` as `jax.export` takes them (default: the default backend's). The compute dtype
+    and the conv/matmul precision are the model's (`create_model(..., dtype=, precision=)`).
+    `exported.serialize()` is the artifact's bytes.
+    """
+    if batch is not None and batch < 1:
+        raise ValueError(f'batch must be at least 1 (or None for any), not {batch}')
+    height, width = default_size(model) if size is None else (size, size) if isinstance(size, int) else size
+    shape = (BATCH_SYMBOL if batch is None else batch, height, width, model.in_chans)
+    return for_output(model, output).export(shape, jnp.float32, platforms)
+
+
+def default_size(model: NormFreeNet) -> tuple[int, int]:
+    """The (H, W) the model's pretrained weights were trained at (timm's `input_size`)."""
+    cfg = model.pretrained_cfg
+    return (224, 224) if cfg is None else tuple(cfg.input_size[1:])
