@@ -164,10 +164,10 @@ def _rewrite(conv: Conv, kernels: Kernels, one_device: bool) -> Callable[[Array,
     in_onednn = kernels.onednn and one_device
     lhs_spec, rhs_spec, out_spec = conv.specs
     undilated = conv.unit('lhs_dilation') and conv.unit('rhs_dilation')
+    dense = conv.lhs_shape[1:3] == (1, 1)  # an image of 1x1 (squeeze-excite's dense layers): nothing to convolve
     if lhs_spec == out_spec == NHWC and rhs_spec in (HWIO, HWOI) and conv.params['batch_group_count'] == 1:
         groups = conv.params['feature_group_count']
         pointwise = conv.rhs_shape[:2] == (1, 1) and conv.unit('window_strides') and conv.unpadded
-        dense = conv.lhs_shape[1:3] == (1, 1)  # a dense layer over channels (squeeze-excite's): no image to convolve
         if undilated and pointwise and groups == 1 and (bfloat16 or dense or not in_onednn):
             return partial(_pointwise_matmul, conv)
         input_gradient = rhs_spec == HWOI and conv.unit('window_strides') and conv.unit('rhs_dilation')
@@ -182,7 +182,6 @@ def _rewrite(conv: Conv, kernels: Kernels, one_device: bool) -> Callable[[Array,
         whole_image = whole_image and conv.params['batch_group_count'] == 1
         onednn_geometry = conv.unit('window_strides') and conv.unit('lhs_dilation')
         onednn_geometry = onednn_geometry and all(high >= 0 for _, high in conv.params['padding'])
-        dense = conv.lhs_shape[1:3] == (1, 1)
         if in_onednn and onednn_geometry and not ((bfloat16 or dense) and whole_image):
             return partial(_onednn_kernel_gradient, conv)
         if whole_image:
