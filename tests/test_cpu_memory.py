@@ -28,6 +28,7 @@ CHILD = textwrap.dedent(
     from nfnet_jax.cpu.memory import keep_cpu_memory
 
     applied = keep_cpu_memory() if sys.argv[1] == 'keep' else None
+    nfnet_jax.cpu.enable()  # as the commands run: the CPU backend's convolutions and chunks
 
     classify = inference.classifier(nfnet_jax.create_model('test_nfnet'))
     images = jnp.asarray(np.random.default_rng(0).standard_normal((8, 256, 256, 3), np.float32))
