@@ -13,15 +13,20 @@ four devices, FSDP, Mixup and CutMix included, to within 1e-5.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
 import pytest
 from multihost import ROOT, child_env, free_port, run_processes
@@ -299,3 +304,82 @@ def test_two_processes_of_two_devices_train_the_run_of_one_process_of_four(tmp_p
 
     ours, theirs = (np.array([v for r in rs for v in numbers(r)]) for rs in (two, one))
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # measured: at most 4.8e-7 apart
+
+
+class SlowDevice:
+    """A trainer whose steps run one after another on a thread of their own, as a device runs what the host
+    launched: `train_step` returns at once, and step k ends only once the loop has loaded batch k + 2 (or after
+    a deadline, which a loop that waits for its steps before reading ahead always meets)."""
+
+    DEADLINE_S = 30
+
+    def __init__(self, events: list[tuple[str, int]], loaded: dict[int, threading.Event], batches: int):
+        self.events, self.loaded, self.batches = events, loaded, batches
+        self.device = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.steps = 0
+        self.missed: list[int] = []  # steps that ended at the deadline, without the batch they waited for
+        self.placed: list[bool] = []  # each step's batch: a global array on the mesh's devices
+
+    def train_step(self, images: Any, labels: Any) -> dict[str, Any]:
+        k = self.steps
+        self.steps += 1
+        self.placed.append(isinstance(images, jax.Array) and isinstance(labels, jax.Array))
+        self.events.append(('launch', k))
+
+        def run() -> float:
+            ahead = k + 2
+            if ahead < self.batches and not self.loaded[ahead].wait(self.DEADLINE_S):
+                self.missed.append(k)
+            self.events.append(('step ends', k))
+            return float(k)
+
+        done = self.device.submit(run)
+        return {'loss': Deferred(done, k, self.events)}
+
+
+class Deferred:
+    """A metric of a step still running: reading it waits for the step, as reading a JAX array does."""
+
+    def __init__(self, done: concurrent.futures.Future, step: int, events: list[tuple[str, int]]):
+        self.done, self.step, self.events = done, step, events
+
+    def item(self) -> float:
+        self.events.append(('read metrics', self.step))
+        return self.done.result()
+
+
+def test_the_loop_loads_the_next_batches_while_a_step_runs(digits, tmp_path, monkeypatch):
+    """Step k (on its own 'device' thread) cannot end before batch k + 2 is loaded: a loop that waited for a step
+    before reading ahead would leave each step at its deadline. Events are compared by order, never by time."""
+    from nfnet_jax.train import loop
+
+    config = FinetuneConfig(
+        data=str(digits), model='test_nfnet', val_split=0.2, epochs=1, warmup_epochs=0.5, batch_size=32, image_size=32
+    )
+    train, val = loop.read_data(config)
+    run = loop.Finetuning(config, tmp_path, train, val, fresh=True)
+    events: list[tuple[str, int]] = []
+    count = 8
+    loaded = {k: threading.Event() for k in range(count)}
+
+    def batches() -> Iterator[loaders.Batch]:
+        for k in range(count):
+            events.append(('load', k))
+            loaded[k].set()
+            yield loaders.Batch(np.zeros((32, 32, 32, 3), np.float32), np.zeros(32, np.int32), step=k)
+
+    run.trainer = device = SlowDevice(events, loaded, count)
+    run.metrics = loop.Metrics(tmp_path / 'metrics.jsonl', None, leader=True)
+    monkeypatch.setattr(jax, 'device_get', lambda tree: tree)  # the Deferred metrics are read by .item()
+    run.train_steps(batches(), 0)
+
+    print('events:', ', '.join(f'{what} {k}' for what, k in events))
+    assert device.missed == [] and all(device.placed) and device.steps == count
+    at = {event: i for i, event in enumerate(events)}
+    for k in range(count - 2):
+        # batch k + 2 is loaded after step k is launched and before it ends
+        assert at['launch', k] < at['load', k + 2] < at['step ends', k], events
+    for k in range(count - 1):
+        assert at['launch', k + 1] < at['read metrics', k], events  # metrics read one step late
+    assert [r['step'] for r in run.metrics.records] == list(range(1, count + 1))
+    assert [r['lr'] for r in run.metrics.records] == [float(run.schedule(k)) for k in range(count)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from helpers import relative_error
@@ -162,3 +163,25 @@ def test_bad_mesh_and_batch_are_refused():
     assert dict(mesh.shape) == {'data': 1, 'model': 1}
     with pytest.raises(ValueError, match='batch size must be a multiple'):
         parallel.global_batch(np.float32(1), mesh)  # a scalar has no batch axis
+
+
+def test_prefetch_to_device_reads_size_items_ahead_and_places_their_arrays():
+    mesh = parallel.make_mesh()
+    read: list[int] = []
+
+    def items():
+        for k in range(5):
+            read.append(k)
+            yield k, f'file{k}', (np.full((4, 2), k, np.float32), np.arange(4))
+
+    prefetched = parallel.prefetch_to_device(items(), mesh, size=2)
+    assert read == []  # nothing is read before the first item is asked for
+    step, name, (images, labels) = next(prefetched)
+    assert read == [0, 1]  # the first item and the one after it
+    assert (step, name) == (0, 'file0')  # other leaves pass through
+    assert isinstance(images, jax.Array) and images.sharding == parallel.batch_sharding(mesh)
+    assert np.array_equal(images, np.zeros((4, 2))) and np.array_equal(labels, np.arange(4))
+    rest = list(prefetched)
+    assert [item[0] for item in rest] == [1, 2, 3, 4] and read == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match='at least 1'):
+        parallel.prefetch_to_device(items(), mesh, size=0)

@@ -7,6 +7,8 @@
 
     trainer = ShardedTrainer(state, mesh, fsdp=True)     # nfnet_jax.parallel.train: the train step, sharded
     metrics = trainer.train_step(local_images, local_labels)
+    for images, labels in prefetch_to_device(local_batches, mesh):  # the next 2 batches on their way
+        metrics = trainer.train_step(images, labels)
 
 A mesh is a 2-d grid of devices: the batch is split along 'data'; the 'model' axis (size 1
 unless `make_mesh(model_parallelism=n)`) splits big weights along their output channels, for
@@ -25,8 +27,10 @@ the distributed runtime's heartbeat timeout ends them all.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -129,27 +133,67 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local: Any, mesh: Mesh) -> Any:
-    """One global array per leaf of `local` (this process's rows), split along 'data'.
+def global_batch(local: Any, mesh: Mesh | NamedSharding) -> Any:
+    """One global array per leaf of `local` (this process's rows), split along 'data' (or on a given sharding).
 
     Every process calls it with its own rows, all of the same shape; the global batch is the
     processes' rows in process order. With one process it simply shards the whole batch.
     """
-    sharding = batch_sharding(mesh)
-    local_shards = len(
-        {index[0] for index, device in np.ndenumerate(mesh.devices) if device.process_index == jax.process_index()}
+    sharding = mesh if isinstance(mesh, NamedSharding) else batch_sharding(mesh)
+    return jax.tree.map(lambda x: _rows_to_global(x, sharding), local)
+
+
+def prefetch_to_device(iterator: Iterable[Any], mesh_or_sharding: Mesh | NamedSharding, size: int = 2) -> Iterator[Any]:
+    """The items of `iterator` with their arrays already on the devices, read `size` items ahead of the consumer.
+
+    Each item is a pytree whose array leaves are this process's rows: they become global arrays
+    as `global_batch` makes them (split along 'data' of a mesh, or on the given sharding), for a
+    multi-process mesh too; other leaves (a step number, file names) pass through unchanged.
+    Transfers are asynchronous, so while the consumer's step runs on the devices the next `size`
+    items are already read and on their way: the loop never waits for input between steps.
+    """
+    if size < 1:
+        raise ValueError(f'prefetch size must be at least 1, got {size}')
+    sharding = mesh_or_sharding if isinstance(mesh_or_sharding, NamedSharding) else batch_sharding(mesh_or_sharding)
+
+    def place_arrays(item: Any) -> Any:
+        return jax.tree.map(
+            lambda x: _rows_to_global(x, sharding) if isinstance(x, (np.ndarray, jax.Array)) else x, item
+        )
+
+    def prefetched(items: Iterator[Any]) -> Iterator[Any]:
+        queue = collections.deque(place_arrays(item) for item in itertools.islice(items, size))
+        while queue:
+            yield queue.popleft()
+            queue.extend(place_arrays(item) for item in itertools.islice(items, 1))
+
+    return prefetched(iter(iterator))
+
+
+def _rows_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """This process's rows of an array -> the global array on `sharding` (its leading axis split)."""
+    x = np.asarray(x)
+    blocks = _process_row_blocks(sharding)
+    if x.ndim == 0 or x.shape[0] % blocks:
+        raise ValueError(
+            f'this process feeds {blocks} data shards of the mesh, so its batch size must be a '
+            f'multiple of {blocks}; got an array of shape {x.shape}'
+        )
+    return jax.make_array_from_process_local_data(sharding, x)
+
+
+def _process_row_blocks(sharding: NamedSharding) -> int:
+    """How many distinct blocks of rows this process's devices hold under `sharding` (its leading axis split)."""
+    first = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+    where = [sharding.mesh.axis_names.index(axis) for axis in axes]
+    return len(
+        {
+            tuple(index[i] for i in where)
+            for index, device in np.ndenumerate(sharding.mesh.devices)
+            if device.process_index == jax.process_index()
+        }
     )
-
-    def make(x: Any) -> jax.Array:
-        x = np.asarray(x)
-        if x.ndim == 0 or x.shape[0] % local_shards:
-            raise ValueError(
-                f'this process feeds {local_shards} data shards of the mesh, so its batch size must be a '
-                f'multiple of {local_shards}; got an array of shape {x.shape}'
-            )
-        return jax.make_array_from_process_local_data(sharding, x)
-
-    return jax.tree.map(make, local)
 
 
 def process_rows(global_batch_size: int) -> slice:

@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,8 @@ class Finetuning:
             config.lr if config.lr is not None else config.lr_base * scaling(config.batch_size / config.lr_base_size)
         )
         self.schedule = warmup_cosine_schedule(self.lr, self.total_steps, warmup_steps)
+        # The learning rate of every step, computed once: reading it never waits for the devices.
+        self.learning_rates = np.asarray(jax.jit(jax.vmap(self.schedule))(np.arange(self.total_steps)))
         tx = nfnet_optimizer(
             self.schedule,
             opt=config.opt,
@@ -370,7 +373,7 @@ class Finetuning:
                     f'{jax.device_count()} devices in {jax.process_count()} processes, peak lr {self.lr:.3g}'
                 )
             started = time.perf_counter()
-            skipped = self.train_steps(start)
+            skipped = self.train_steps(self.loader, start)
             checkpointer.wait()
         if leader:
             note = plot_curves(self.metrics.records, out / PLOT)
@@ -385,8 +388,14 @@ class Finetuning:
         best_step = next(r['step'] for r in evaluations if max(r['model']['top1'], r['ema']['top1']) == self.best)
         return evaluations[-1] | {'best_top1': self.best, 'best_step': best_step}
 
-    def train_steps(self, start: int) -> set[str]:
-        """Train from step `start` to the end, evaluating at the end of every epoch; returns the unreadable files."""
+    def train_steps(self, batches: Iterable[loaders.Batch], start: int) -> set[str]:
+        """Train on `batches` (the steps from `start` on), evaluating at the end of every epoch; returns the
+        unreadable files.
+
+        The loop never waits for the step it has just launched: the next two batches are read and sent to
+        the devices while a step runs (`parallel.prefetch_to_device`), a step's metrics are read only once
+        the next step is launched, and the learning rate comes from a table on the host.
+        """
         config, leader, metrics = self.config, self.leader, self.metrics
         skipped: set[str] = set()
         self.state.model.train()
@@ -396,25 +405,28 @@ class Finetuning:
         pending: tuple[int, Any] | None = None
 
         def record(step: int, result: Any) -> None:
-            values = {k: v.item() for k, v in result.items()} | {'lr': float(self.schedule(step - 1))}
+            values = {k: v.item() for k, v in jax.device_get(result).items()}
+            values['lr'] = float(self.learning_rates[step - 1])
             metrics.write({'kind': 'train', 'step': step, 'epoch': (step - 1) // self.steps_per_epoch} | values)
             bar.set_postfix(epoch=(step - 1) // self.steps_per_epoch, loss=f'{values["loss"]:.3f}')
 
-        for batch in self.loader:
-            for name in batch.skipped:
+        on_devices = parallel.prefetch_to_device(
+            ((batch.step, batch.skipped, (batch.images, batch.labels)) for batch in batches), self.mesh
+        )
+        for index, names, (images, labels) in on_devices:
+            for name in names:
                 if name not in skipped:
                     skipped.add(name)
                     if leader:
                         bar.write(f'warning: {name}: not a readable image, skipped', file=sys.stderr)
-            images, labels = parallel.global_batch((batch.images, batch.labels), self.mesh)
             if self.mix is not None:
-                images, labels = self.mix(np.int32(batch.step), images, labels)
+                images, labels = self.mix(np.int32(index), images, labels)
             result = self.trainer.train_step(images, labels)
-            if pending is not None:  # read the previous step's metrics while this one runs
+            if pending is not None:  # the previous step's metrics, read while this one runs
                 record(*pending)
-            pending = (batch.step + 1, result)
+            step = index + 1
+            pending = (step, result)
             bar.update(config.batch_size)
-            step = batch.step + 1
             if step % self.steps_per_epoch == 0:
                 record(*pending)
                 pending = None
