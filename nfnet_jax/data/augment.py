@@ -11,10 +11,11 @@ the same draws the output equals timm's exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -22,6 +23,9 @@ from PIL import Image, ImageEnhance
 from nfnet_jax.data import auto_augment as aa
 from nfnet_jax.data.transforms import INTERPOLATIONS, EvalTransform, ImageLike, Size, image_size, normalize, to_rgb
 from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+if TYPE_CHECKING:
+    from nfnet_jax.data.device import DeviceStage
 
 RE_MODES = ('const', 'rand', 'pixel')
 Box = tuple[int, int, int, int]  # (top, left, height, width)
@@ -166,7 +170,9 @@ class TrainTransform:
     """timm's training transform from a PIL image (any mode) or uint8 array to a float32 HWC array.
 
     `transform(image, rng)` draws from `rng`; `sample_params` and `apply` split the draws from the
-    pixels, so the draws can be inspected, replayed or handed to timm.
+    pixels, so the draws can be inspected, replayed or handed to timm. `host_part()` stops before
+    the float conversion (uint8 HWC, the same draws but erasing's); `device_part()` normalises and
+    erases a batch of those inside jit, as timm's prefetcher does on its device.
     """
 
     img_size: Size
@@ -182,6 +188,22 @@ class TrainTransform:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     erasing: RandomErasing | None
+    host_only: bool = False  # the host part: uint8 pixels, normalised and erased by `device_part()`
+
+    @property
+    def dtype(self) -> type[np.generic]:
+        """What an image becomes: uint8 for the host part, float32 for the whole transform."""
+        return np.uint8 if self.host_only else np.float32
+
+    def host_part(self) -> TrainTransform:
+        """This transform up to the float conversion: uint8 HWC pixels, for `device_part()` to finish."""
+        return dataclasses.replace(self, host_only=True)
+
+    def device_part(self) -> DeviceStage:
+        """Normalisation and this transform's random erasing of a uint8 batch inside jit (`DeviceStage`)."""
+        from nfnet_jax.data.device import DeviceStage  # the device half imports jax; the workers need not
+
+        return DeviceStage(self.mean, self.std, self.erasing)
 
     def sample_params(self, rng: np.random.Generator, height: int, width: int) -> dict[str, Any]:
         """Every random choice for an image of this size, drawn in timm's order."""
@@ -196,7 +218,9 @@ class TrainTransform:
         jitter = self.color_jitter and (self.color_jitter_prob is None or rng.random() <= self.color_jitter_prob)
         params['color_jitter'] = self.color_jitter.sample(rng) if jitter else None
         params['grayscale'] = self.grayscale_prob > 0 and bool(rng.random() < self.grayscale_prob)
-        params['erasing'] = self.erasing.sample(rng, *self.img_size, len(self.mean)) if self.erasing else []
+        # drawn last, so the host part (which leaves erasing to the device) makes every other draw alike
+        erasing = self.erasing and not self.host_only
+        params['erasing'] = self.erasing.sample(rng, *self.img_size, len(self.mean)) if erasing else []
         return params
 
     def augment(self, image: Image.Image, params: dict[str, Any]) -> Image.Image:
@@ -218,8 +242,10 @@ class TrainTransform:
         return image
 
     def apply(self, image: ImageLike, params: dict[str, Any]) -> np.ndarray:
-        pixels = normalize(self.augment(to_rgb(image), params), self.mean, self.std)
-        return RandomErasing.apply(pixels, params['erasing'])
+        augmented = self.augment(to_rgb(image), params)
+        if self.host_only:
+            return np.asarray(augmented, np.uint8)
+        return RandomErasing.apply(normalize(augmented, self.mean, self.std), params['erasing'])
 
     def __call__(self, image: ImageLike, rng: np.random.Generator | None = None) -> np.ndarray:
         """One augmented image; without `rng`, a fresh unseeded Generator (not reproducible).

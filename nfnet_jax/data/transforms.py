@@ -10,14 +10,19 @@ rescaled). `augment` and `auto_augment` build on this module, so it imports neit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+if TYPE_CHECKING:
+    from nfnet_jax.data.device import DeviceStage
 
 DEFAULT_CROP_PCT = 0.875
 CROP_MODES = ('center', 'squash', 'border')
@@ -49,7 +54,7 @@ def to_rgb(image: ImageLike) -> Image.Image:
     return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def normalize(image: Image.Image | np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """torchvision's to_tensor then Normalize, in HWC: the same float32 arithmetic, so the same numbers."""
     pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
     return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -57,7 +62,11 @@ def normalize(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """timm's eval transform (resize, center crop, to float, normalise) from a PIL image to float32 HWC."""
+    """timm's eval transform (resize, center crop, to float, normalise) from a PIL image to float32 HWC.
+
+    `host_part()` is the same transform up to the float conversion (uint8 HWC), for the device to
+    normalise (`device_part()`).
+    """
 
     img_size: Size
     scale_size: Size
@@ -65,6 +74,7 @@ class EvalTransform:
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    host_only: bool = False  # the host part: uint8 pixels, normalised by `device_part()`
 
     def resized_size(self, height: int, width: int) -> Size:
         """The size the image is resized to before the crop, computed exactly as torchvision and timm do."""
@@ -93,11 +103,27 @@ class EvalTransform:
         """timm's padding colour for the border mode: the mean as 8-bit values."""
         return tuple(round(255 * v) for v in self.mean)
 
+    @property
+    def dtype(self) -> type[np.generic]:
+        """What an image becomes: uint8 for the host part, float32 for the whole transform."""
+        return np.uint8 if self.host_only else np.float32
+
+    def host_part(self) -> EvalTransform:
+        """This transform without the normalisation: uint8 HWC pixels, for `device_part()` to finish."""
+        return dataclasses.replace(self, host_only=True)
+
+    def device_part(self) -> DeviceStage:
+        """The normalisation of a uint8 batch inside jit (`nfnet_jax.data.device.DeviceStage`)."""
+        from nfnet_jax.data.device import DeviceStage  # the device half imports jax; the workers need not
+
+        return DeviceStage(self.mean, self.std)
+
     def __call__(self, image: ImageLike) -> np.ndarray:
         image = to_rgb(image)
         if image.width * image.height == 0:
             raise ValueError(f'an empty image ({image.width}x{image.height} pixels) has nothing to classify')
-        return normalize(self.resize_and_crop(image), self.mean, self.std)
+        pixels = self.resize_and_crop(image)
+        return np.asarray(pixels, np.uint8) if self.host_only else normalize(pixels, self.mean, self.std)
 
 
 def center_crop_or_pad(image: Image.Image, size: Size, fill: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
