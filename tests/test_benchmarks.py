@@ -174,3 +174,15 @@ def test_step_profile_lists_the_step_s_instructions(tmp_path):
         step_profile.main(args + ['--markdown', str(out)])
     with pytest.raises(ValueError, match='--keep-cpu-memory needs a process in which JAX has not run'):
         step_profile.main(args + ['--keep-cpu-memory'])  # the flag is applied, and here JAX has run
+
+
+@pytest.mark.slow
+def test_loop_overhead_benchmark_smoke(tmp_path):
+    """loop_overhead end to end on test_nfnet, one short run of each loop: the report's structure."""
+    from benchmarks import loop_overhead
+
+    out = tmp_path / 'loop.json'
+    report = loop_overhead.main(['--size', '32', '--batch', '8', '--steps', '2', '--runs', '1', '--json', str(out)])
+    assert json.loads(out.read_text()) == report
+    assert len(report['loop_steps_per_s']) == len(report['raw_steps_per_s']) == 1
+    assert report['ratio'] == report['loop_median'] / report['raw_median'] > 0
