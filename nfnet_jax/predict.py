@@ -1,6 +1,7 @@
 """Classify images or embed them from the command line: `python -m nfnet_jax.predict IMAGE_OR_FOLDER...`.
 
-Images go through the model's own eval transform (timm's), in batches of one fixed shape so
+Images go through the model's own eval transform (timm's): read, resized and cropped by grain
+(worker processes for many files), normalised on the device; in batches of one fixed shape so
 the model compiles once. A file that cannot be read as an image is reported by name and
 skipped; the exit status is 1 if any was, 2 for bad arguments.
 """
@@ -66,9 +67,11 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError('no files found in ' + ', '.join(str(p) for p in args.inputs))
 
     model = load_model(args)
-    predictor = Predictor(model, args.checkpoint, topk=args.topk, embeddings=args.embeddings is not None)
     config = resolve_model_data_config(model, use_test_size=args.test_size)
     transform = create_transform(**config)
+    predictor = Predictor(
+        model, args.checkpoint, topk=args.topk, embeddings=args.embeddings is not None, stage=transform.device_part()
+    )
     size = 'x'.join(str(v) for v in config['input_size'][1:])
     log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')
 
@@ -82,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
 
     embedded: list[np.ndarray] = []
     row = 0
-    for paths, images in batches(files, transform, args.batch_size, on_error):
+    for paths, images in batches(files, transform.host_part(), args.batch_size, on_error):
         for path, output in zip(paths, zip(*predictor(images, args.batch_size), strict=True), strict=True):
             if args.embeddings is not None:
                 embedded.append(output[0])

@@ -8,6 +8,7 @@ the same PIL resize calls and the same float32 arithmetic).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import skimage.data
@@ -201,3 +202,52 @@ def test_imagenet_labels_equal_timms():
     assert labels == [info.index_to_description(i) for i in range(1000)]
     assert synsets == [info.index_to_label_name(i) for i in range(1000)]
     assert labels[0] == 'tench, Tinca tinca'
+
+
+def test_batches_read_in_worker_processes_in_order_with_the_pixel_limit(tmp_path, monkeypatch):
+    """grain worker processes read the files in order, uint8 with a host part; unreadable files are reported in
+    order and skipped (the batches regrouped to full size); the caller's pixel limit holds in the workers."""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', Image.MAX_IMAGE_PIXELS)  # restored after the test
+    photo = Image.fromarray(skimage.data.coffee())
+    files = []
+    for i in range(7):
+        files.append(tmp_path / f'{i}.jpg')
+        photo.crop((i, 0, 100 + 10 * i, 100)).save(files[-1])
+    (tmp_path / 'notes.txt').write_text('not an image')
+    Image.new('RGB', (200, 200)).save(tmp_path / 'large.png')  # 40,000 pixels: over the limit below
+    files[2:2] = [tmp_path / 'notes.txt', tmp_path / 'large.png']
+    data.set_max_image_pixels(35_000)
+    transform = data.create_transform(input_size=32).host_part()
+    errors = []
+    got = list(data.batches(files, transform, 3, lambda path, message: errors.append((path, message)), workers=2))
+    assert [e[0].name for e in errors] == ['notes.txt', 'large.png'] and 'over the limit of 35,000' in errors[1][1]
+    assert [[p.stem for p in paths] for paths, _ in got] == [['0', '1', '2'], ['3', '4', '5'], ['6']]
+    for paths, images in got:
+        assert images.dtype == np.uint8
+        np.testing.assert_array_equal(images, np.stack([transform(data.load_image(p)) for p in paths]))
+
+
+def test_loaders_give_uint8_batches_of_a_host_part_that_the_device_part_finishes(tmp_path):
+    """TrainLoader and EvalLoader with host parts: uint8 batches (eval padding zeros, labels -1) whose device part
+    equals the float transform's batch; through worker processes, exactly len(loader) batches."""
+    for i in range(10):
+        (tmp_path / f'c{i % 2}').mkdir(exist_ok=True)
+        Image.fromarray(skimage.data.astronaut()[8 * i :, 5 * i :]).save(tmp_path / f'c{i % 2}' / f'{i}.jpg')
+    samples = loaders.image_folder(tmp_path)
+    train = data.create_transform(40, is_training=True, auto_augment='rand-m9-mstd0.5-inc1')
+    evaluate = data.create_transform(40)
+    for transform, make in (
+        (train, lambda t, **kw: loaders.TrainLoader(samples, t, 4, epochs=2, process_index=0, process_count=1, **kw)),
+        (evaluate, lambda t, **kw: loaders.EvalLoader(samples, t, 4, process_index=0, process_count=1, **kw)),
+    ):
+        floats, host = make(transform), make(transform.host_part(), workers=2)
+        batches = list(host)
+        assert len(batches) == len(host) == len(floats)
+        stage = jax.jit(transform.device_part())
+        for index, batch in enumerate(batches):
+            expected = floats.batch(index)
+            assert batch.images.dtype == np.uint8 and batch.step == index
+            np.testing.assert_array_equal(batch.labels, expected.labels)
+            rows = expected.labels >= 0  # padding: zero pixels either way, left out of every sum
+            np.testing.assert_array_equal(np.asarray(stage(batch.images))[rows], expected.images[rows])
+    assert np.all(batches[-1].images[2:] == 0) and batches[-1].labels.tolist()[2:] == [-1, -1]

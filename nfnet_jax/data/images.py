@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,36 +136,67 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
+# Reading in worker processes pays off from this many files on: a worker starts in about a second.
+FILES_PER_WORKER = 128
+
+
 def batches(
-    files: Sequence[Path], transform: Callable, batch_size: int, on_error: Callable[[Path, str], None]
+    files: Sequence[Path],
+    transform: Callable,
+    batch_size: int,
+    on_error: Callable[[Path, str], None],
+    workers: int | None = None,
 ) -> Iterator[tuple[list[Path], np.ndarray]]:
-    """The readable images in batches of `batch_size`; unreadable files go to `on_error` and are skipped.
+    """The readable images in batches of `batch_size`, in order; unreadable files go to `on_error` and are skipped.
 
-    Images are decoded and transformed on threads (PIL releases the GIL) while the device runs,
-    at most a few batches ahead, so memory stays bounded however many files there are.
+    Files are read and transformed by grain (`nfnet_jax.data.loaders.iterate`), `batch_size` files
+    at a time, ahead of the caller, in `workers` processes (default: one per core, at most 8, and
+    one per `FILES_PER_WORKER` files; 0: threads of this process), so memory stays bounded
+    however many files there are. A transform's `host_part()` gives uint8 batches.
     """
+    from nfnet_jax.data import loaders  # grain: only where files are read
 
-    def prepare(path: Path) -> np.ndarray | str:
-        try:
-            return transform(load_image(path))
-        except OSError as err:
-            return str(err)
-        except Exception as err:  # the transform failing on one image stops nothing but that image
-            return f'{display_name(path)}: {type(err).__name__}: {err}'
-
-    read_ahead = 4 * batch_size
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8, len(files) // FILES_PER_WORKER)
+    reader = ReadFiles(tuple(files), transform, batch_size)
     paths, arrays = [], []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for start in range(0, len(files), read_ahead):
-            window = files[start : start + read_ahead]
-            for path, result in zip(window, pool.map(prepare, window), strict=True):
-                if isinstance(result, str):
-                    on_error(path, result)
-                    continue
-                paths.append(path)
-                arrays.append(result)
-                if len(arrays) == batch_size:
-                    yield paths, np.stack(arrays)
-                    paths, arrays = [], []
+    for start, (images, errors) in zip(
+        range(0, len(files), batch_size), loaders.iterate(reader, reader.count, workers), strict=True
+    ):
+        read = iter(images)
+        for path in files[start : start + batch_size]:
+            if path in errors:
+                on_error(path, errors[path])
+                continue
+            paths.append(path)
+            arrays.append(next(read))
+            if len(arrays) == batch_size:
+                yield paths, np.stack(arrays)
+                paths, arrays = [], []
     if arrays:
         yield paths, np.stack(arrays)
+
+
+@dataclass(frozen=True)
+class ReadFiles:
+    """Chunk `i` of `files` (`batch_size` files each) read and transformed: (the readable images stacked,
+    {path: error} of the others). A chunk is read in one grain worker and crosses as one array."""
+
+    files: tuple[Path, ...]
+    transform: Callable
+    batch_size: int
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __call__(self, chunk: int) -> tuple[np.ndarray, dict[Path, str]]:
+        arrays, errors = [], {}
+        for path in self.files[chunk * self.batch_size : (chunk + 1) * self.batch_size]:
+            try:
+                arrays.append(self.transform(load_image(path)))
+            except OSError as err:
+                errors[path] = str(err)
+            except Exception as err:  # the transform failing on one image stops nothing but that image
+                errors[path] = f'{display_name(path)}: {type(err).__name__}: {err}'
+        return (np.stack(arrays) if arrays else np.zeros((0,), np.uint8)), errors

@@ -18,7 +18,11 @@
   (`batch.skipped`) for the caller to report and count.
 
 The work runs in grain's `MapDataset`: worker processes (`workers`) decode and augment, each
-producing whole batches, while the main process trains.
+producing whole batches, while the main process trains. Given a transform's `host_part()`, the
+batches are uint8 (a quarter of float32's bytes through grain's shared memory and to the
+device), for its `device_part()` to normalise (and erase) inside the jitted step. An iterator
+yields exactly `len(loader)` batches and stops its workers in the background, so a pass never
+waits for them to exit.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 try:
     import grain
@@ -204,7 +210,8 @@ def check_samples(samples: Samples, what: str, min_classes: int = 2) -> None:
 
 @dataclass
 class Batch:
-    """This process's rows of one global batch: images (N, H, W, C) float32, labels (N,) int32."""
+    """This process's rows of one global batch: images (N, H, W, C) (uint8 from a host_part transform, else
+    float32), labels (N,) int32."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -227,29 +234,52 @@ def _load(samples: Samples, order: np.ndarray, at: int, transform: Callable, rng
     raise OSError(f'{MAX_REPLACEMENTS} files in a row could not be read, the last {skipped[-1]}: is the data there?')
 
 
-def _stack(rows: Sequence[tuple], step: int) -> Batch:
-    return Batch(
-        np.stack([r[0] for r in rows]).astype(np.float32, copy=False),
-        np.array([r[1] for r in rows], np.int32),
-        step,
-        [f for r in rows for f in r[2]],
-    )
+def _stack(rows: Sequence[tuple], step: int) -> tuple:
+    """A batch as it leaves a worker: a tuple of arrays and plain values (grain moves arrays in shared memory)."""
+    images = np.stack([r[0] for r in rows])
+    images = images if images.dtype == np.uint8 else images.astype(np.float32, copy=False)
+    return images, np.array([r[1] for r in rows], np.int32), step, [f for r in rows for f in r[2]]
 
 
-def _iterate(dataset: grain.MapDataset, workers: int, threads: int) -> Iterator[Any]:
-    """`dataset` read in order, by `workers` grain processes (0: `threads` threads of this process).
+@dataclass(frozen=True)
+class InWorker:
+    """`fn` run where grain runs it, with this process's settings a worker process would not have: PIL's
+    decompression-bomb limit (`nfnet_jax.data.images.set_max_image_pixels`)."""
 
-    Each worker reads with `threads` threads too, so it has several batches in flight (PIL
-    releases the GIL while it decodes and resizes): with one thread, throughput fell by a third.
+    fn: Callable[[Any], Any]
+    max_image_pixels: int | None = field(default_factory=lambda: Image.MAX_IMAGE_PIXELS)
+
+    def __call__(self, element: Any) -> Any:
+        Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+        return self.fn(element)
+
+
+def iterate(fn: Callable[[int], Any], count: int, workers: int, threads: int | None = None) -> Iterator[Any]:
+    """`fn(0)`, ..., `fn(count - 1)` in order, computed ahead by `workers` grain processes (0: threads of this one).
+
+    Each worker computes `threads` elements at a time (default: 1 in a worker process, whose
+    parallelism is the processes; 4 in this one, as PIL releases the GIL while it decodes). The
+    iterator stops after `count` elements, stopping the workers on a thread of its own: grain
+    would take a second or more to find the end and join them.
     """
-    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(threads, 1), prefetch_buffer_size=4))
+    threads = (1 if workers > 0 else 4) if threads is None else max(threads, 1)
+    dataset = grain.MapDataset.range(count).map(InWorker(fn))
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2)))
     if workers > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app, take the defaults
             flags.FLAGS.mark_as_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return iter(iter_dataset)
+    return _first(iter(iter_dataset), count)
+
+
+def _first(iterator: Any, count: int) -> Iterator[Any]:
+    try:
+        for _ in range(count):
+            yield next(iterator)
+    finally:
+        threading.Thread(target=iterator.close, name='grain-close', daemon=True).start()
 
 
 class TrainLoader:
@@ -270,7 +300,7 @@ class TrainLoader:
         epochs: int = 1,
         start_step: int = 0,
         workers: int = 0,
-        threads: int = 4,
+        threads: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
@@ -310,6 +340,9 @@ class TrainLoader:
 
     def batch(self, step: int) -> Batch:
         """This process's rows of global step `step` (what iterating yields, computed here)."""
+        return Batch(*self._rows(step))
+
+    def _rows(self, step: int) -> tuple:
         epoch, batch = divmod(step, self.steps_per_epoch)
         order = self.order(epoch)
         start = batch * self.global_batch_size + self.first_row
@@ -325,8 +358,12 @@ class TrainLoader:
         return self.total_steps - self.start_step
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = grain.MapDataset.range(self.start_step, self.total_steps).map(self.batch)
-        return _iterate(dataset, self.workers, self.threads)
+        rows = iterate(functools.partial(_offset, self._rows, self.start_step), len(self), self.workers, self.threads)
+        return (Batch(*row) for row in rows)
+
+
+def _offset(fn: Callable[[int], Any], start: int, index: int) -> Any:
+    return fn(start + index)
 
 
 @functools.lru_cache(maxsize=4)
@@ -349,7 +386,7 @@ class EvalLoader:
         global_batch_size: int,
         *,
         workers: int = 0,
-        threads: int = 4,
+        threads: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
     ):
@@ -361,22 +398,27 @@ class EvalLoader:
         self.num_batches = -(-len(samples) // global_batch_size)
         height, width = transform.img_size
         self.image_shape = (height, width, len(transform.mean))
+        self.dtype = getattr(transform, 'dtype', np.float32)
 
     def batch(self, index: int) -> Batch:
+        """This process's rows of batch `index` (what iterating yields, computed here)."""
+        return Batch(*self._rows(index))
+
+    def _rows(self, index: int) -> tuple:
         rows = []
         for r in range(self.local_batch_size):
             at = index * self.global_batch_size + self.first_row + r
             if at >= len(self.samples):
-                rows.append((np.zeros(self.image_shape, np.float32), -1, []))
+                rows.append((np.zeros(self.image_shape, self.dtype), -1, []))
                 continue
             try:
                 rows.append((self.transform(load_image(self.samples.files[at])), self.samples.labels[at], []))
             except OSError:  # counted as skipped, left out of the accuracy like padding
-                rows.append((np.zeros(self.image_shape, np.float32), -1, [self.samples.files[at]]))
+                rows.append((np.zeros(self.image_shape, self.dtype), -1, [self.samples.files[at]]))
         return _stack(rows, index)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[Batch]:
-        return _iterate(grain.MapDataset.range(self.num_batches).map(self.batch), self.workers, self.threads)
+        return (Batch(*rows) for rows in iterate(self._rows, self.num_batches, self.workers, self.threads))

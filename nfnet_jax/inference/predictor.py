@@ -1,7 +1,8 @@
 """What `predict` and `batch_predict` compute and print: one `Predictor` for both commands.
 
 A Predictor holds a model's jitted prediction (top-k classes or pooled embeddings), on one device
-or sharded over a mesh, and the `ClassNames` that label its classes. `batch_predict merge`, which
+or sharded over a mesh, and the `ClassNames` that label its classes. It takes uint8 batches (a
+transform's `host_part()`) and normalises them on the device inside the jitted function. `batch_predict merge`, which
 has no model, labels its rows with `ClassNames.of` given what the run's Predictor recorded, so the
 two commands name every class alike.
 """
@@ -20,7 +21,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from nfnet_jax import parallel
-from nfnet_jax.data import imagenet_labels, imagenet_synsets
+from nfnet_jax.data import imagenet_labels, imagenet_synsets, resolve_model_data_config
+from nfnet_jax.data.device import DeviceStage
 from nfnet_jax.files import display_name, name_fields
 from nfnet_jax.inference import InferenceFn, compile_forward
 from nfnet_jax.models.nfnet import NormFreeNet
@@ -32,16 +34,26 @@ def top_k_probabilities(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array
     return jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
 
 
-def compile_prediction(model: NormFreeNet, embeddings: bool, topk: int) -> InferenceFn:
+def compile_prediction(
+    model: NormFreeNet, embeddings: bool, topk: int, stage: DeviceStage | None = None
+) -> InferenceFn:
     """The jitted outputs of an image batch: (top-k probabilities, indices), or (pooled embeddings,).
 
-    `topk` is clamped to the number of classes; a model without a classifier can only embed.
+    uint8 images are normalised by `stage` first, in the same program (default: with the model's
+    own mean and std, as its eval transform's `device_part()` does); float images are taken as
+    normalised already. `topk` is clamped to the number of classes; a model without a classifier
+    can only embed.
     """
     if not embeddings and model.num_classes == 0:
         raise ValueError('this model has no classifier (num_classes=0): ask for embeddings (--embeddings)')
     k = min(topk, max(model.num_classes, 1))
+    if stage is None:
+        config = resolve_model_data_config(model)
+        stage = DeviceStage(tuple(config['mean']), tuple(config['std']))
 
     def predict(model: NormFreeNet, images: jax.Array) -> tuple:
+        if images.dtype == jnp.uint8:
+            images = stage.normalize(images)
         if embeddings:
             return (model.forward_head(model.forward_features(images), pre_logits=True),)
         return top_k_probabilities(model(images), k)
@@ -101,6 +113,8 @@ class Predictor:
     `checkpoint` is the file the model was loaded from (None for hub weights): when its metadata
     holds class names, they label the classes. With a `mesh`, the prediction is sharded over it
     (`nfnet_jax.parallel.shard_inference`) and each call takes this process's rows of a global batch.
+    `stage` normalises uint8 batches (the eval transform's `device_part()`; default: the model's
+    own mean and std, as `compile_prediction`).
     """
 
     def __init__(
@@ -111,16 +125,18 @@ class Predictor:
         topk: int = 5,
         embeddings: bool = False,
         mesh: Mesh | None = None,
+        stage: DeviceStage | None = None,
     ):
         self.embeddings, self.mesh = embeddings, mesh
         # Recorded by batch_predict in its run directory, for `merge` to label as this does.
         self.own_class_names = None if checkpoint is None else checkpoint_class_names(checkpoint)
         self.class_names = ClassNames.of(model.num_classes, self.own_class_names)
-        function = compile_prediction(model, embeddings, topk)
+        function = compile_prediction(model, embeddings, topk, stage)
         self.function = function if mesh is None else parallel.shard_inference(function, mesh)
 
     def __call__(self, images: np.ndarray, rows: int) -> tuple[np.ndarray, ...]:
-        """(top-k probabilities, class indices) or (embeddings,) of `images`, one row each.
+        """(top-k probabilities, class indices) or (embeddings,) of `images` (uint8, or float32 normalised already),
+        one row each.
 
         They run as a batch of `rows` (this process's rows, with a mesh), padded with zero images,
         so that every call has the one shape that was compiled.
