@@ -41,8 +41,8 @@ from PIL import Image
 
 try:
     import grain
-except ImportError as err:  # an optional dependency: say how to get it
-    raise ImportError('nfnet_jax.data.loaders needs grain: pip install "nfnet-jax[finetune]"') from err
+except ImportError as err:  # a dependency that may be missing where nfnet_jax was not installed with pip
+    raise ImportError('nfnet_jax.data.loaders needs grain: pip install grain') from err
 
 from nfnet_jax.data.images import IMAGE_EXTENSIONS, is_hidden, list_images, load_image, natural_key, natural_order
 
