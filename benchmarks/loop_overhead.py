@@ -63,7 +63,7 @@ def ready_batches(run: Finetuning, steps: int) -> list[loaders.Batch]:
 
 def time_loop(run: Finetuning, batches: list[loaders.Batch], workdir: Path) -> float:
     """Seconds `Finetuning.train_steps` takes over `batches` (it returns once every step's metrics are read)."""
-    run.metrics = Metrics(workdir / 'metrics.jsonl', None, run.leader)
+    run.metrics = Metrics(workdir / 'metrics.jsonl', [], run.leader)
     start = time.perf_counter()
     run.train_steps(batches, 0)
     return time.perf_counter() - start

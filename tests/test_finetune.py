@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +306,43 @@ def test_two_processes_of_two_devices_train_the_run_of_one_process_of_four(tmp_p
     ours, theirs = (np.array([v for r in rs for v in numbers(r)]) for rs in (two, one))
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)  # measured: at most 4.8e-7 apart
 
+    # The run as if stopped in epoch 2 (its last checkpoint and input position gone), resumed by both processes:
+    # process 0 decides from the run folder where to resume and the evaluations so far, and both act on it.
+    shutil.rmtree(tmp_path / 'two' / 'checkpoints' / '10')
+    (tmp_path / 'two' / 'data_position' / '10.json').unlink()
+    port = ['--coordinator', f'127.0.0.1:{free_port()}']
+    runs = run_processes(
+        [
+            [*command, *distributed[:2], *port, '--resume', '--num-processes', '2', '--process-id', str(i)]
+            for i in range(2)
+        ],
+        devices=2,
+        timeout=600,
+    )
+    for finished in runs:
+        assert finished.returncode == 0, finished.output[-3000:]
+        assert 'resuming' in finished.output and 'at step 5' in finished.output
+    assert records(tmp_path / 'two') == two  # bit for bit
+
+
+@pytest.mark.slow
+def test_processes_that_do_not_share_the_run_folder_are_refused_at_start(tmp_path):
+    """Two processes given separate --output folders (hosts with their own disks): orbax writes each checkpoint
+    from every process into one folder, so both refuse at once, in one line, before any model is built."""
+    data = write_digits(tmp_path / 'digits', per_class=20)
+    command = ['python', '-m', 'nfnet_jax.finetune', '--data', str(data), *ARGS, '--coordinator']
+    command += [f'127.0.0.1:{free_port()}', '--num-processes', '2']
+    runs = run_processes(
+        [[*command, '--output', str(tmp_path / f'out{i}'), '--process-id', str(i)] for i in range(2)], 2, 300
+    )
+    for finished in runs:
+        assert finished.returncode == 2, finished.output[-3000:]
+        [line] = [line for line in finished.output.splitlines() if line.startswith('error: ')]
+        assert f'--output {tmp_path / "out1"}: process 1 does not see the files process 0 writes there' in line
+        assert 'put --output on a filesystem every host mounts' in line
+        assert 'test_nfnet -> 10 classes' not in finished.output  # nothing built, nothing trained
+    assert list((tmp_path / 'out0').iterdir()) == [] and not (tmp_path / 'out1').exists()
+
 
 class SlowDevice:
     """A trainer whose steps run one after another on a thread of their own, as a device runs what the host
@@ -369,7 +407,7 @@ def test_the_loop_loads_the_next_batches_while_a_step_runs(digits, tmp_path, mon
             yield loaders.Batch(np.zeros((32, 32, 32, 3), np.float32), np.zeros(32, np.int32), step=k)
 
     run.trainer = device = SlowDevice(events, loaded, count)
-    run.metrics = loop.Metrics(tmp_path / 'metrics.jsonl', None, leader=True)
+    run.metrics = loop.Metrics(tmp_path / 'metrics.jsonl', [], leader=True)
     monkeypatch.setattr(jax, 'device_get', lambda tree: tree)  # the Deferred metrics are read by .item()
     run.train_steps(batches(), 0)
 

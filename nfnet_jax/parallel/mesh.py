@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -75,6 +76,62 @@ def initialize_distributed(
         heartbeat_timeout_seconds=heartbeat_timeout_s,
         shutdown_timeout_seconds=shutdown_timeout_s,
     )
+
+
+def leader_decides(decide: Callable[[], Any]) -> Any:
+    """What `decide()` returns on process 0 (a JSON value), on every process; the others never call it.
+
+    For what only process 0 may find out, from files it alone may see (a run folder on its own
+    disk): every process then acts on the same answer. An error `decide` raises on process 0 is
+    raised on every process, as a ValueError with the same message on the others, so all stop
+    together instead of waiting for process 0 in a collective. One process: just `decide()`.
+    """
+    if jax.process_count() == 1:
+        return decide()
+    answer: dict[str, Any] = {}
+    if jax.process_index() == 0:
+        try:
+            answer = {'value': decide()}
+        except Exception as err:
+            answer = {'error': str(err)}
+            _broadcast_json(answer)
+            raise
+    answer = _broadcast_json(answer)
+    if 'error' in answer:
+        raise ValueError(answer['error'])
+    return answer['value']
+
+
+def refuse_unless_all_agree(problem: str | None) -> None:
+    """Raise on every process when any process found a problem (a one-line message, None when it found none).
+
+    The message raised everywhere (a ValueError) is the lowest such process's. Every process
+    must call it, like any collective.
+    """
+    problems = [problem] if jax.process_count() == 1 else _allgather_json(problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise ValueError(first)
+
+
+def _broadcast_json(value: Any) -> Any:
+    """Process 0's JSON value on every process (the others' `value` is ignored)."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(data.size)))
+    padded = np.zeros(size, np.uint8)
+    if jax.process_index() == 0:
+        padded[:] = data
+    return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(padded)).tobytes())
+
+
+def _allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON value, in process order."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes, strict=True)]
 
 
 def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

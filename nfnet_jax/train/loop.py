@@ -14,12 +14,21 @@ run directory (`workdir`) gets:
 
 `resume=True` continues from the last checkpoint and sees exactly the batches an uninterrupted run
 would have seen.
+
+Multi-host: every process calls `train_and_evaluate`. Process 0 alone reads the run directory and
+decides (whether to resume, from which checkpoint step, the input position and the evaluations so
+far, hence the best score and step); every process acts on its answer (`parallel.leader_decides`),
+so no host goes its own way on what it happens to see. The checkpoints, though, are orbax's: every
+process writes its shards of each into the one run directory and reads them back from it, so the
+hosts must share `workdir` (a filesystem they all mount). A run whose processes do not all see the
+files process 0 writes there is refused at start, in one line, on every process.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import secrets
 import sys
 import time
 from collections.abc import Iterable
@@ -66,18 +75,43 @@ def train_and_evaluate(
     check_environment(config, workers)
     train, val = read_data(config)
     settings = settings_of(config, train, val)
-    check_workdir(workdir, settings, resume)
-    if jax.process_count() > 1:  # every process has seen the workdir as it was before process 0 writes to it
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices('nfnet_jax.finetune: output checked')
-    has_checkpoint = resume and any(p.name.isdigit() for p in (workdir / 'checkpoints').glob('*'))
-    run = Finetuning(config, workdir, train, val, fresh=has_checkpoint)
+    start = parallel.leader_decides(lambda: open_run(workdir, settings, resume))
+    check_one_run_folder(workdir)
+    run = Finetuning(config, workdir, train, val, fresh=start is not None)
     if run.leader:
         workdir.mkdir(parents=True, exist_ok=True)
         if not resume or not (workdir / SETTINGS).is_file():
             atomic_write(workdir / SETTINGS, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)), True)
-    return run.train(resume, has_checkpoint, workers)
+    return run.train(resume, start, workers)
+
+
+def open_run(workdir: Path, settings: dict[str, Any], resume: bool) -> int | None:
+    """Process 0's look at the run folder: checked (`check_workdir`), then the step of its last checkpoint to
+    resume from (None: the run starts afresh)."""
+    check_workdir(workdir, settings, resume)
+    steps = [int(p.name) for p in (workdir / 'checkpoints').glob('*') if p.name.isdigit()] if resume else []
+    return max(steps, default=None)
+
+
+def check_one_run_folder(workdir: Path) -> None:
+    """Refuse, on every process, a multi-process run whose processes do not all see the run folder process 0
+    writes: orbax writes each checkpoint from every process, and reads it back the same way."""
+    if jax.process_count() == 1:
+        return
+    probe = workdir / f'.process-0-{secrets.token_hex(8)}'
+    name = parallel.leader_decides(lambda: workdir.mkdir(parents=True, exist_ok=True) or probe.touch() or probe.name)
+    seen = (workdir / name).is_file()
+    try:
+        parallel.refuse_unless_all_agree(
+            None
+            if seen
+            else f'--output {workdir}: process {jax.process_index()} does not see the files process 0 writes there; '
+            'the processes of a multi-host run share one run folder (orbax writes and reads each checkpoint from '
+            'all of them): put --output on a filesystem every host mounts'
+        )
+    finally:
+        if jax.process_index() == 0:
+            probe.unlink(missing_ok=True)
 
 
 def check_environment(config: FinetuneConfig, workers: int) -> None:
@@ -166,23 +200,28 @@ def build_model(config: FinetuneConfig, num_classes: int, fresh: bool) -> NormFr
 
 
 class Metrics:
-    """metrics.jsonl, written by process 0: one line per record, flushed."""
+    """metrics.jsonl, written by process 0: one line per record, flushed; every process keeps the records."""
 
-    def __init__(self, path: Path, keep_up_to_step: int | None, leader: bool):
+    def __init__(self, path: Path, records: list[dict[str, Any]], leader: bool):
         self.path, self.leader = path, leader
-        self.records: list[dict[str, Any]] = []
-        if keep_up_to_step is not None and path.is_file():  # a resumed run: drop what came after its checkpoint
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if record['step'] <= keep_up_to_step:
-                    self.records.append(record)
+        self.records = list(records)
         if leader:
             text = ''.join(json.dumps(r) + '\n' for r in self.records)
             atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=True)
             self.file = open(path, 'a')  # noqa: SIM115 (kept open for the run)
+
+    @staticmethod
+    def read(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+        """The records of a run's metrics.jsonl up to `up_to_step` (a resumed run drops what came after)."""
+        records = []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record['step'] <= up_to_step:
+                records.append(record)
+        return records
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -343,24 +382,29 @@ class Finetuning:
 
         return jax.jit(mix_batch, out_shardings=(data, data))
 
-    def train(self, resume: bool, has_checkpoint: bool, workers: int) -> dict[str, Any]:
-        """The epochs left (all of them, or those after the last checkpoint), then the final metrics."""
+    def train(self, resume: bool, start: int | None, workers: int) -> dict[str, Any]:
+        """The epochs left (all of them, or those after checkpoint step `start`), then the final metrics."""
         config, out, leader = self.config, self.workdir, self.leader
         with TrainCheckpointer(out / 'checkpoints', max_to_keep=config.checkpoint_hist) as checkpointer:
             self.checkpointer = checkpointer
-            start = checkpointer.restore(self.state) if has_checkpoint else 0
+            step = checkpointer.restore(self.state, start) if start is not None else 0
             self.loader = loaders.TrainLoader(
                 self.train_samples, self.train_transform, config.batch_size, seed=config.seed, epochs=config.epochs,
-                start_step=start, workers=workers,
+                start_step=step, workers=workers,
             )  # fmt: skip
-            if has_checkpoint:
-                position = json.loads((out / 'data_position' / f'{start}.json').read_text())
-                if position != self.loader.position(start):
-                    raise CheckpointError(f'{out}: the saved input position {position} does not match step {start}')
-                log(f'resuming {out} at step {start}: epoch {position["epoch"]}, batch {position["batch_in_epoch"]}')
+            kept: list[dict[str, Any]] = []  # process 0's records of the run so far; the others get its evaluations
+
+            def run_so_far() -> list[dict[str, Any]]:
+                kept.extend(self.run_so_far(resume, start))
+                return [r for r in kept if r['kind'] == 'eval']
+
+            evaluations = parallel.leader_decides(run_so_far)
+            if start is not None:
+                position = self.loader.position(step)
+                log(f'resuming {out} at step {step}: epoch {position["epoch"]}, batch {position["batch_in_epoch"]}')
             elif resume:
                 log(f'--resume: {out} has no checkpoint yet, starting from step 0')
-            self.metrics = Metrics(out / METRICS, start if resume else None, leader)
+            self.metrics = Metrics(out / METRICS, kept if leader else evaluations, leader)
             self.best = self.metrics.best()
             self.val_loader = loaders.EvalLoader(
                 self.val_samples, self.eval_transform, config.batch_size, workers=min(workers, 2)
@@ -373,7 +417,7 @@ class Finetuning:
                     f'{jax.device_count()} devices in {jax.process_count()} processes, peak lr {self.lr:.3g}'
                 )
             started = time.perf_counter()
-            skipped = self.train_steps(self.loader, start)
+            skipped = self.train_steps(self.loader, step)
             checkpointer.wait()
         if leader:
             note = plot_curves(self.metrics.records, out / PLOT)
@@ -382,11 +426,22 @@ class Finetuning:
             seconds = time.perf_counter() - started
             log(
                 f'done: best validation top-1 {self.best:.4f}, weights in {out / BEST}; {len(skipped)} unreadable '
-                f'images skipped; {self.total_steps - start} steps in {seconds:.0f} s'
+                f'images skipped; {self.total_steps - step} steps in {seconds:.0f} s'
             )
         evaluations = self.metrics.evaluations()
         best_step = next(r['step'] for r in evaluations if max(r['model']['top1'], r['ema']['top1']) == self.best)
         return evaluations[-1] | {'best_top1': self.best, 'best_step': best_step}
+
+    def run_so_far(self, resume: bool, start: int | None) -> list[dict[str, Any]]:
+        """Process 0: the saved input position checked against checkpoint step `start`, and the records of
+        metrics.jsonl up to it (none for a run that starts afresh)."""
+        if start is not None:
+            position = json.loads((self.workdir / 'data_position' / f'{start}.json').read_text())
+            if position != self.loader.position(start):
+                raise CheckpointError(
+                    f'{self.workdir}: the saved input position {position} does not match step {start}'
+                )
+        return Metrics.read(self.workdir / METRICS, start or 0) if resume else []
 
     def train_steps(self, batches: Iterable[loaders.Batch], start: int) -> set[str]:
         """Train on `batches` (the steps from `start` on), evaluating at the end of every epoch; returns the
