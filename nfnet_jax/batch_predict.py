@@ -15,18 +15,24 @@ or an (N, D) .npy of embeddings with a `.files.txt` naming each row. Unreadable 
 reported by name and skipped; `run` exits with status 1 if it met one, 2 for bad arguments.
 
 Multi-host: run `run` once per host with `--distributed` (TPU pods, SLURM: found automatically)
-or `--coordinator HOST:PORT --num-processes N --process-id I`. Every host must see the same
-input list and the same RUN_DIR (a shared filesystem); without one, each host keeps its own
-chunks, resumes with the same process count, and the chunk folders are copied together to merge.
+or `--coordinator HOST:PORT --num-processes N --process-id I`. Every host must name the same
+files in the same order, with the same options: compared at start, a host that differs, or whose
+RUN_DIR holds another computation, refuses the run on every host, in one line naming it. RUN_DIR
+may be on a filesystem the hosts share, or each host's own: each process decides from its own
+RUN_DIR which of its chunks are done, and the processes agree on how many sharded calls are left.
+Without a shared filesystem each host keeps its own chunks, resumes with the same process count,
+and the chunk folders are copied together to merge.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -148,11 +154,15 @@ def _run(args: argparse.Namespace) -> int:
         'files_sha256': hashlib.sha256(list_file_bytes(files)).hexdigest(),
     }
     check_model_arguments(args)
-    # Refused before the model loads. Only process 0 may find the folder half-made by itself; the
-    # others check a manifest only once it is there (it is written atomically).
-    check_output_folder(args.output)
-    if process == 0 or (args.output / MANIFEST).exists():
-        check_run_dir(args.output, settings, files)
+
+    def check_output() -> None:
+        """Refused before the model loads. Only process 0 may find the folder half-made by itself; the
+        others check a manifest only once it is there (it is written atomically)."""
+        check_output_folder(args.output)
+        if process == 0 or (args.output / MANIFEST).exists():
+            check_run_dir(args.output, settings, files)
+
+    _on_every_process(check_output, settings)
     args.output.mkdir(parents=True, exist_ok=True)
     with hold_lock(lock_path(args.output, process), 'batch_predict run'):
         model = load_model(args)
@@ -190,6 +200,27 @@ def _run(args: argparse.Namespace) -> int:
         bar.close()
     log(f'process {process}: {todo} files of {len(pending)} chunks written to {args.output / CHUNKS}')
     return 1 if failures else 0
+
+
+def _on_every_process(check: Callable[[], None], settings: dict[str, Any]) -> None:
+    """`check()` on every process, and the same computation asked of every process as of process 0: a refusal
+    on any process refuses the run on all of them, in one line naming the process, instead of leaving the
+    others waiting for it in a collective."""
+    if jax.process_count() == 1:
+        check()
+        return
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    problem = None
+    try:
+        if digest != parallel.leader_decides(lambda: digest):
+            raise ValueError(
+                f'asked for another computation than process 0 (files: {settings["files"]}, their sha256 '
+                f'{settings["files_sha256"][:12]}..., options): give every host the same inputs and options'
+            )
+        check()
+    except (ValueError, OSError) as err:
+        problem = f'process {jax.process_index()}: {err}'
+    parallel.refuse_unless_all_agree(problem)
 
 
 def _max_over_processes(value: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -300,3 +301,44 @@ def test_one_run_at_a_time_and_a_killed_runs_lock_is_taken_over(images, checkpoi
         holder.wait()
     assert run(images, checkpoint, out, '--embeddings') == 1  # the holder was killed: its lock is stale
     assert not lock.exists() and len(list((out / 'chunks').iterdir())) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_with_their_own_run_folders_run_resume_and_refuse_together(
+    images, checkpoint, reference, tmp_path
+):
+    """Hosts without a shared filesystem: each process keeps its own chunks in its own --output, resumes only its
+    own unfinished chunk, and a folder of another computation on one host refuses the run on both, in one line."""
+    command = ['python', '-m', 'nfnet_jax.batch_predict', 'run', str(images), '--checkpoint', str(checkpoint)]
+    command += ['--embeddings', '--chunk-size', '3', '--num-processes', '2']
+
+    def run_both() -> list:
+        port = ['--coordinator', f'127.0.0.1:{free_port()}']
+        argv = [[*command, *port, '--output', str(tmp_path / f'out{i}'), '--process-id', str(i)] for i in range(2)]
+        return run_processes(argv, 2, 400)
+
+    runs = run_both()
+    assert sorted(r.returncode for r in runs) == [0, 1], [r.output[-2000:] for r in runs]  # 1: an unreadable file
+    chunks = [sorted(p.name for p in (tmp_path / f'out{i}' / 'chunks').glob('*.npz')) for i in range(2)]
+    assert chunks == [['000000.npz', '000002.npz'], ['000001.npz', '000003.npz']]
+    merged = tmp_path / 'merged'
+    shutil.copytree(tmp_path / 'out0', merged, ignore=shutil.ignore_patterns('.lock-*'))
+    shutil.copytree(tmp_path / 'out1' / 'chunks', merged / 'chunks', dirs_exist_ok=True)
+    assert batch_predict.main(['merge', str(merged), str(tmp_path / 'embeddings.npy')]) == 0
+    check_embeddings(tmp_path / 'embeddings.npy', reference)
+
+    kept = {p: p.stat().st_mtime_ns for i in range(2) for p in (tmp_path / f'out{i}' / 'chunks').glob('*.npz')}
+    (tmp_path / 'out1' / 'chunks' / '000003.npz').unlink()  # process 1 was stopped before its last chunk
+    del kept[tmp_path / 'out1' / 'chunks' / '000003.npz']
+    runs = run_both()
+    assert [r.returncode for r in runs] == [0, 0], [r.output[-2000:] for r in runs]
+    assert '2 of 2 chunks done, 0 to do' in runs[0].output and '1 of 2 chunks done, 1 to do' in runs[1].output
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept and (tmp_path / 'out1' / 'chunks' / '000003.npz').exists()
+
+    manifest = tmp_path / 'out1' / 'manifest.json'
+    manifest.write_text(manifest.read_text().replace('"chunk_size": 3', '"chunk_size": 4'))
+    runs = run_both()
+    for finished in runs:
+        assert finished.returncode == 2, finished.output[-2000:]
+        [line] = [line for line in finished.output.splitlines() if line.startswith('error: ')]
+        assert line.startswith(f'error: process 1: {tmp_path / "out1"} holds another computation (chunk_size: 4')
