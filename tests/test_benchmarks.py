@@ -186,3 +186,15 @@ def test_loop_overhead_benchmark_smoke(tmp_path):
     assert json.loads(out.read_text()) == report
     assert len(report['loop_steps_per_s']) == len(report['raw_steps_per_s']) == 1
     assert report['ratio'] == report['loop_median'] / report['raw_median'] > 0
+
+
+@pytest.mark.slow
+def test_input_pipeline_benchmark_smoke(capsys):
+    """input_pipeline end to end at a tiny size, one worker: every row of the table measured, ours against timm's."""
+    from benchmarks import input_pipeline
+
+    rates = input_pipeline.main(['--images', '12', '--size', '32', '--batch', '4', '--workers', '1', '--runs', '1'])
+    assert {kind for kind, _ in rates} == {'train', 'eval', 'decode'} and len(rates) == 5
+    assert all(rate > 0 for rate in rates.values())
+    table = capsys.readouterr().out
+    assert table.count('| timm create_loader |') == 2 and '| 1.00x |' in table

@@ -27,6 +27,7 @@ waits for them to exit.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import os
@@ -264,7 +265,7 @@ def iterate(fn: Callable[[int], Any], count: int, workers: int, threads: int | N
     """
     threads = (1 if workers > 0 else 4) if threads is None else max(threads, 1)
     dataset = grain.MapDataset.range(count).map(InWorker(fn))
-    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2)))
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
     if workers > 0:
         from absl import flags
 
@@ -279,7 +280,18 @@ def _first(iterator: Any, count: int) -> Iterator[Any]:
         for _ in range(count):
             yield next(iterator)
     finally:
-        threading.Thread(target=iterator.close, name='grain-close', daemon=True).start()
+        closing = threading.Thread(target=iterator.close, name='grain-close', daemon=True)
+        closing.start()
+        _CLOSING.append(closing)
+
+
+_CLOSING: list[threading.Thread] = []  # iterators being closed in the background
+
+
+@atexit.register  # after grain's import, so it runs before multiprocessing's exit finalizers close them again
+def _finish_closing() -> None:
+    for closing in _CLOSING:
+        closing.join(timeout=30)
 
 
 class TrainLoader:
