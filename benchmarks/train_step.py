@@ -15,7 +15,7 @@ the configurations, so load from other processes hits them alike; each reports t
 seconds per step and its first step (compilation included), and nfnet_jax's speed against each.
 Speed is also given as GFLOP/s, counting the FLOPs of nfnet_jax's step (forward, backward, AGC and
 optimizer, from XLA's cost analysis: `step_flops`) for every configuration, and as a share of the
-machine's ceiling, the same torch matmul as `benchmarks.vs_timm`'s, timed in the same run.
+machine's ceiling, `benchmarks.vs_timm`'s fastest matmul of torch and XLA, timed in the same run.
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def timm_step(
     return step
 
 
-def jax_step(timm_model, images: np.ndarray, labels: np.ndarray, dtype: str = 'float32') -> Callable[[], None]:
+def jax_model(timm_model, dtype: str = 'float32'):
+    """timm's model converted to nfnet_jax, computing in `dtype` (its parameters float32 either way)."""
     import nfnet_jax
     from nfnet_jax.factory import from_timm
-    from nfnet_jax.train import TrainState, nfnet_optimizer, train_step
     from nfnet_jax.weights import flat_params
 
     model = from_timm(timm_model)
@@ -84,7 +84,13 @@ def jax_step(timm_model, images: np.ndarray, labels: np.ndarray, dtype: str = 'f
         model = nfnet_jax.create_model(
             timm_model.pretrained_cfg['architecture'], params=flat_params(model), dtype=jnp.bfloat16
         )
-    state = TrainState(model, nfnet_optimizer(0.1))
+    return model
+
+
+def jax_step(timm_model, images: np.ndarray, labels: np.ndarray, dtype: str = 'float32') -> Callable[[], None]:
+    from nfnet_jax.train import TrainState, nfnet_optimizer, train_step
+
+    state = TrainState(jax_model(timm_model, dtype), nfnet_optimizer(0.1))
     x, y = jnp.asarray(images), jnp.asarray(labels)
 
     def step() -> None:
@@ -106,8 +112,11 @@ def step_flops(model_name: str, batch: int, size: int, dtype: str = 'float32') -
     from nfnet_jax.train import TrainState, nfnet_optimizer
     from nfnet_jax.train.step import pure_train_step
 
-    model = nfnet_jax.create_model(model_name, dtype=jnp.dtype(dtype))
-    graphdef, arrays = nnx.split(TrainState(model, nfnet_optimizer(0.1)))
+    # Shapes only: an eager init would compile every random draw of it.
+    state = nnx.eval_shape(
+        lambda: TrainState(nfnet_jax.create_model(model_name, dtype=jnp.dtype(dtype)), nfnet_optimizer(0.1))
+    )
+    graphdef, arrays = nnx.split(state)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     with xla_convolutions():
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         f'timm on {device} ({torch.get_num_threads()} torch threads), '
         f'jax {jax.__version__} on {jax.devices()[0].device_kind}{", keep_cpu_memory" if cpu_memory_kept() else ""}'
         f'{f", convolutions in {kernels}" if kernels else ""}; '
-        f'{flops / 1e9:.1f} GFLOP per step; ceiling: a {ceiling.matmul} matmul in torch at {ceiling.gflops:.0f} GFLOP/s'
+        f'{flops / 1e9:.1f} GFLOP per step; ceiling: the {ceiling.matmul} matmul at {ceiling.gflops:.0f} GFLOP/s'
     )
     print(
         '| configuration | median s/step | images/s | first step s | GFLOP/s (% of ceiling) | nfnet_jax / this |\n'

@@ -12,7 +12,7 @@ the configurations, so load from other processes hits all of them alike, and eac
 median images/s, its first call (compilation included) and the peak memory one call adds on
 top of the loaded weights. Speed is also given as GFLOP/s (the model's FLOPs per image from XLA's
 cost analysis, `flops_per_image`) and as a share of the machine's practical ceiling, a large square
-matmul in torch timed in the same run (see `matmul_ceiling`).
+matmul in torch or XLA, whichever is faster, timed in the same run (see `matmul_ceiling`).
 On a GPU the same command runs timm under AMP with channels_last and nfnet_jax in bfloat16 by
 default. The weights are timm's own random init, converted: speed does not depend on their
 values, and the logits of both sides are compared as a sanity check.
@@ -177,56 +177,113 @@ def xla_convolutions() -> Iterator[None]:
             cpu.enable(onednn=kernels.onednn)
 
 
+CEILING_FRAMEWORKS = ('torch', 'XLA')  # whose matmuls are timed for the ceiling (`matmul_ceiling`)
+
+
 @dataclass(frozen=True)
 class Ceiling:
-    """The machine's practical ceiling: the speed of torch's square `side` x `side` matmul in `dtype`."""
+    """The machine's practical ceiling: the speed of `framework`'s square `side` x `side` matmul in `dtype`."""
 
     gflops: float
     side: int
     dtype: str
+    framework: str = 'torch'
 
     @property
     def matmul(self) -> str:
-        return f'{self.side}x{self.side} {self.dtype}'
+        return f'{self.framework} {self.side}x{self.side} {self.dtype}'
 
 
 def matmul_ceiling(dtype: str, gpu: bool, repeats: int = 7, budget_s: float = CEILING_BUDGET_S) -> Ceiling:
-    """The ceiling for computing in `dtype`: torch's matmul in `dtype`, or in float32 where that is faster.
+    """The ceiling for computing in `dtype`: the fastest of torch's and XLA's matmuls in `dtype`, or in float32
+    where that is faster, each at its framework's default precision.
 
-    Any bfloat16 computation can run in float32, so on a CPU without bfloat16 instructions, where
-    torch's bfloat16 matmul is far slower than its float32 one, float32's speed is the limit.
+    One framework's matmul is no ceiling for the other's convolutions: on AMD CPUs torch's BLAS (MKL)
+    takes a slow path for float32, which the model's convolutions in XLA or oneDNN outrun, and on
+    NVIDIA GPUs torch's float32 matmul leaves out TF32, which XLA's default precision uses. Any
+    bfloat16 computation can run in float32, so on a CPU without fast bfloat16 matmuls float32's
+    speed is the limit.
     """
-    timings = (_timed_matmul(d, gpu, repeats, budget_s) for d in dict.fromkeys((dtype, 'float32')))
+    timings = (
+        _timed_matmul(framework, d, gpu, repeats, budget_s)
+        for d in dict.fromkeys((dtype, 'float32'))
+        for framework in CEILING_FRAMEWORKS
+    )
     return max(timings, key=lambda ceiling: ceiling.gflops)
 
 
-def _timed_matmul(dtype: str, gpu: bool, repeats: int, budget_s: float) -> Ceiling:
-    """The best of `repeats` timed calls of torch's square matmul in `dtype`.
+def _timed_matmul(framework: str, dtype: str, gpu: bool, repeats: int, budget_s: float) -> Ceiling:
+    """The best of `repeats` timed calls of `framework`'s ('torch' or 'XLA', jitted) square matmul in `dtype`.
 
     The side doubles from 512 up to CEILING_MATMUL while `repeats` calls of the next side (8x the
-    work) fit in `budget_s`: where torch has no fast kernel for `dtype`, one of the largest would
-    take too long.
+    work) fit in `budget_s`: where a framework has no fast kernel for `dtype`, one of the largest
+    would take too long.
     """
-    import torch
+    multiply = _torch_matmul(dtype, gpu) if framework == 'torch' else _xla_matmul(dtype)
 
-    device = 'cuda' if gpu else 'cpu'
-
-    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
+    def timed(call: Callable[[], None]) -> float:
         start = time.perf_counter()
-        torch.matmul(a, b)
-        if gpu:
-            torch.cuda.synchronize()
+        call()
         return time.perf_counter() - start
 
     side = 512
     while True:
-        a, b = (torch.randn(side, side, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-        warm = min(timed(a, b), timed(a, b))  # the first call also starts threads or GPU kernels
+        call = multiply(side)
+        warm = min(timed(call), timed(call))  # the first call also compiles, starts threads or GPU kernels
         if side >= CEILING_MATMUL or 8 * warm * repeats > budget_s:
             break
         side *= 2
-    best = min(timed(a, b) for _ in range(repeats))
-    return Ceiling(2 * side**3 / best / 1e9, side, dtype)
+    best = min(timed(call) for _ in range(repeats))
+    return Ceiling(2 * side**3 / best / 1e9, side, dtype, framework)
+
+
+def _torch_matmul(dtype: str, gpu: bool) -> Callable[[int], Callable[[], None]]:
+    """For a side, a call of torch's matmul of two random square matrices in `dtype` that returns when it is done."""
+    import torch
+
+    device = 'cuda' if gpu else 'cpu'
+
+    def build(side: int) -> Callable[[], None]:
+        a, b = (torch.randn(side, side, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+
+        def call() -> None:
+            torch.matmul(a, b)
+            if gpu:
+                torch.cuda.synchronize()
+
+        return call
+
+    return build
+
+
+def _xla_matmul(dtype: str) -> Callable[[int], Callable[[], None]]:
+    """As `_torch_matmul`, with `jax.jit(jnp.matmul)` on JAX's default device."""
+    import jax
+    import jax.numpy as jnp
+
+    matmul = jax.jit(jnp.matmul)
+
+    def build(side: int) -> Callable[[], None]:
+        rng = np.random.default_rng(side)
+        a, b = (jnp.asarray(rng.standard_normal((side, side), np.float32), dtype) for _ in range(2))
+        return lambda: matmul(a, b).block_until_ready()
+
+    return build
+
+
+@dataclass(frozen=True)
+class JaxCall:
+    """nfnet_jax's configuration: its classifier on the images already on the device, returning float32 logits."""
+
+    classify: Any  # nfnet_jax.inference.InferenceFn
+    images: Any  # jax.Array
+
+    def __call__(self) -> np.ndarray:
+        return np.asarray(self.classify(self.images).astype(np.float32))
+
+    def program_text(self) -> str:
+        """The optimised program a call runs (XLA's HLO text): compiled once, by the first call or here."""
+        return self.classify.compiled.lower(self.classify.state, self.images).compile().as_text()
 
 
 def build_runners(
@@ -256,10 +313,8 @@ def build_runners(
 
     channels_last = copy.deepcopy(timm_model).to(memory_format=torch.channels_last)
     torch._dynamo.reset()  # a fresh compile per shape: the sweep would otherwise hit dynamo's recompile limit
-    classify = inference.classifier(jax_model)
-    x_jax = jax.device_put(images)
     runners = {
-        JAX_CONFIG: lambda: np.asarray(classify(x_jax).astype(np.float32)),
+        JAX_CONFIG: JaxCall(inference.classifier(jax_model), jax.device_put(images)),
         TIMM_CONFIGS[0]: torch_call(timm_model, torch.contiguous_format),
         TIMM_CONFIGS[1]: torch_call(channels_last, torch.channels_last),
     }
@@ -503,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flops = {size: flops_per_image(jax_model, size) for size in {size for _, size in shapes}}
     ceiling = matmul_ceiling(dtype, gpu)
     print(
-        f'ceiling: a {ceiling.matmul} matmul in torch runs at {ceiling.gflops:.0f} GFLOP/s',
+        f'ceiling: the {ceiling.matmul} matmul runs at {ceiling.gflops:.0f} GFLOP/s',
         file=sys.stderr,
     )
     report: dict[str, Any] = dict(

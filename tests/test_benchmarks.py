@@ -55,18 +55,29 @@ def test_matmul_ceiling_keeps_to_its_time_budget():
     from benchmarks import vs_timm
 
     ceiling = vs_timm.matmul_ceiling('float32', gpu=False, repeats=1, budget_s=0.0)
-    assert ceiling.matmul == '512x512 float32' and ceiling.gflops > 0
+    assert ceiling.matmul in ('torch 512x512 float32', 'XLA 512x512 float32') and ceiling.gflops > 0
 
 
-def test_bfloat16_ceiling_is_at_least_the_float32_one(monkeypatch):
-    """Where torch's bfloat16 matmul is slower than float32's (no bfloat16 instructions), float32 sets the limit."""
+def test_the_ceiling_is_the_fastest_matmul_of_either_framework_and_dtype(monkeypatch):
+    """Where torch's bfloat16 matmul is slower than float32's (no bfloat16 instructions), float32 sets the limit;
+    where torch's float32 matmul is slow (MKL on AMD CPUs, no TF32 on NVIDIA GPUs), XLA's sets it."""
     from benchmarks import vs_timm
 
-    speeds = {'bfloat16': 1.0, 'float32': 130.0}
-    monkeypatch.setattr(vs_timm, '_timed_matmul', lambda dtype, *_: vs_timm.Ceiling(speeds[dtype], 1024, dtype))
-    assert vs_timm.matmul_ceiling('bfloat16', gpu=False).dtype == 'float32'
-    speeds['bfloat16'] = 1700.0  # AMX
-    assert vs_timm.matmul_ceiling('bfloat16', gpu=False) == vs_timm.Ceiling(1700.0, 1024, 'bfloat16')
+    speeds = {
+        ('torch', 'bfloat16'): 1.0,
+        ('torch', 'float32'): 100.0,
+        ('XLA', 'bfloat16'): 2.0,
+        ('XLA', 'float32'): 230.0,
+    }
+
+    def timed(framework, dtype, *_):
+        return vs_timm.Ceiling(speeds[framework, dtype], 1024, dtype, framework)
+
+    monkeypatch.setattr(vs_timm, '_timed_matmul', timed)
+    assert vs_timm.matmul_ceiling('bfloat16', gpu=False) == vs_timm.Ceiling(230.0, 1024, 'float32', 'XLA')
+    assert vs_timm.matmul_ceiling('float32', gpu=False).matmul == 'XLA 1024x1024 float32'
+    speeds['torch', 'bfloat16'] = 1700.0  # AMX
+    assert vs_timm.matmul_ceiling('bfloat16', gpu=False) == vs_timm.Ceiling(1700.0, 1024, 'bfloat16', 'torch')
 
 
 @pytest.mark.slow
@@ -82,7 +93,7 @@ def test_train_step_benchmark_in_bfloat16(capsys, monkeypatch):
     )
     out = capsys.readouterr().out
     assert 'test_nfnet training step, batch 2 at 32x32, bfloat16' in out
-    assert 'ceiling: a 512x512 float32 matmul in torch at 1 GFLOP/s' in out
+    assert 'ceiling: the torch 512x512 float32 matmul at 1 GFLOP/s' in out
     assert ', convolutions in ' in out and '(CPU backend)' in out
     name = r'(timm eager NCHW|timm eager channels_last|nfnet_jax jit \(cpu\))'
     rows = re.findall(rf'^\| {name} \| ([0-9.]+) \|.*\| ([0-9]+) \(([0-9]+)%\) \|', out, re.M)

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.accelerator`: the accelerator run (the package's docstring says what it measures)."""
+"""`python3 -m benchmarks.accelerator --out DIR`: the accelerator run (the package's docstring says what it runs)."""
 
 import sys
 

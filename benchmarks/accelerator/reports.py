@@ -71,22 +71,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         seconds = (fmt(step.get(key), '.0f') for key in ('elapsed_s', 'budget_s'))
         steps.append((name, step['status'], *seconds, '; '.join(n for n in notes if n).replace('|', '/')))
     lines += ['', '## Steps', '', *table(('step', 'status', 'seconds', 'budget s', 'notes'), steps)]
-    for name, render in (
-        ('parity', render_parity),
-        ('vs_timm', render_vs_timm),
-        ('train_step', render_train),
-        ('sharded_inference', render_sharded),
-    ):
+    sections = (
+        ('parity', 'Parity with timm', render_parity),
+        ('train_step', 'Train step', render_train),
+        ('vs_timm', 'Inference against timm', render_vs_timm),
+        ('program_check', 'Optimised programs', render_programs),
+        ('sharded_inference', 'Sharded inference', render_sharded),
+    )
+    for name, title, render in sections:
         results = report['steps'].get(name, {}).get('results')
         if results:
-            lines += ['', f'## {name}', '', *render(results)]
+            lines += ['', f'## {title} (`{name}`)', '', *render(results)]
+        if name == 'vs_timm':  # the compile times of the steps so far, before the check of what they compiled
+            compiles = render_compiles(report)
+            if compiles:
+                lines += ['', '## Compile times', '', *compiles]
     return '\n'.join(lines) + '\n'
 
 
 def render_parity(results: dict[str, Any]) -> list[str]:
     lines = [
-        'max|ours - timm| / max|timm| over each output, against timm float32 on the CPU; '
-        f'the tolerance is {results.get("tolerance")}.',
+        'max|ours - timm| / max|timm| over each output (logits, pre-logits, forward_features, every feature tap), '
+        f'against timm float32 on the CPU; the tolerance is {results.get("tolerance")}. nfnet_jax computed every '
+        f'precision in one program, compiled {results.get("compilations", "n/a")} time(s).',
         '',
     ]
     columns = ('nfnet_jax highest', 'nfnet_jax default', 'fast path (highest)', 'fast path (default)')
@@ -112,7 +119,7 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
     matmuls = results.get('matmul_ceiling_matmul', {})
     if ceilings:
         lines += [
-            "Ceiling: torch's square matmul, "
+            "Ceiling: the fastest square matmul of torch's and XLA's, "
             + ', '.join(
                 f'{dtype} {gflops:.0f} GFLOP/s ({matmuls.get(dtype, "?")})' for dtype, gflops in ceilings.items()
             )
@@ -139,22 +146,83 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def median_ms(seconds: list[float]) -> float | None:
+    """The median of a list of seconds, in milliseconds; None for an empty one."""
+    return 1e3 * statistics.median(seconds) if seconds else None
+
+
 def render_train(results: dict[str, Any]) -> list[str]:
-    flops = results.get('flops_per_step')
     lines = [
-        f'{results.get("model")}, batch {results.get("batch")} at {results.get("size")}x{results.get("size")}, '
-        'float32 on both sides (default precision), SGD + AGC as benchmarks.train_step'
-        + (f'; {flops / 1e9:.1f} GFLOP per step.' if flops else '.'),
+        f'{results.get("model")} at {results.get("size")}x{results.get("size")}: forward, cross entropy (label '
+        'smoothing 0.1), backward, AGC, SGD with Nesterov momentum and weight decay; nfnet_jax also updates an EMA '
+        'of the weights. Step ms: per step, over rounds of '
+        f"{results.get('steps')} steps dispatched back to back (the device's pace), median of "
+        f'{results.get("rounds")} rounds. Host ms: how long a call takes to return, median and worst (what Python '
+        'and dispatch cost per step; the device runs meanwhile). "plain jax.jit" is the same step jitted over '
+        'the state split once: the least a host can spend. bfloat16: nfnet_jax computes in bfloat16 from float32 '
+        'parameters, timm under AMP.',
         '',
     ]
     rows = []
-    for name, r in results.get('configs', {}).items():
-        median = statistics.median(r['step_s']) if r['step_s'] else None
-        images = results['batch'] / median if median else None
-        gflops = flops / median / 1e9 if median and flops else None
-        first = fmt(r['first_step_s'], '.1f')
-        rows.append((name, fmt(median, '.3f'), fmt(images, '.1f'), fmt(gflops, '.0f'), first, len(r['step_s'])))
-    return lines + table(('configuration', 'median s/step', 'images/s', 'GFLOP/s', 'first step s', 'timed steps'), rows)
+    for run in results.get('runs', []):
+        flops = run.get('flops_per_step')
+        for name, r in run['configs'].items():
+            step = median_ms(r['step_s'])
+            images = run['batch'] / step * 1e3 if step else None
+            tflops = flops / step / 1e9 if step and flops else None
+            host, worst = median_ms(r['host_s']), 1e3 * max(r['host_s']) if r['host_s'] else None
+            cells = (fmt(step, '.1f'), fmt(images, '.0f'), fmt(tflops, '.1f'), fmt(host, '.2f'), fmt(worst, '.2f'))
+            rows.append((run['dtype'], run['batch'], name, *cells, fmt(r['first_call_s'], '.1f')))
+    columns = ('dtype', 'batch', 'configuration', 'step ms', 'images/s', 'TFLOP/s', 'host ms', 'worst host ms')
+    return lines + table((*columns, 'first call s'), rows)
+
+
+def render_compiles(report: dict[str, Any]) -> list[str]:
+    """JAX's compilations of every step (trace, lowering, XLA's compile), those of one function in one part summed,
+    and torch.compile's first calls."""
+    summed: dict[tuple[str, str, str], list[Any]] = {}
+    for name, step in report['steps'].items():
+        for c in step.get('compiles', []):
+            entry = summed.setdefault((name, c['part'], c['function']), [0, None, None, None])
+            entry[0] += 1
+            for index, key in enumerate(('trace_s', 'lower_s', 'compile_s'), 1):
+                if key in c:
+                    entry[index] = (entry[index] or 0.0) + c[key]
+    rows = []
+    for (name, part, function), (count, *phases) in summed.items():
+        total = sum(p for p in phases if p is not None)
+        rows.append((name, part, function, count, *(fmt(p, '.1f') for p in phases), f'{total:.1f}'))
+    for run in report['steps'].get('vs_timm', {}).get('results', {}).get('runs', []):
+        compiled = run['results'].get('timm compile channels_last')
+        if compiled:
+            what = f'{run["dtype"]} batch {run["batch"]}'
+            rows.append(
+                ('vs_timm', what, 'torch.compile, first call', 1, '', '', '', f'{compiled["first_call_s"]:.1f}')
+            )
+    if not rows:
+        return []
+    lines = [
+        'Seconds, summed over the compilations of one function in one part (a lowering without a trace reuses '
+        "the traced program); JAX's compilations under 0.5 s in all are left out.",
+        '',
+    ]
+    return lines + table(('step', 'part', 'function', 'compilations', 'trace', 'lower', 'XLA compile', 'total'), rows)
+
+
+def render_programs(results: dict[str, Any]) -> list[str]:
+    lines = [
+        'Each program compiled above, as XLA optimised it (`programs/`), searched for what only the CPU backend puts '
+        'there: conditionals, loops, calls into CPU libraries (oneDNN, MKL), all-zero constants added, grouped '
+        'convolutions split.',
+        '',
+    ]
+    rows = []
+    for name, r in results.get('checked', {}).items():
+        findings = '; '.join(f'{kind} x{f["count"]}' for kind, f in r['findings'].items()) or 'none'
+        calls = ', '.join(f'{target} x{count}' for target, count in r['custom_calls'].items())
+        rows.append((name, r['instructions'], r['convolutions'], r['grouped_convolutions'], calls, findings))
+    columns = ('program', 'instructions', 'convolutions', 'grouped', 'custom calls', 'findings')
+    return lines + table(columns, rows)
 
 
 def render_sharded(results: dict[str, Any]) -> list[str]:

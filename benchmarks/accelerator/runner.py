@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from benchmarks import accelerator
 from benchmarks.accelerator.reports import SCHEMA, utc_now, write_reports
@@ -31,15 +31,11 @@ from benchmarks.accelerator.settings import MIN_STEP_BUDGET_S, resolve_settings
 from benchmarks.accelerator.steps import STEPS
 from benchmarks.machine import REPO, host_machine, nvidia_gpus
 
+REPORT_JSON, REPORT_MARKDOWN, PROGRAMS = 'accelerator.json', 'accelerator.md', 'programs'  # what --out holds
 # Seconds a step may run past its budget before it is killed: the child checks its budget only between measurements.
 GRACE_S = 20.0
 # The longest a fresh child may take to import jax, torch and timm and look at its devices.
 STARTUP_S = 180.0
-
-
-def int_list(text: str) -> list[int]:
-    """'32,256,1' as [32, 256, 1]."""
-    return [int(value) for value in text.split(',') if value]
 
 
 def name_list(text: str) -> list[str]:
@@ -50,12 +46,13 @@ def name_list(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line, checked before anything runs (`parser.error`, exit 2, says what is wrong)."""
     parser = argparse.ArgumentParser(
-        prog='python -m benchmarks.accelerator', description=accelerator.__doc__.split('\n\n')[0]
+        prog='python3 -m benchmarks.accelerator', description=accelerator.__doc__.split('\n\n')[0]
     )
-    parser.add_argument('--json', type=Path, default=Path('accelerator.json'), help='the JSON report')
-    parser.add_argument('--markdown', type=Path, default=Path('accelerator.md'), help='the markdown report')
-    parser.add_argument('--force', action='store_true', help='replace existing reports')
-    parser.add_argument('--quick', action='store_true', help='fewer models, shapes and repeats (tiny ones on CPU)')
+    parser.add_argument(
+        '--out', type=Path, required=True, help=f'the folder for {REPORT_JSON}, {REPORT_MARKDOWN} and {PROGRAMS}/'
+    )
+    parser.add_argument('--force', action='store_true', help='replace the reports of an earlier run in --out')
+    parser.add_argument('--quick', action='store_true', help='fewer shapes and timed calls (test_nfnet on CPU)')
     parser.add_argument(
         '--device',
         choices=('auto', 'cpu', 'gpu'),
@@ -63,23 +60,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='auto: the GPU when nvidia-smi lists one, else the CPU; cpu hides any GPU',
     )
     parser.add_argument('--steps', type=name_list, default=list(STEPS), help=f'a comma list of {", ".join(STEPS)}')
-    parser.add_argument('--budget', type=float, help='seconds for the whole run (on a GPU: 480, --quick 240)')
+    parser.add_argument('--budget', type=float, help='seconds for the whole run (on a GPU: 450, --quick 220)')
     parser.add_argument(
         '--step-budget',
         action='append',
         default=[],
         metavar='STEP=SECONDS',
         help="one step's budget, e.g. vs_timm=300 (repeatable)",
-    )
-    parser.add_argument('--parity-models', type=name_list, help='architectures for the parity step')
-    parser.add_argument('--model', help='the architecture of the speed steps (default dm_nfnet_f0)')
-    parser.add_argument('--batches', type=int_list, help='vs_timm batch sizes, e.g. 32,256,1')
-    parser.add_argument('--dtypes', type=name_list, help='vs_timm dtypes: bfloat16,float32')
-    parser.add_argument('--size', type=int, help='vs_timm image size')
-    parser.add_argument(
-        '--compile',
-        choices=('auto', 'all', 'none'),
-        help='torch.compile in vs_timm: auto (where the budget leaves room), all, none',
     )
     parser.add_argument(
         '--cpu-devices', type=int, default=1, help='on CPU, XLA host devices for the sharded step (default 1)'
@@ -88,8 +75,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = set(args.steps) - set(STEPS)
     if unknown or not args.steps:
         parser.error(f'--steps takes a comma list of {", ".join(STEPS)}; got {",".join(args.steps)}')
-    if args.json.suffix != '.json' or args.markdown.suffix != '.md':
-        parser.error('--json must name a .json file and --markdown a .md file')
     for item in args.step_budget:
         step, _, seconds = item.partition('=')
         try:
@@ -98,11 +83,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             ok = False
         if not ok:
             parser.error(f'--step-budget takes STEP=SECONDS with a step of {", ".join(STEPS)}; got {item}')
-    if args.dtypes and set(args.dtypes) - {'float32', 'bfloat16'}:
-        parser.error('--dtypes takes float32 and/or bfloat16')
-    if args.cpu_devices < 1 or (args.batches and min(args.batches) < 1) or (args.size and args.size < 32):
-        parser.error('--cpu-devices and --batches must be at least 1 and --size at least 32')
+    if args.cpu_devices < 1:
+        parser.error('--cpu-devices must be at least 1')
     return args
+
+
+class Reports(NamedTuple):
+    """Where the run writes its reports."""
+
+    json: Path
+    markdown: Path
 
 
 class Worker:
@@ -155,12 +145,22 @@ def worker_env(gpu: bool, cpu_devices: int) -> dict[str, str]:
     return env
 
 
+def prepare_out(folder: Path, force: bool) -> tuple[Path, Path, Path]:
+    """The reports' paths and the programs' folder in `folder`, checked before any work: the reports of an earlier
+    run are refused without `force`, and with it that run's programs are removed (the check reads the folder)."""
+    from nfnet_jax.files import check_output
+
+    json_path, markdown_path = (check_output(folder / name, force) for name in (REPORT_JSON, REPORT_MARKDOWN))
+    programs = folder / PROGRAMS
+    if force:
+        for old in programs.glob('*.hlo.txt'):
+            old.unlink()
+    return json_path, markdown_path, programs
+
+
 def run_steps(args: argparse.Namespace) -> int:
     """The whole run: children until every step has run or the budget is spent; both reports after every change."""
-    from nfnet_jax.files import check_report_file
-
-    for path in (args.json, args.markdown):  # before any work, not after minutes of it
-        check_report_file(path, args.force)
+    json_path, markdown_path, programs = prepare_out(args.out, args.force)
     from nfnet_jax.progress import log
 
     gpus = [] if args.device == 'cpu' else nvidia_gpus()
@@ -171,7 +171,7 @@ def run_steps(args: argparse.Namespace) -> int:
     start = time.monotonic()
     report: dict[str, Any] = dict(
         schema=SCHEMA,
-        command='python -m benchmarks.accelerator ' + ' '.join(sys.argv[1:]),
+        command='python3 -m benchmarks.accelerator ' + ' '.join(sys.argv[1:]),
         quick=args.quick,
         started=utc_now(),
         finished=None,
@@ -186,7 +186,8 @@ def run_steps(args: argparse.Namespace) -> int:
         },
     )
     log(f'accelerator run on {"the GPU " + gpus[0]["name"] if gpu else "the CPU"}, {settings["budget_s"]:.0f} s budget')
-    write_reports(report, args.json, args.markdown)
+    paths = Reports(json_path, markdown_path)
+    write_reports(report, *paths)
     env = worker_env(gpu, args.cpu_devices)
     with tempfile.TemporaryDirectory(prefix='nfnet_jax_accelerator_') as folder:
         remaining = list(args.steps)
@@ -206,16 +207,17 @@ def run_steps(args: argparse.Namespace) -> int:
                 budgets={name: settings[name]['budget_s'] for name in remaining},
                 deadline=start + settings['budget_s'],  # time.monotonic(): one clock for every process on Linux
                 state=str(state_path),
+                programs=str(programs.resolve()),
             )
             config_path = Path(folder) / f'config{attempt}.json'
             config_path.write_text(json.dumps(config))
-            remaining = watch(Worker(config_path, env), state_path, config, report, args, start)
+            remaining = watch(Worker(config_path, env), state_path, config, report, paths, start)
     report.update(finished=utc_now(), elapsed_s=round(time.monotonic() - start, 1))
     report['complete'] = all(step['status'] == 'ok' for step in report['steps'].values())
-    write_reports(report, args.json, args.markdown)
+    write_reports(report, *paths)
     for name, step in report['steps'].items():
         log(f'{name}: {step["status"]}' + (f' ({step["error"]})' if step.get('error') else ''))
-    log(f'reports written to {args.json} and {args.markdown} in {report["elapsed_s"]:.0f} s')
+    log(f'reports written to {json_path} and {markdown_path} in {report["elapsed_s"]:.0f} s')
     return 0 if all(step['status'] in ('ok', 'partial') for step in report['steps'].values()) else 1
 
 
@@ -224,7 +226,7 @@ def watch(
     state_path: Path,
     config: dict[str, Any],
     report: dict[str, Any],
-    args: argparse.Namespace,
+    paths: Reports,
     start: float,
 ) -> list[str]:
     """Follow one child until it ends or is killed; returns the steps still to run."""
@@ -245,7 +247,7 @@ def watch(
             if mtime != seen_mtime:
                 state, seen_mtime = json.loads(state_path.read_text()), mtime
                 merge_state(report, state)
-                write_reports(report, args.json, args.markdown)
+                write_reports(report, *paths)
         if finished:
             break
         current = state.get('current')
@@ -283,7 +285,7 @@ def watch(
         for name in remaining:
             report['steps'][name].update(status='failed', error=f'{reason}: {tail}' if tail else reason)
         remaining = []
-    write_reports(report, args.json, args.markdown)
+    write_reports(report, *paths)
     return remaining  # between two steps, a child that died leaves the rest to a fresh one
 
 
@@ -301,6 +303,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run_steps(args)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # an existing report, an output that cannot be written, no GPU
         print(f'error: {err}', file=sys.stderr)
         return 2

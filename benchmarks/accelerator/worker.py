@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.accelerator.settings import MIN_STEP_BUDGET_S
-from benchmarks.accelerator.steps import STEPS, StepContext
+from benchmarks.accelerator.steps import STEPS, StepContext, record_compile
 from benchmarks.vs_timm import cpu_convolutions
 from nfnet_jax import cpu
 from nfnet_jax.files import atomic_write
@@ -28,10 +28,13 @@ from nfnet_jax.progress import log
 
 
 def run_worker(config_path: Path) -> int:
-    """Run the config's steps with nfnet_jax's CPU backend on where JAX runs on the CPU (as the commands run).
+    """Run the config's steps, every JAX compilation timed into the step that made it (`record_compile`), with
+    nfnet_jax's CPU backend on where JAX runs on the CPU (as the commands run), and left off on a GPU.
 
     Its memory settings stay off: `vs_timm`'s peak-memory figures need the allocator's defaults.
     """
+    import jax
+
     config = json.loads(config_path.read_text())
     state_path = Path(config['state'])
     state: dict[str, Any] = dict(steps={}, done=[], current=None, environment=None)
@@ -40,7 +43,8 @@ def run_worker(config_path: Path) -> int:
         text = json.dumps(state, default=str)
         atomic_write(state_path, lambda tmp: Path(tmp).write_text(text, encoding='utf-8'), force=True)
 
-    cpu.enable()
+    cpu.enable()  # a no-op where JAX's default backend is not the CPU
+    jax.monitoring.register_event_duration_secs_listener(record_compile)
     state['environment'] = worker_environment(config['gpu'])
     save()
     for name in config['steps']:
@@ -54,7 +58,7 @@ def run_worker(config_path: Path) -> int:
         state['steps'][name] = record
         state['current'] = name
         state['current_started'] = time.monotonic()  # Linux's monotonic clock is the same in every process
-        ctx = StepContext(record, budget, save)
+        ctx = StepContext(record, budget, save, Path(config['programs']))
         ctx.save()
         log(f'--- {name} (budget {budget:.0f} s)')
         try:
