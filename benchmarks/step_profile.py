@@ -3,7 +3,7 @@
     python -m benchmarks.step_profile [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
                                       [--steps 3] [--top 25] [--markdown F] [--force] [--no-keep-cpu-memory]
 
-The step is the library's (`nfnet_jax.train.step.compiled_steps`), run as `benchmarks.train_step`
+The step is the library's (`nfnet_jax.train.step.step_caches`), run as `benchmarks.train_step`
 runs it: on CPU with the CPU backend and its memory settings on when the benchmark is the
 process. It is compiled ahead of time, so the trace's thunk names are the instructions of that
 compiled program: each is shown with its shape and the JAX operation it came from. Two tables:
@@ -109,22 +109,21 @@ def main(argv: Sequence[str] | None = None) -> str:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     import nfnet_jax
     from nfnet_jax import cpu
     from nfnet_jax.files import atomic_write
     from nfnet_jax.train import TrainState, nfnet_optimizer
-    from nfnet_jax.train.step import compiled_steps
+    from nfnet_jax.train.step import step_caches
 
     model = nfnet_jax.create_model(args.model, dtype=jnp.dtype(args.dtype))
-    graphdef, arrays = nnx.split(TrainState(model, nfnet_optimizer(0.1)))
+    kept, step = step_caches(cpu.enabled())[0](TrainState(model, nfnet_optimizer(0.1)))  # the library's step
+    arrays = kept.arrays()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch))
-    step = compiled_steps(cpu.enabled())[0]  # the library's step, donating its state
     print(f'compiling the {args.model} step', file=sys.stderr)
-    compiled = step.lower(graphdef, arrays, images, labels, 0.1).compile()
+    compiled = step.lower(arrays, images, labels, 0.1, None).compile()  # it donates the arrays
     found = instructions(compiled.as_text())
     for _ in range(2):
         arrays = jax.block_until_ready(compiled(arrays, images, labels))[0]

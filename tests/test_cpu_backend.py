@@ -214,6 +214,27 @@ def test_enable_does_nothing_where_the_default_backend_is_not_the_cpu(monkeypatc
         jax.config.update('jax_platforms', platforms)
 
 
+def test_a_command_on_another_backend_applies_no_cpu_setting(monkeypatch):
+    """A command run as the process (with --keep-cpu-memory or not), on a GPU say: no allocator setting, no
+    lowering rule, no compiler option (every command applies its CPU flags through `cli.apply_cpu_arguments`)."""
+    import argparse
+
+    from nfnet_jax import cli
+    from nfnet_jax.cpu import memory
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a CPU setting was applied on another backend')
+
+    monkeypatch.setattr(cpu, 'default_backend_is_cpu', lambda: False)
+    monkeypatch.setattr(memory, 'keep_cpu_memory', refuse)
+    monkeypatch.setattr(convolution, 'register', refuse)
+    parser = argparse.ArgumentParser()
+    cli.add_cpu_arguments(parser)
+    for argv in ([], ['--keep-cpu-memory']):
+        assert cli.apply_cpu_arguments(parser.parse_args(argv), is_process=True) is False
+        assert not cpu.enabled() and cpu.compiler_options() is None
+
+
 def test_onednn_can_be_left_out(monkeypatch):
     with cpu_backend():
         assert cpu.enable(onednn=False) and not convolution.kernels().onednn

@@ -255,6 +255,34 @@ def test_the_step_donates_the_state_and_copies_made_before_it_keep_their_arrays(
     assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(state)))
 
 
+def test_the_state_stays_split_between_steps_and_is_split_again_when_its_structure_changes(monkeypatch):
+    """Once split, a step walks no graph (no nnx.split / nnx.update); a mode switch or a replaced Variable is seen:
+    the state is split again and the step runs with its new structure (the new head's kernel trains)."""
+    from nfnet_jax import cpu
+    from nfnet_jax.train.step import step_caches
+
+    state = make_state()  # dropout and drop path on
+    x, labels = batch(0)
+    train_step(state, x, labels, label_smoothing=0.1)  # the first call splits (the `trained` fixture's program)
+    cache = step_caches(cpu.enabled())[0]
+    kept = cache(state)[0]
+    with monkeypatch.context() as patched:
+        for walk in ('split', 'update', 'state', 'graphdef'):
+            patched.setattr(nnx, walk, lambda *a, walk=walk, **k: pytest.fail(f'a step called nnx.{walk}'))
+        for _ in range(2):
+            before = np.asarray(state.model.head.fc.kernel[...])
+            train_step(state, x, labels, label_smoothing=0.1)
+            assert not np.array_equal(before, state.model.head.fc.kernel[...])  # updated in place
+    assert cache(state)[0] is kept and state.step == 3
+    state.model.eval()  # dropout off: another GraphDef
+    assert cache(state)[0] is not kept and cache(state)[0].graphdef != kept.graphdef
+    state.model.train()
+    kept = cache(state)[0]
+    state.model.head.fc.kernel = nnx.Param(jnp.zeros_like(state.model.head.fc.kernel[...]))  # a Variable replaced
+    train_step(state, x, labels, label_smoothing=0.1)
+    assert cache(state)[0] is not kept and np.any(state.model.head.fc.kernel[...] != 0)
+
+
 def test_bfloat16_compute_follows_float32():
     """The same weights in bf16 and f32 give close logits and loss: bf16 changes the rounding, not the math."""
     x, labels = batch(0)

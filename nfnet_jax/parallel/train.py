@@ -6,13 +6,14 @@ sharded inference never loads them.
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
+from functools import partial, wraps
 from typing import Any
 
 import jax
 from flax import nnx
 
-from nfnet_jax import cpu
+from nfnet_jax import cpu, split
 from nfnet_jax.parallel.mesh import (
     DATA_AXIS,
     DEFAULT_MIN_SHARD_SIZE,
@@ -24,8 +25,9 @@ from nfnet_jax.parallel.mesh import (
     replicated,
     state_shardings,
 )
+from nfnet_jax.split import SplitCache
 from nfnet_jax.train.state import TrainState
-from nfnet_jax.train.step import Metrics, pure_eval_step, pure_train_step
+from nfnet_jax.train.step import Metrics, Preprocess, pure_eval_step, pure_train_step
 
 
 class ShardedTrainer:
@@ -38,6 +40,10 @@ class ShardedTrainer:
     param, its gradient, momentum and EMA; XLA gathers a weight where a layer needs it), and
     split along 'model' where the mesh has that axis. `state` may be saved and restored with
     `TrainCheckpointer` as usual: orbax writes and reads each shard where it lives.
+
+    `preprocess(step, images, labels)` and `eval_preprocess(images)` run inside the jitted steps,
+    on the devices (see `nfnet_jax.train.pure_train_step`): uint8 batches cross to the devices and
+    are normalised, erased and mixed there.
     """
 
     def __init__(
@@ -48,46 +54,55 @@ class ShardedTrainer:
         fsdp: bool = False,
         label_smoothing: float = 0.0,
         min_shard_size: int = DEFAULT_MIN_SHARD_SIZE,
+        preprocess: Preprocess | None = None,
+        eval_preprocess: Callable[[jax.Array], jax.Array] | None = None,
     ):
         self.state = state
         self.mesh = mesh
         axes = (MODEL_AXIS, DATA_AXIS) if fsdp else (MODEL_AXIS,)
         self.state_shardings = state_shardings(nnx.state(state), mesh, axes, min_shard_size)
         nnx.update(state, place(nnx.state(state), self.state_shardings))
-        eval_shardings = state_shardings(nnx.state(state.eval_model), mesh, axes, min_shard_size)
+        train_shardings = jax.tree.leaves(self.state_shardings)
+        eval_shardings = jax.tree.leaves(state_shardings(nnx.state(state.eval_model), mesh, axes, min_shard_size))
         data, metrics = batch_sharding(mesh), replicated(mesh)
 
-        self._train = jax.jit(
-            partial(pure_train_step, label_smoothing=label_smoothing),
-            compiler_options=cpu.compiler_options(training=True),
-            static_argnums=0,
-            in_shardings=(self.state_shardings, data, data),
-            out_shardings=(self.state_shardings, metrics),
-            donate_argnums=1,
-        )
-        self._eval = jax.jit(
-            pure_eval_step,
-            compiler_options=cpu.compiler_options(),
-            static_argnums=0,
-            in_shardings=(eval_shardings, data, data),
-            out_shardings=metrics,
-        )
+        def train(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
+            step = partial(pure_train_step, label_smoothing=label_smoothing, preprocess=preprocess)
+            return jax.jit(
+                split.on_arrays(wraps(pure_train_step)(step), graphdef, treedef, returns_state=True),
+                compiler_options=cpu.compiler_options(training=True),
+                in_shardings=(train_shardings, data, data),
+                out_shardings=(train_shardings, metrics),
+                donate_argnums=0,
+            )
+
+        def evaluate(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
+            step = partial(pure_eval_step, preprocess=eval_preprocess)
+            return jax.jit(
+                split.on_arrays(wraps(pure_eval_step)(step), graphdef, treedef, returns_state=False),
+                compiler_options=cpu.compiler_options(),
+                in_shardings=(eval_shardings, data, data),
+                out_shardings=metrics,
+            )
+
+        # The state and the models evaluated stay split between steps (`nfnet_jax.split`).
+        self._train, self._eval = SplitCache(train), SplitCache(evaluate)
 
     def train_step(self, images: Any, labels: Any) -> Metrics:
         """One optimizer step on a batch, updating `self.state` in place; metrics are replicated.
 
         `images` and `labels` are this process's rows (numpy) or global arrays from `global_batch`.
         """
-        graphdef, state = nnx.split(self.state)
-        new_state, metrics = self._train(graphdef, state, *self._global(images, labels))
-        nnx.update(self.state, new_state)
+        kept, jitted = self._train(self.state)
+        arrays, metrics = jitted(kept.arrays(), *self._global(images, labels))
+        kept.update(arrays)
         return metrics
 
     def eval_step(self, images: Any, labels: Any, model: nnx.Module | None = None) -> Metrics:
         """`eval_step_fn` on a sharded batch, of `model`: `state.eval_model` (the EMA weights when
         there are any) by default, or `state.model`, which is sharded alike."""
-        graphdef, state = nnx.split(self.state.eval_model if model is None else model)
-        return self._eval(graphdef, state, *self._global(images, labels))
+        kept, jitted = self._eval(self.state.eval_model if model is None else model)
+        return jitted(kept.arrays(), *self._global(images, labels))
 
     def _global(self, images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
         if isinstance(images, jax.Array) and isinstance(labels, jax.Array):

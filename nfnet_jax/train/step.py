@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nfnet_jax import cpu
+from nfnet_jax import cpu, split
+from nfnet_jax.split import SplitCache
 from nfnet_jax.train.mixup import soft_target_cross_entropy
 from nfnet_jax.train.optim import cross_entropy_loss
 from nfnet_jax.train.state import TrainState
@@ -69,58 +71,78 @@ def eval_step_fn(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Met
     }
 
 
+Preprocess = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
 def pure_train_step(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    labels: jax.Array,
+    label_smoothing: float = 0.0,
+    preprocess: Preprocess | None = None,
 ) -> tuple[nnx.State, Metrics]:
     """`train_step_fn` as a pure function of the split train state: (new state, metrics).
 
     This is the form `jax.jit` takes with shardings or compiler options. Keep `graphdef`
-    static: switching the model between train() and eval() changes it.
+    static: switching the model between train() and eval() changes it. `preprocess(step, images,
+    labels) -> (images, labels)` runs first, on the device (`step`: the optimizer's step count,
+    for draws that depend on it): normalising uint8 batches, random erasing, mixup.
     """
     train_state = nnx.merge(graphdef, state)
+    if preprocess is not None:
+        images, labels = preprocess(train_state.optimizer.step[...], images, labels)
     metrics = train_step_fn(train_state, images, labels, label_smoothing)
     return nnx.state(train_state), metrics
 
 
-def pure_eval_step(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array) -> Metrics:
-    """`eval_step_fn` as a pure function of the split model."""
-    return eval_step_fn(nnx.merge(graphdef, state), images, labels)
+def pure_eval_step(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    labels: jax.Array,
+    preprocess: Callable[[jax.Array], jax.Array] | None = None,
+) -> Metrics:
+    """`eval_step_fn` as a pure function of the split model; `preprocess(images)` runs first, on the device."""
+    return eval_step_fn(nnx.merge(graphdef, state), images if preprocess is None else preprocess(images), labels)
 
 
 @functools.cache
-def compiled_steps(cpu_options: bool) -> tuple[Callable[..., tuple[nnx.State, Metrics]], Callable[..., Metrics]]:
-    """The jitted (pure_train_step, pure_eval_step), with the CPU backend's compiler options or XLA's defaults.
+def step_caches(cpu_options: bool) -> tuple[SplitCache, SplitCache]:
+    """The (train, eval) steps jitted over split states, with the CPU backend's compiler options or XLA's defaults.
 
-    The train step donates the state it is given (its buffers become the new state's), as
-    `ShardedTrainer`'s does.
+    The train step takes (arrays, images, labels, label_smoothing, preprocess) and donates the
+    arrays it is given (their buffers become the new state's), as `ShardedTrainer`'s does.
     """
-    return (
-        jax.jit(
-            pure_train_step,
-            static_argnums=(0, 4),
-            donate_argnums=1,
-            compiler_options=cpu.compiler_options(training=True) if cpu_options else None,
-        ),
-        jax.jit(pure_eval_step, static_argnums=0, compiler_options=cpu.compiler_options() if cpu_options else None),
-    )
+
+    def train(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
+        options = cpu.compiler_options(training=True) if cpu_options else None
+        flat = split.on_arrays(pure_train_step, graphdef, treedef, returns_state=True)
+        return jax.jit(flat, static_argnums=(3, 4), donate_argnums=0, compiler_options=options)
+
+    def evaluate(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
+        options = cpu.compiler_options() if cpu_options else None
+        flat = split.on_arrays(pure_eval_step, graphdef, treedef, returns_state=False)
+        return jax.jit(flat, static_argnums=3, compiler_options=options)
+
+    return SplitCache(train), SplitCache(evaluate)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> Metrics:
     """`train_step_fn`, jitted (with the CPU backend's compiler options when it is on); updates `state` in place.
 
-    The state's arrays are donated to the step: arrays taken from it before the step (with
-    `nnx.state` or `nnx.clone`, say) are deleted by it. Keep a copy with
+    The state stays split between calls (`nfnet_jax.split`), so a call costs the host little more
+    than the jitted step itself. The state's arrays are donated to the step: arrays taken from it
+    before the step (with `nnx.state` or `nnx.clone`, say) are deleted by it. Keep a copy with
     `nfnet_jax.weights.clone_with_own_arrays` or `jax.tree.map(jnp.copy, ...)`.
     """
-    graphdef, arrays = nnx.split(state)
-    train = compiled_steps(cpu.enabled())[0]
-    new_state, metrics = train(graphdef, arrays, images, labels, label_smoothing)
-    nnx.update(state, new_state)
+    kept, jitted = step_caches(cpu.enabled())[0](state)
+    arrays, metrics = jitted(kept.arrays(), images, labels, label_smoothing, None)
+    kept.update(arrays)
     return metrics
 
 
 def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
     """`eval_step_fn`, jitted (with the CPU backend's compiler options when it is on)."""
-    graphdef, arrays = nnx.split(model)
-    evaluate = compiled_steps(cpu.enabled())[1]
-    return evaluate(graphdef, arrays, images, labels)
+    kept, jitted = step_caches(cpu.enabled())[1](model)
+    return jitted(kept.arrays(), images, labels, None)
