@@ -12,7 +12,7 @@ the configurations, so load from other processes hits all of them alike, and eac
 median images/s, its first call (compilation included) and the peak memory one call adds on
 top of the loaded weights. Speed is also given as GFLOP/s (the model's FLOPs per image from XLA's
 cost analysis, `flops_per_image`) and as a share of the machine's practical ceiling, a large square
-matmul in torch or XLA, whichever is faster, timed in the same run (see `matmul_ceiling`).
+matmul in torch or XLA, whichever is faster (see `matmul_ceiling`), timed in the same round-robin.
 On a GPU the same command runs timm under AMP with channels_last and nfnet_jax in bfloat16 by
 default. The weights are timm's own random init, converted: speed does not depend on their
 values, and the logits of both sides are compared as a sanity check.
@@ -193,6 +193,15 @@ class Ceiling:
     def matmul(self) -> str:
         return f'{self.framework} {self.side}x{self.side} {self.dtype}'
 
+    def call(self, gpu: bool) -> Callable[[], None]:
+        """This matmul on two random matrices, returning when it is done: to time it again beside a model."""
+        build = _torch_matmul(self.dtype, gpu) if self.framework == 'torch' else _xla_matmul(self.dtype)
+        return build(self.side)
+
+    def retimed(self, seconds: list[float]) -> Ceiling:
+        """This matmul with the speed of its median call of `seconds`."""
+        return Ceiling(2 * self.side**3 / statistics.median(seconds) / 1e9, self.side, self.dtype, self.framework)
+
 
 def matmul_ceiling(dtype: str, gpu: bool, repeats: int = 7, budget_s: float = CEILING_BUDGET_S) -> Ceiling:
     """The ceiling for computing in `dtype`: the fastest of torch's and XLA's matmuls in `dtype`, or in float32
@@ -331,13 +340,17 @@ def measure(
     repeats: int,
     gpu: bool,
     progress: tqdm,
-) -> tuple[dict[str, Result], dict[str, np.ndarray]]:
-    """First call and peak memory per configuration, then `repeats` round-robin timed calls each.
+    ceiling: Ceiling,
+) -> tuple[dict[str, Result], dict[str, np.ndarray], Ceiling]:
+    """First call and peak memory per configuration, then `repeats` round-robin timed calls each, and each round
+    the `ceiling`'s matmul too: the ceiling returned is its median, under the same load as the configurations'.
 
     The first call's peak includes compilation. The warm call's peak counts only memory newly
     taken from the system: buffers an allocator kept from the first call do not show in it.
     """
     results, logits = {}, {}
+    ceiling_call, ceiling_s = ceiling.call(gpu), []
+    ceiling_call()  # its first call (compiling, for XLA's) is no measure of it
     for name, call in runners.items():
         progress.set_postfix_str(f'{name}: first call, batch {batch}, {size}px')
         framework = 'jax' if name == JAX_CONFIG else 'torch'
@@ -356,7 +369,10 @@ def measure(
             call()
             results[name].run_s.append(time.perf_counter() - start)
             progress.update()
-    return results, logits
+        start = time.perf_counter()
+        ceiling_call()
+        ceiling_s.append(time.perf_counter() - start)
+    return results, logits, ceiling.retimed(ceiling_s)
 
 
 def ratios(results: dict[str, Result]) -> dict[str, float]:
@@ -573,11 +589,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with progress(total=len(shapes) * calls_per_shape * (args.repeats + 1), desc='benchmark', unit='call') as bar:
         for batch, size in shapes:
             runners = build_runners(batch, size, dtype, gpu, timm_model, jax_model, not args.skip_compile)
-            results, logits = measure(runners, batch, size, flops[size], args.repeats, gpu, bar)
-            run = shape_record(results, logits)
+            results, logits, ceiling_now = measure(runners, batch, size, flops[size], args.repeats, gpu, bar, ceiling)
+            run = shape_record(results, logits) | dict(ceiling_gflops=ceiling_now.gflops)
             report['runs'].append(run)
             bar.write(f'\n{args.model}, {dtype}, batch {batch}, {size}x{size}, {describe(report)}')
-            bar.write(table(results, ceiling.gflops))
+            bar.write(f'ceiling: the {ceiling.matmul} matmul at {ceiling_now.gflops:.0f} GFLOP/s in these rounds')
+            bar.write(table(results, ceiling_now.gflops))
             bar.write(
                 ', '.join(f'{k}: {v:.2f}x' for k, v in run['ratios'].items())
                 + f'; logits relative error vs timm {run["logits_rel_error_vs_timm"]:.1e}'

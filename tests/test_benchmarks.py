@@ -44,6 +44,7 @@ def test_vs_timm_benchmark_smoke(tmp_path, backend_on):
     assert set(run['ratios']) == {f'vs {name}' for name in vs_timm.TIMM_CONFIGS[:2]} | {'vs best timm'}
     assert run['logits_rel_error_vs_timm'] < 1e-4  # same weights, same images on both sides
     assert report['matmul_ceiling_gflops'] > 0 and report['matmul_ceiling_matmul'].endswith(' float32')
+    assert run['ceiling_gflops'] > 0  # the ceiling's matmul timed again beside the configurations
     assert report['cpu_convolutions'] == f'{onednn.cpu_convolutions() if backend_on.onednn else "XLA"} (CPU backend)'
     assert not report['keep_cpu_memory']  # off unless asked: the peak-memory columns need the allocator's defaults
     with pytest.raises(SystemExit):  # an existing output is not replaced without --force

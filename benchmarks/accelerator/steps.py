@@ -344,11 +344,6 @@ def train_run(ctx: StepContext, settings: dict[str, Any], run: dict[str, Any], t
         )
         compiled = lowered.compile()
         ctx.save_program(f'train_step_{dtype}_batch{batch}', compiled.as_text())
-        # XLA's cost analysis counts no work in the CPU backend's oneDNN calls: there, count without them.
-        on_cpu = jax.default_backend() == 'cpu'
-        run['flops_per_step'] = (
-            bench.step_flops(settings['model'], batch, size, dtype) if on_cpu else lowered.cost_analysis()['flops']
-        )
         held = [arrays]
 
         def plain() -> Any:
@@ -356,6 +351,12 @@ def train_run(ctx: StepContext, settings: dict[str, Any], run: dict[str, Any], t
             return metrics
 
         run['configs']['plain jax.jit'] = time_jax_steps(plain, steps, rounds)
+    with ctx.part(f'{what}: FLOPs per step'):
+        # XLA's cost analysis counts no work in the CPU backend's oneDNN calls: there, count without them.
+        on_cpu = jax.default_backend() == 'cpu'
+        run['flops_per_step'] = (
+            bench.step_flops(settings['model'], batch, size, dtype) if on_cpu else lowered.cost_analysis()['flops']
+        )
     if not settings['timm']:
         return
     if ctx.remaining() < 0.3 * (time.monotonic() - began):
@@ -389,7 +390,7 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     )
     shapes = [(dtype, batch) for dtype in settings['dtypes'] for batch in settings['batches']]
 
-    ceilings = ctx.results.setdefault('matmul_ceiling_gflops', {})
+    ceilings: dict[str, Any] = {}  # per dtype, the fastest matmul (`benchmarks.vs_timm.Ceiling`)
     matmuls = ctx.results.setdefault('matmul_ceiling_matmul', {})
 
     def measure_shape(
@@ -397,15 +398,16 @@ def vs_timm(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
     ) -> dict[str, Any]:
         if 'flops_per_image' not in ctx.results:  # one size per run, and the same count in every dtype
             ctx.results['flops_per_image'] = bench.flops_per_image(built['jax'], size)
-        if dtype not in ceilings:  # timed once per dtype, not again for every batch size
-            ceiling = bench.matmul_ceiling(dtype, gpu, budget_s=settings['ceiling_budget_s'])
-            ceilings[dtype], matmuls[dtype] = ceiling.gflops, ceiling.matmul
+        if dtype not in ceilings:  # found once per dtype, then timed beside every shape
+            ceilings[dtype] = bench.matmul_ceiling(dtype, gpu, budget_s=settings['ceiling_budget_s'])
+            matmuls[dtype] = ceilings[dtype].matmul
+        flops = ctx.results['flops_per_image']
         with progress(total=len(runners) * (repeats + 1), desc=f'vs_timm {what}', unit='call') as bar:
-            results, logits = bench.measure(runners, batch, size, ctx.results['flops_per_image'], repeats, gpu, bar)
+            results, logits, ceiling = bench.measure(runners, batch, size, flops, repeats, gpu, bar, ceilings[dtype])
         for name, seconds in (first_calls or {}).items():
             results[name].first_call_s = seconds
-        log(bench.table(results, ceilings[dtype]))
-        return dict(dtype=dtype, **bench.shape_record(results, logits))
+        log(bench.table(results, ceiling.gflops))
+        return dict(dtype=dtype, ceiling_gflops=ceiling.gflops, **bench.shape_record(results, logits))
 
     plain_s: list[float] = []  # each shape's time without torch.compile
     compile_s: list[float] = []  # torch.compile's first call per shape
