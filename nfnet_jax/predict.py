@@ -25,7 +25,9 @@ from nfnet_jax.cli import (
     load_model,
     run_command,
 )
-from nfnet_jax.data import batches, create_transform, find_images, resolve_model_data_config
+from nfnet_jax.data import create_transform, find_images, resolve_model_data_config
+from nfnet_jax.data.device import device_stage
+from nfnet_jax.data.loaders import batches
 from nfnet_jax.files import atomic_write, check_output, display_name
 from nfnet_jax.inference.predictor import Predictor
 from nfnet_jax.progress import log, progress
@@ -70,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     config = resolve_model_data_config(model, use_test_size=args.test_size)
     transform = create_transform(**config)
     predictor = Predictor(
-        model, args.checkpoint, topk=args.topk, embeddings=args.embeddings is not None, stage=transform.device_part()
+        model, args.checkpoint, topk=args.topk, embeddings=args.embeddings is not None, stage=device_stage(transform)
     )
     size = 'x'.join(str(v) for v in config['input_size'][1:])
     log(f'{model.pretrained_cfg.name}: {len(files)} files at {size}, batches of {args.batch_size}')

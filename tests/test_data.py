@@ -20,6 +20,7 @@ from PIL import Image
 import nfnet_jax
 from nfnet_jax import data
 from nfnet_jax.data import loaders
+from nfnet_jax.data.device import device_stage
 from nfnet_jax.models.features import FeatureListNet
 from nfnet_jax.models.nfnet import abstract_model
 from nfnet_jax.models.pretrained import resolve_name
@@ -219,7 +220,7 @@ def test_batches_read_in_worker_processes_in_order_with_the_pixel_limit(tmp_path
     data.set_max_image_pixels(35_000)
     transform = data.create_transform(input_size=32).host_part()
     errors = []
-    got = list(data.batches(files, transform, 3, lambda path, message: errors.append((path, message)), workers=2))
+    got = list(loaders.batches(files, transform, 3, lambda path, message: errors.append((path, message)), workers=2))
     assert [e[0].name for e in errors] == ['notes.txt', 'large.png'] and 'over the limit of 35,000' in errors[1][1]
     assert [[p.stem for p in paths] for paths, _ in got] == [['0', '1', '2'], ['3', '4', '5'], ['6']]
     for paths, images in got:
@@ -243,7 +244,7 @@ def test_loaders_give_uint8_batches_of_a_host_part_that_the_device_part_finishes
         floats, host = make(transform), make(transform.host_part(), workers=2)
         batches = list(host)
         assert len(batches) == len(host) == len(floats)
-        stage = jax.jit(transform.device_part())
+        stage = jax.jit(device_stage(transform))
         for index, batch in enumerate(batches):
             expected = floats.batch(index)
             assert batch.images.dtype == np.uint8 and batch.step == index

@@ -1,6 +1,6 @@
 """The transforms split in two: the host part (uint8) then the device part (normalisation, random erasing in jit).
 
-Parity: for every eval and training transform, `device_part()(host_part()(img)[None])` equals the
+Parity: for every eval and training transform, `device_stage(transform)(transform.host_part()(img)[None])` equals the
 float transform's output bit for bit, its erasing given the same boxes and fills the float
 transform drew; the device's erasing equals timm 1.0.31's `RandomErasing` (as its prefetcher runs it
 on a normalised batch) given the same draws; and the device's own draws follow timm's distributions
@@ -23,6 +23,7 @@ from PIL import Image
 
 from nfnet_jax import data
 from nfnet_jax.data import augment, device
+from nfnet_jax.data.device import device_stage
 
 KS_MAX = 0.062
 N_DRAWS = 2000
@@ -59,7 +60,7 @@ EVAL_CONFIGS = [
 @pytest.mark.parametrize('config', EVAL_CONFIGS, ids=str)
 def test_eval_host_then_device_part_equals_the_float_transform(config):
     transform = data.create_transform(**config)
-    host, stage = transform.host_part(), jax.jit(transform.device_part())
+    host, stage = transform.host_part(), jax.jit(device_stage(transform))
     for photo in photos():
         pixels = host(photo)
         assert pixels.dtype == np.uint8
@@ -78,7 +79,7 @@ TRAIN_CONFIGS = [
 def test_train_host_then_device_part_equals_the_float_transform_given_the_same_draws(config):
     size = (64, 48)
     transform = data.create_transform(size, is_training=True, **config)
-    host, stage = transform.host_part(), transform.device_part()
+    host, stage = transform.host_part(), device_stage(transform)
     images, boxes, expected = [], [], []
     for seed, photo in enumerate(photos() * 3):
         images.append(host(photo, np.random.default_rng(seed)))
@@ -195,9 +196,9 @@ def box_pixels(top: int, left: int, h: int, w: int, width: int = 24) -> np.ndarr
 
 
 def test_the_device_stage_says_what_it_needs():
-    stage = data.create_transform(32, is_training=True, re_prob=0.5).device_part()
+    stage = device_stage(data.create_transform(32, is_training=True, re_prob=0.5))
     with pytest.raises(TypeError, match='uint8'):
         stage(jnp.zeros((1, 32, 32, 3), jnp.float32), jax.random.key(0))
     with pytest.raises(ValueError, match='key'):
         stage(jnp.zeros((1, 32, 32, 3), jnp.uint8))
-    assert data.create_transform(32).device_part().erasing is None
+    assert device_stage(data.create_transform(32)).erasing is None

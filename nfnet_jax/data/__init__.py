@@ -9,7 +9,9 @@ import one another in one direction only and never this package:
 - `transforms`: the eval transform and the image conversions both transforms share,
 - `auto_augment`: RandAugment, AutoAugment and AugMix (builds on `transforms`),
 - `augment`: the training transform (builds on `transforms` and `auto_augment`),
-- `images`: finding (one rule for the commands and the training folders), reading and batching image files,
+- `images`: finding (one rule for the commands and the training folders) and reading image files,
+- `device`: the device half of a transform (normalising and erasing uint8 batches inside jit),
+- `loaders` (grain, imported on its own): training and evaluation batches, and the commands' batches of files,
 - `labels`: the ImageNet-1k class names.
 """
 
@@ -21,7 +23,6 @@ from typing import Any
 from nfnet_jax.data.augment import TrainTransform, create_no_aug_transform, create_train_transform
 from nfnet_jax.data.images import (
     IMAGE_EXTENSIONS,
-    batches,
     find_images,
     list_images,
     load_batch,
@@ -54,7 +55,6 @@ __all__ = [
     'ImageLike',
     'Size',
     'TrainTransform',
-    'batches',
     'center_crop_or_pad',
     'create_eval_transform',
     'create_no_aug_transform',

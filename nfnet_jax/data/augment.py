@@ -15,7 +15,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -23,9 +23,6 @@ from PIL import Image, ImageEnhance
 from nfnet_jax.data import auto_augment as aa
 from nfnet_jax.data.transforms import INTERPOLATIONS, EvalTransform, ImageLike, Size, image_size, normalize, to_rgb
 from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-if TYPE_CHECKING:
-    from nfnet_jax.data.device import DeviceStage
 
 RE_MODES = ('const', 'rand', 'pixel')
 Box = tuple[int, int, int, int]  # (top, left, height, width)
@@ -171,7 +168,7 @@ class TrainTransform:
 
     `transform(image, rng)` draws from `rng`; `sample_params` and `apply` split the draws from the
     pixels, so the draws can be inspected, replayed or handed to timm. `host_part()` stops before
-    the float conversion (uint8 HWC, the same draws but erasing's); `device_part()` normalises and
+    the float conversion (uint8 HWC, the same draws but erasing's); `data.device.device_stage` normalises and
     erases a batch of those inside jit, as timm's prefetcher does on its device.
     """
 
@@ -188,7 +185,7 @@ class TrainTransform:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     erasing: RandomErasing | None
-    host_only: bool = False  # the host part: uint8 pixels, normalised and erased by `device_part()`
+    host_only: bool = False  # the host part: uint8 pixels, normalised and erased on the device
 
     @property
     def dtype(self) -> type[np.generic]:
@@ -196,14 +193,8 @@ class TrainTransform:
         return np.uint8 if self.host_only else np.float32
 
     def host_part(self) -> TrainTransform:
-        """This transform up to the float conversion: uint8 HWC pixels, for `device_part()` to finish."""
+        """This transform up to the float conversion: uint8 HWC pixels, finished on the device (`device_stage`)."""
         return dataclasses.replace(self, host_only=True)
-
-    def device_part(self) -> DeviceStage:
-        """Normalisation and this transform's random erasing of a uint8 batch inside jit (`DeviceStage`)."""
-        from nfnet_jax.data.device import DeviceStage  # the device half imports jax; the workers need not
-
-        return DeviceStage(self.mean, self.std, self.erasing)
 
     def sample_params(self, rng: np.random.Generator, height: int, width: int) -> dict[str, Any]:
         """Every random choice for an image of this size, drawn in timm's order."""

@@ -1,7 +1,7 @@
 """The device half of the transforms: uint8 batches normalised (and, for training, randomly erased) inside jit.
 
 Host workers then only decode, crop and augment in 8 bits (`transform.host_part()`), and a batch
-crosses to the device as uint8, a quarter of the float32 bytes. `transform.device_part()` is the
+crosses to the device as uint8, a quarter of the float32 bytes. `device_stage(transform)` is the
 `DeviceStage` that finishes the transform on the device:
 
 - normalisation: torchvision's `to_tensor` then `Normalize`. A uint8 channel has 256 values, so
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nfnet_jax.data.augment import RandomErasing
-from nfnet_jax.data.transforms import normalize
+from nfnet_jax.data.augment import RandomErasing, TrainTransform
+from nfnet_jax.data.transforms import EvalTransform, normalize
 
 MAX_TRIES = 10  # timm's tries to fit one erased box
 
@@ -77,6 +77,11 @@ class DeviceStage:
         count, height, width, channels = shape
         keys = jax.random.split(key, count)
         return jax.vmap(lambda k: _sample_one(self.erasing, k, height, width, channels))(keys)
+
+
+def device_stage(transform: EvalTransform | TrainTransform) -> DeviceStage:
+    """What `transform.host_part()` leaves to the device: its normalisation, and a training transform's erasing."""
+    return DeviceStage(transform.mean, transform.std, getattr(transform, 'erasing', None))
 
 
 def _sample_one(settings: RandomErasing, key: jax.Array, height: int, width: int, channels: int) -> Erasures:

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,69 +133,3 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f'{path}: no such file or folder')
     return files
-
-
-# Reading in worker processes pays off from this many files on: a worker starts in about a second.
-FILES_PER_WORKER = 128
-
-
-def batches(
-    files: Sequence[Path],
-    transform: Callable,
-    batch_size: int,
-    on_error: Callable[[Path, str], None],
-    workers: int | None = None,
-) -> Iterator[tuple[list[Path], np.ndarray]]:
-    """The readable images in batches of `batch_size`, in order; unreadable files go to `on_error` and are skipped.
-
-    Files are read and transformed by grain (`nfnet_jax.data.loaders.iterate`), `batch_size` files
-    at a time, ahead of the caller, in `workers` processes (default: one per core, at most 8, and
-    one per `FILES_PER_WORKER` files; 0: threads of this process), so memory stays bounded
-    however many files there are. A transform's `host_part()` gives uint8 batches.
-    """
-    from nfnet_jax.data import loaders  # grain: only where files are read
-
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8, len(files) // FILES_PER_WORKER)
-    reader = ReadFiles(tuple(files), transform, batch_size)
-    paths, arrays = [], []
-    for start, (images, errors) in zip(
-        range(0, len(files), batch_size), loaders.iterate(reader, reader.count, workers), strict=True
-    ):
-        read = iter(images)
-        for path in files[start : start + batch_size]:
-            if path in errors:
-                on_error(path, errors[path])
-                continue
-            paths.append(path)
-            arrays.append(next(read))
-            if len(arrays) == batch_size:
-                yield paths, np.stack(arrays)
-                paths, arrays = [], []
-    if arrays:
-        yield paths, np.stack(arrays)
-
-
-@dataclass(frozen=True)
-class ReadFiles:
-    """Chunk `i` of `files` (`batch_size` files each) read and transformed: (the readable images stacked,
-    {path: error} of the others). A chunk is read in one grain worker and crosses as one array."""
-
-    files: tuple[Path, ...]
-    transform: Callable
-    batch_size: int
-
-    @property
-    def count(self) -> int:
-        return -(-len(self.files) // self.batch_size)
-
-    def __call__(self, chunk: int) -> tuple[np.ndarray, dict[Path, str]]:
-        arrays, errors = [], {}
-        for path in self.files[chunk * self.batch_size : (chunk + 1) * self.batch_size]:
-            try:
-                arrays.append(self.transform(load_image(path)))
-            except OSError as err:
-                errors[path] = str(err)
-            except Exception as err:  # the transform failing on one image stops nothing but that image
-                errors[path] = f'{display_name(path)}: {type(err).__name__}: {err}'
-        return (np.stack(arrays) if arrays else np.zeros((0,), np.uint8)), errors

@@ -20,7 +20,7 @@
 The work runs in grain's `MapDataset`: worker processes (`workers`) decode and augment, each
 producing whole batches, while the main process trains. Given a transform's `host_part()`, the
 batches are uint8 (a quarter of float32's bytes through grain's shared memory and to the
-device), for its `device_part()` to normalise (and erase) inside the jitted step. An iterator
+device), for `nfnet_jax.data.device.device_stage` to normalise (and erase) inside the jitted step. An iterator
 yields exactly `len(loader)` batches and stops its workers in the background, so a pass never
 waits for them to exit.
 """
@@ -46,6 +46,7 @@ except ImportError as err:  # a dependency that may be missing where nfnet_jax w
     raise ImportError('nfnet_jax.data.loaders needs grain: pip install grain') from err
 
 from nfnet_jax.data.images import IMAGE_EXTENSIONS, is_hidden, list_images, load_image, natural_key, natural_order
+from nfnet_jax.files import display_name
 
 # A decode failure is replaced by the next sample of the epoch; this many failures in a row mean the data is gone.
 MAX_REPLACEMENTS = 64
@@ -434,3 +435,67 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         return (Batch(*rows) for rows in iterate(self._rows, self.num_batches, self.workers, self.threads))
+
+
+# Reading in worker processes pays off from this many files on: a worker starts in about a second.
+FILES_PER_WORKER = 128
+
+
+def batches(
+    files: Sequence[Path],
+    transform: Callable,
+    batch_size: int,
+    on_error: Callable[[Path, str], None],
+    workers: int | None = None,
+) -> Iterator[tuple[list[Path], np.ndarray]]:
+    """The readable images in batches of `batch_size`, in order; unreadable files go to `on_error` and are skipped.
+
+    Files are read and transformed by grain (`iterate`), `batch_size` files
+    at a time, ahead of the caller, in `workers` processes (default: one per core, at most 8, and
+    one per `FILES_PER_WORKER` files; 0: threads of this process), so memory stays bounded
+    however many files there are. A transform's `host_part()` gives uint8 batches.
+    """
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 8, len(files) // FILES_PER_WORKER)
+    reader = ReadFiles(tuple(files), transform, batch_size)
+    paths, arrays = [], []
+    for start, (images, errors) in zip(
+        range(0, len(files), batch_size), iterate(reader, reader.count, workers), strict=True
+    ):
+        read = iter(images)
+        for path in files[start : start + batch_size]:
+            if path in errors:
+                on_error(path, errors[path])
+                continue
+            paths.append(path)
+            arrays.append(next(read))
+            if len(arrays) == batch_size:
+                yield paths, np.stack(arrays)
+                paths, arrays = [], []
+    if arrays:
+        yield paths, np.stack(arrays)
+
+
+@dataclass(frozen=True)
+class ReadFiles:
+    """Chunk `i` of `files` (`batch_size` files each) read and transformed: (the readable images stacked,
+    {path: error} of the others). A chunk is read in one grain worker and crosses as one array."""
+
+    files: tuple[Path, ...]
+    transform: Callable
+    batch_size: int
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __call__(self, chunk: int) -> tuple[np.ndarray, dict[Path, str]]:
+        arrays, errors = [], {}
+        for path in self.files[chunk * self.batch_size : (chunk + 1) * self.batch_size]:
+            try:
+                arrays.append(self.transform(load_image(path)))
+            except OSError as err:
+                errors[path] = str(err)
+            except Exception as err:  # the transform failing on one image stops nothing but that image
+                errors[path] = f'{display_name(path)}: {type(err).__name__}: {err}'
+        return (np.stack(arrays) if arrays else np.zeros((0,), np.uint8)), errors

@@ -14,15 +14,11 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from nfnet_jax.models.pretrained import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-if TYPE_CHECKING:
-    from nfnet_jax.data.device import DeviceStage
 
 DEFAULT_CROP_PCT = 0.875
 CROP_MODES = ('center', 'squash', 'border')
@@ -65,7 +61,7 @@ class EvalTransform:
     """timm's eval transform (resize, center crop, to float, normalise) from a PIL image to float32 HWC.
 
     `host_part()` is the same transform up to the float conversion (uint8 HWC), for the device to
-    normalise (`device_part()`).
+    normalise (`nfnet_jax.data.device.device_stage`).
     """
 
     img_size: Size
@@ -74,7 +70,7 @@ class EvalTransform:
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    host_only: bool = False  # the host part: uint8 pixels, normalised by `device_part()`
+    host_only: bool = False  # the host part: uint8 pixels, normalised on the device
 
     def resized_size(self, height: int, width: int) -> Size:
         """The size the image is resized to before the crop, computed exactly as torchvision and timm do."""
@@ -109,14 +105,8 @@ class EvalTransform:
         return np.uint8 if self.host_only else np.float32
 
     def host_part(self) -> EvalTransform:
-        """This transform without the normalisation: uint8 HWC pixels, for `device_part()` to finish."""
+        """This transform without the normalisation: uint8 HWC pixels, finished on the device (`device_stage`)."""
         return dataclasses.replace(self, host_only=True)
-
-    def device_part(self) -> DeviceStage:
-        """The normalisation of a uint8 batch inside jit (`nfnet_jax.data.device.DeviceStage`)."""
-        from nfnet_jax.data.device import DeviceStage  # the device half imports jax; the workers need not
-
-        return DeviceStage(self.mean, self.std)
 
     def __call__(self, image: ImageLike) -> np.ndarray:
         image = to_rgb(image)

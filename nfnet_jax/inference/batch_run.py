@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from nfnet_jax.data import batches
+from nfnet_jax.data.loaders import batches
 from nfnet_jax.files import atomic_write, check_output, display_name, list_file_bytes, name_fields, read_list_file
 from nfnet_jax.inference.predictor import ClassNames, Predictor
 

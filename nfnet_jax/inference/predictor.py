@@ -40,7 +40,7 @@ def compile_prediction(
     """The jitted outputs of an image batch: (top-k probabilities, indices), or (pooled embeddings,).
 
     uint8 images are normalised by `stage` first, in the same program (default: with the model's
-    own mean and std, as its eval transform's `device_part()` does); float images are taken as
+    own mean and std, as its eval transform's `device_stage` does); float images are taken as
     normalised already. `topk` is clamped to the number of classes; a model without a classifier
     can only embed.
     """
@@ -113,7 +113,7 @@ class Predictor:
     `checkpoint` is the file the model was loaded from (None for hub weights): when its metadata
     holds class names, they label the classes. With a `mesh`, the prediction is sharded over it
     (`nfnet_jax.parallel.shard_inference`) and each call takes this process's rows of a global batch.
-    `stage` normalises uint8 batches (the eval transform's `device_part()`; default: the model's
+    `stage` normalises uint8 batches (the eval transform's `device_stage`; default: the model's
     own mean and std, as `compile_prediction`).
     """
 
