@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from flax import nnx
 from helpers import FP32_RTOL, randomize_, relative_error
 
 import nfnet_jax
@@ -73,17 +75,24 @@ def test_inference_does_not_standardise_per_call_and_leaves_the_model_alone():
 
 
 def test_bfloat16_compute_from_float32_params():
-    """bfloat16 activations, float32 parameters and folded kernels; logits close to float32 on random weights."""
+    """bfloat16 activations from float32 params: the inference state holds them cast once (the program converts
+    no weight); logits close to float32 on random weights, and bit-equal to casting on every call."""
     torch.manual_seed(0)
     theirs = timm.create_model('test_nfnet').eval()
     randomize_(theirs, seed=5)
     fp32 = from_timm(theirs)
     bf16 = nfnet_jax.create_model('test_nfnet', params=flat_params(fp32), dtype=jnp.bfloat16)
     classify = inference.classifier(bf16)
-    assert {leaf.dtype for leaf in jax.tree.leaves(classify.state) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
-        jnp.dtype(jnp.float32)
-    }
+    assert {leaf.dtype for leaf in jax.tree.leaves(classify.state)} == {jnp.dtype(jnp.bfloat16)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}  # untouched
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 64, 64, 3)), jnp.float32)
+    lowered = jax.jit(classify.apply).lower(classify.state, x).as_text()
+    assert len(re.findall(r'stablehlo.convert %arg', lowered)) == 1  # the images only
+    # Casting on every call gives the same numbers once XLA may not skip a float32 -> bfloat16 -> float32 round trip.
+    graphdef, per_call = nnx.split(inference.inference_model(bf16))
+    exact = {'xla_allow_excess_precision': False}
+    expected = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=exact)(per_call, x)
+    np.testing.assert_array_equal(jax.jit(classify.apply, compiler_options=exact)(classify.state, x), expected)
     features = inference.compile_forward(bf16, lambda m, x: m.forward_features(x))(x)
     assert features.dtype == jnp.bfloat16
     logits, reference = classify(x), inference.classifier(fp32)(x)
