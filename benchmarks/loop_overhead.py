@@ -48,12 +48,12 @@ def build_run(model: str, size: int, batch: int, steps: int, workdir: Path) -> F
 
 
 def ready_batches(run: Finetuning, steps: int) -> list[loaders.Batch]:
-    """`steps` batches of random pixels and labels, this process's rows, as a loader gives them."""
+    """`steps` batches of random uint8 pixels and labels, this process's rows, as a loader gives them."""
     rng = np.random.default_rng(0)
     rows = run.config.batch_size // jax.process_count()
     return [
         loaders.Batch(
-            rng.standard_normal((rows, run.size, run.size, 3), np.float32),
+            rng.integers(0, 256, (rows, run.size, run.size, 3), np.uint8),
             rng.integers(0, CLASSES, rows).astype(np.int32),
             step=k,
         )

@@ -2,8 +2,9 @@
 
 The data are read and checked before anything is built; the model gets a fresh head for the
 data's classes and trains with the NFNet recipe on a `ShardedTrainer` over every device of every
-process, fed by `nfnet_jax.data.loaders`. Every epoch the model and its EMA are evaluated, and the
-run directory (`workdir`) gets:
+process, fed uint8 batches by `nfnet_jax.data.loaders` (normalised, erased and mixed on the devices,
+inside the step). Every epoch the model and its EMA are evaluated, and the run directory (`workdir`)
+gets:
 
     settings.json         the config and the data, checked by a resume
     metrics.jsonl         one JSON line per training step and per evaluation
@@ -42,6 +43,7 @@ from flax import nnx
 
 from nfnet_jax import parallel
 from nfnet_jax.data import create_transform, loaders, resolve_model_data_config
+from nfnet_jax.data.device import device_stage
 from nfnet_jax.factory import create_model
 from nfnet_jax.files import atomic_write
 from nfnet_jax.models.nfnet import NormFreeNet
@@ -53,6 +55,7 @@ from nfnet_jax.train.config import FinetuneConfig
 from nfnet_jax.train.mixup import Mixup
 from nfnet_jax.train.optim import nfnet_optimizer, warmup_cosine_schedule
 from nfnet_jax.train.state import TrainState
+from nfnet_jax.train.step import Preprocess
 from nfnet_jax.weights import CheckpointError, read_checkpoint_metadata, save_checkpoint
 from nfnet_jax.weights.params import flat_state
 
@@ -360,27 +363,40 @@ class Finetuning:
         )
         self.state = TrainState(model, tx, ema_decay=config.ema_decay or None)
         self.mesh = parallel.make_mesh()
-        self.trainer = ShardedTrainer(self.state, self.mesh, fsdp=config.fsdp, label_smoothing=config.smoothing)
-        self.mix = self._mixing() if config.mixup > 0 or config.cutmix > 0 else None
-
-    def _mixing(self) -> Any:
-        """Mixup/CutMix of a global batch, jitted, its draws a function of (seed, step)."""
-        config = self.config
-        mixup = Mixup(
-            mixup_alpha=config.mixup,
-            cutmix_alpha=config.cutmix,
-            prob=config.mixup_prob,
-            switch_prob=config.mixup_switch_prob,
-            mode=config.mixup_mode,
+        self.trainer = ShardedTrainer(
+            self.state,
+            self.mesh,
+            fsdp=config.fsdp,
             label_smoothing=config.smoothing,
-            num_classes=len(self.train_samples.class_names),
+            preprocess=self._preprocess(),
+            eval_preprocess=device_stage(self.eval_transform),
         )
-        data = parallel.batch_sharding(self.mesh)
 
-        def mix_batch(step: jax.Array, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-            return mixup(jax.random.fold_in(jax.random.key(config.seed), step), images, labels)
+    def _preprocess(self) -> Preprocess:
+        """What the devices do to a uint8 training batch inside the step: the transform's normalisation and random
+        erasing (`device_stage`), then Mixup/CutMix; every draw a function of (seed, step)."""
+        config = self.config
+        stage = device_stage(self.train_transform)
+        mixup = None
+        if config.mixup > 0 or config.cutmix > 0:
+            mixup = Mixup(
+                mixup_alpha=config.mixup,
+                cutmix_alpha=config.cutmix,
+                prob=config.mixup_prob,
+                switch_prob=config.mixup_switch_prob,
+                mode=config.mixup_mode,
+                label_smoothing=config.smoothing,
+                num_classes=len(self.train_samples.class_names),
+            )
+        erase_key, mix_key = jax.random.split(jax.random.key(config.seed))
 
-        return jax.jit(mix_batch, out_shardings=(data, data))
+        def preprocess(step: jax.Array, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+            images = stage(images, jax.random.fold_in(erase_key, step))
+            if mixup is not None:
+                images, labels = mixup(jax.random.fold_in(mix_key, step), images, labels)
+            return images, labels
+
+        return preprocess
 
     def train(self, resume: bool, start: int | None, workers: int) -> dict[str, Any]:
         """The epochs left (all of them, or those after checkpoint step `start`), then the final metrics."""
@@ -389,8 +405,8 @@ class Finetuning:
             self.checkpointer = checkpointer
             step = checkpointer.restore(self.state, start) if start is not None else 0
             self.loader = loaders.TrainLoader(
-                self.train_samples, self.train_transform, config.batch_size, seed=config.seed, epochs=config.epochs,
-                start_step=step, workers=workers,
+                self.train_samples, self.train_transform.host_part(), config.batch_size, seed=config.seed,
+                epochs=config.epochs, start_step=step, workers=workers,
             )  # fmt: skip
             kept: list[dict[str, Any]] = []  # process 0's records of the run so far; the others get its evaluations
 
@@ -407,7 +423,7 @@ class Finetuning:
             self.metrics = Metrics(out / METRICS, kept if leader else evaluations, leader)
             self.best = self.metrics.best()
             self.val_loader = loaders.EvalLoader(
-                self.val_samples, self.eval_transform, config.batch_size, workers=min(workers, 2)
+                self.val_samples, self.eval_transform.host_part(), config.batch_size, workers=min(workers, 2)
             )
             if leader:
                 log(
@@ -474,8 +490,6 @@ class Finetuning:
                     skipped.add(name)
                     if leader:
                         bar.write(f'warning: {name}: not a readable image, skipped', file=sys.stderr)
-            if self.mix is not None:
-                images, labels = self.mix(np.int32(index), images, labels)
             result = self.trainer.train_step(images, labels)
             if pending is not None:  # the previous step's metrics, read while this one runs
                 record(*pending)
