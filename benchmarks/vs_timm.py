@@ -12,7 +12,8 @@ the configurations, so load from other processes hits all of them alike, and eac
 median images/s, its first call (compilation included) and the peak memory one call adds on
 top of the loaded weights. Speed is also given as GFLOP/s (the model's FLOPs per image from XLA's
 cost analysis, `flops_per_image`) and as a share of the machine's practical ceiling, a large square
-matmul in torch or XLA, whichever is faster (see `matmul_ceiling`), timed in the same round-robin.
+matmul in torch, XLA or torch's convolutions, whichever is fastest (see `matmul_ceiling`), timed in the same
+round-robin.
 On a GPU the same command runs timm under AMP with channels_last and nfnet_jax in bfloat16 by
 default. The weights are timm's own random init, converted: speed does not depend on their
 values, and the logits of both sides are compared as a sanity check.
@@ -177,7 +178,9 @@ def xla_convolutions() -> Iterator[None]:
             cpu.enable(onednn=kernels.onednn)
 
 
-CEILING_FRAMEWORKS = ('torch', 'XLA')  # whose matmuls are timed for the ceiling (`matmul_ceiling`)
+# Whose matmuls are timed for the ceiling (`matmul_ceiling`): torch's, XLA's, and torch's convolution library's (oneDNN
+# on CPUs, cuDNN on GPUs) as a 1x1 convolution, the kernels the model's convolutions run in.
+CEILING_FRAMEWORKS = ('torch', 'XLA', 'torch 1x1 convolution')
 
 
 @dataclass(frozen=True)
@@ -195,8 +198,7 @@ class Ceiling:
 
     def call(self, gpu: bool) -> Callable[[], None]:
         """This matmul on two random matrices, returning when it is done: to time it again beside a model."""
-        build = _torch_matmul(self.dtype, gpu) if self.framework == 'torch' else _xla_matmul(self.dtype)
-        return build(self.side)
+        return _matmul_builder(self.framework, self.dtype, gpu)(self.side)
 
     def retimed(self, seconds: list[float]) -> Ceiling:
         """This matmul with the speed of its median call of `seconds`."""
@@ -204,12 +206,13 @@ class Ceiling:
 
 
 def matmul_ceiling(dtype: str, gpu: bool, repeats: int = 7, budget_s: float = CEILING_BUDGET_S) -> Ceiling:
-    """The ceiling for computing in `dtype`: the fastest of torch's and XLA's matmuls in `dtype`, or in float32
-    where that is faster, each at its framework's default precision.
+    """The ceiling for computing in `dtype`: the fastest of torch's and XLA's matmuls and torch's matmul as a 1x1
+    convolution (CEILING_FRAMEWORKS) in `dtype`, or in float32 where that is faster, each at its default precision.
 
-    One framework's matmul is no ceiling for the other's convolutions: on AMD CPUs torch's BLAS (MKL)
-    takes a slow path for float32, which the model's convolutions in XLA or oneDNN outrun, and on
-    NVIDIA GPUs torch's float32 matmul leaves out TF32, which XLA's default precision uses. Any
+    No one library's matmul is a ceiling for the others' convolutions: on AMD CPUs torch's BLAS (MKL)
+    takes a slow path for float32, which the model's convolutions in XLA or oneDNN outrun, oneDNN's
+    convolutions outrun XLA's matmul there, and on NVIDIA GPUs torch's float32 matmul leaves out
+    TF32, which XLA's default precision and cuDNN's convolutions use. Any
     bfloat16 computation can run in float32, so on a CPU without fast bfloat16 matmuls float32's
     speed is the limit.
     """
@@ -228,7 +231,7 @@ def _timed_matmul(framework: str, dtype: str, gpu: bool, repeats: int, budget_s:
     work) fit in `budget_s`: where a framework has no fast kernel for `dtype`, one of the largest
     would take too long.
     """
-    multiply = _torch_matmul(dtype, gpu) if framework == 'torch' else _xla_matmul(dtype)
+    multiply = _matmul_builder(framework, dtype, gpu)
 
     def timed(call: Callable[[], None]) -> float:
         start = time.perf_counter()
@@ -246,17 +249,29 @@ def _timed_matmul(framework: str, dtype: str, gpu: bool, repeats: int, budget_s:
     return Ceiling(2 * side**3 / best / 1e9, side, dtype, framework)
 
 
-def _torch_matmul(dtype: str, gpu: bool) -> Callable[[int], Callable[[], None]]:
-    """For a side, a call of torch's matmul of two random square matrices in `dtype` that returns when it is done."""
+def _matmul_builder(framework: str, dtype: str, gpu: bool) -> Callable[[int], Callable[[], None]]:
+    """For a side, a call of `framework`'s square matmul in `dtype` (one of CEILING_FRAMEWORKS)."""
+    if framework == 'XLA':
+        return _xla_matmul(dtype)
+    return _torch_matmul(dtype, gpu, as_convolution=framework != 'torch')
+
+
+def _torch_matmul(dtype: str, gpu: bool, as_convolution: bool = False) -> Callable[[int], Callable[[], None]]:
+    """For a side, a call of torch's matmul of two random square matrices in `dtype` that returns when it is done;
+    `as_convolution`: the same product as a 1x1 convolution (channels_last) of a side x 1 image with side channels."""
     import torch
 
     device = 'cuda' if gpu else 'cpu'
 
     def build(side: int) -> Callable[[], None]:
         a, b = (torch.randn(side, side, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+        if as_convolution:
+            a = a.reshape(1, side, side, 1).contiguous(memory_format=torch.channels_last)
+            b = b.reshape(side, side, 1, 1).contiguous(memory_format=torch.channels_last)
 
         def call() -> None:
-            torch.matmul(a, b)
+            with torch.no_grad():
+                torch.nn.functional.conv2d(a, b) if as_convolution else torch.matmul(a, b)
             if gpu:
                 torch.cuda.synchronize()
 

@@ -118,7 +118,7 @@ def render_vs_timm(results: dict[str, Any]) -> list[str]:
     matmuls = results.get('matmul_ceiling_matmul', {})
     if matmuls:
         lines += [
-            "Ceiling: the fastest square matmul of torch's and XLA's ("
+            "Ceiling: the fastest square matmul of torch's, XLA's and torch's 1x1 convolution ("
             + ', '.join(f'{dtype}: {matmul}' for dtype, matmul in matmuls.items())
             + '), timed in every round beside the configurations: its median GFLOP/s in the ceiling column.',
             '',
