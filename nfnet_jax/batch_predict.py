@@ -52,6 +52,7 @@ from nfnet_jax.cli import (
     run_command,
 )
 from nfnet_jax.data import create_transform, find_images, resolve_model_data_config
+from nfnet_jax.data.device import device_stage
 from nfnet_jax.files import (
     check_output_folder,
     hold_lock,
@@ -166,12 +167,15 @@ def _run(args: argparse.Namespace) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     with hold_lock(lock_path(args.output, process), 'batch_predict run'):
         model = load_model(args)
-        predictor = Predictor(model, args.checkpoint, topk=args.topk, embeddings=args.embeddings, mesh=mesh)
         config = resolve_model_data_config(model, use_test_size=args.test_size)
+        transform = create_transform(**config)  # its uint8 host part read by grain, its device stage in the predictor
+        predictor = Predictor(
+            model, args.checkpoint, topk=args.topk, embeddings=args.embeddings, mesh=mesh, stage=device_stage(transform)
+        )
         settings |= {'architecture': model.pretrained_cfg.architecture, 'num_classes': model.num_classes}
         settings |= {'input_size': list(config['input_size']), 'class_names': predictor.own_class_names}
         open_run_dir(args.output, settings, files)
-        transform = create_transform(**config)
+        transform = transform.host_part()
 
         num_chunks = -(-len(files) // args.chunk_size)
         mine = [c for c in range(process, num_chunks, processes)]
