@@ -256,16 +256,18 @@ def test_the_step_donates_the_state_and_copies_made_before_it_keep_their_arrays(
 
 
 def test_the_state_stays_split_between_steps_and_is_split_again_when_its_structure_changes(monkeypatch):
-    """Once split, a step walks no graph (no nnx.split / nnx.update); a mode switch or a replaced Variable is seen:
-    the state is split again and the step runs with its new structure (the new head's kernel trains)."""
+    """Once split, a step walks no graph (no nnx.split / nnx.update) and compiles once; a mode switch or a replaced
+    Variable is seen: the state is split again and the step runs with its new structure (the new head trains)."""
     from nfnet_jax import cpu
     from nfnet_jax.train.step import step_caches
 
-    state = make_state()  # dropout and drop path on
-    x, labels = batch(0)
+    # Dropout and drop path on; arrays not committed to a device, as a fresh model's are.
+    state = make_train_state(TX, dtype=jnp.bfloat16)
+    x, labels = jax.device_put(batch(0), jax.devices()[0])
     train_step(state, x, labels, label_smoothing=0.1)  # the first call splits (the `trained` fixture's program)
     cache = step_caches(cpu.enabled())[0]
-    kept = cache(state)[0]
+    kept, jitted = cache(state)
+    programs = jitted._cache_size()
     with monkeypatch.context() as patched:
         for walk in ('split', 'update', 'state', 'graphdef'):
             patched.setattr(nnx, walk, lambda *a, walk=walk, **k: pytest.fail(f'a step called nnx.{walk}'))
@@ -274,6 +276,7 @@ def test_the_state_stays_split_between_steps_and_is_split_again_when_its_structu
             train_step(state, x, labels, label_smoothing=0.1)
             assert not np.array_equal(before, state.model.head.fc.kernel[...])  # updated in place
     assert cache(state)[0] is kept and state.step == 3
+    assert jitted._cache_size() == programs  # a fresh state is committed as the step's outputs are: no new program
     state.model.eval()  # dropout off: another GraphDef
     assert cache(state)[0] is not kept and cache(state)[0].graphdef != kept.graphdef
     state.model.train()

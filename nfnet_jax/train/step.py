@@ -137,7 +137,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_sm
     `nfnet_jax.weights.clone_with_own_arrays` or `jax.tree.map(jnp.copy, ...)`.
     """
     kept, jitted = step_caches(cpu.enabled())[0](state)
-    arrays, metrics = jitted(kept.arrays(), images, labels, label_smoothing, None)
+    arrays, metrics = jitted(committed(kept.arrays()), images, labels, label_smoothing, None)
     kept.update(arrays)
     return metrics
 
@@ -145,4 +145,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_sm
 def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
     """`eval_step_fn`, jitted (with the CPU backend's compiler options when it is on)."""
     kept, jitted = step_caches(cpu.enabled())[1](model)
-    return jitted(kept.arrays(), images, labels, None)
+    return jitted(committed(kept.arrays()), images, labels, None)
+
+
+def committed(arrays: list[jax.Array]) -> list[jax.Array]:
+    """`arrays` committed to their device, as a step's outputs are: a fresh model's arrays are not, and jit would
+    compile a second program for the second step, whose state is the first step's output."""
+    if all(getattr(array, 'committed', True) for array in arrays):
+        return arrays
+    return jax.device_put(arrays, jax.devices()[0])
