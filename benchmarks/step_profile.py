@@ -117,13 +117,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     from nfnet_jax.train.step import step_caches
 
     model = nfnet_jax.create_model(args.model, dtype=jnp.dtype(args.dtype))
-    kept, step = step_caches(cpu.enabled())[0](TrainState(model, nfnet_optimizer(0.1)))  # the library's step
+    kept, step = step_caches(cpu.enabled(), 0.1)[0](TrainState(model, nfnet_optimizer(0.1)))  # the library's step
     arrays = kept.arrays()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), np.float32))
     labels = jnp.asarray(rng.integers(0, model.num_classes, args.batch))
     print(f'compiling the {args.model} step', file=sys.stderr)
-    compiled = step.lower(arrays, images, labels, 0.1, None).compile()  # it donates the arrays
+    compiled = step.lower(arrays, images, labels).compile()  # it donates the arrays
     found = instructions(compiled.as_text())
     for _ in range(2):
         arrays = jax.block_until_ready(compiled(arrays, images, labels))[0]

@@ -265,7 +265,7 @@ def test_the_state_stays_split_between_steps_and_is_split_again_when_its_structu
     state = make_train_state(TX, dtype=jnp.bfloat16)
     x, labels = jax.device_put(batch(0), jax.devices()[0])
     train_step(state, x, labels, label_smoothing=0.1)  # the first call splits (the `trained` fixture's program)
-    cache = step_caches(cpu.enabled())[0]
+    cache = step_caches(cpu.enabled(), 0.1)[0]
     kept, jitted = cache(state)
     programs = jitted._cache_size()
     with monkeypatch.context() as patched:

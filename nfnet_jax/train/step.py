@@ -108,22 +108,24 @@ def pure_eval_step(
 
 
 @functools.cache
-def step_caches(cpu_options: bool) -> tuple[SplitCache, SplitCache]:
+def step_caches(cpu_options: bool, label_smoothing: float = 0.0) -> tuple[SplitCache, SplitCache]:
     """The (train, eval) steps jitted over split states, with the CPU backend's compiler options or XLA's defaults.
 
-    The train step takes (arrays, images, labels, label_smoothing, preprocess) and donates the
-    arrays it is given (their buffers become the new state's), as `ShardedTrainer`'s does.
+    Each takes (arrays, images, labels); the train step donates the arrays it is given (their
+    buffers become the new state's), as `ShardedTrainer`'s does. No argument is static, so a call
+    hashes nothing.
     """
 
     def train(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
         options = cpu.compiler_options(training=True) if cpu_options else None
-        flat = split.on_arrays(pure_train_step, graphdef, treedef, returns_state=True)
-        return jax.jit(flat, static_argnums=(3, 4), donate_argnums=0, compiler_options=options)
+        step = functools.wraps(pure_train_step)(functools.partial(pure_train_step, label_smoothing=label_smoothing))
+        flat = split.on_arrays(step, graphdef, treedef, returns_state=True)
+        return jax.jit(flat, donate_argnums=0, compiler_options=options)
 
     def evaluate(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
         options = cpu.compiler_options() if cpu_options else None
         flat = split.on_arrays(pure_eval_step, graphdef, treedef, returns_state=False)
-        return jax.jit(flat, static_argnums=3, compiler_options=options)
+        return jax.jit(flat, compiler_options=options)
 
     return SplitCache(train), SplitCache(evaluate)
 
@@ -136,8 +138,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_sm
     before the step (with `nnx.state` or `nnx.clone`, say) are deleted by it. Keep a copy with
     `nfnet_jax.weights.clone_with_own_arrays` or `jax.tree.map(jnp.copy, ...)`.
     """
-    kept, jitted = step_caches(cpu.enabled())[0](state)
-    arrays, metrics = jitted(committed(kept.arrays()), images, labels, label_smoothing, None)
+    kept, jitted = step_caches(cpu.enabled(), label_smoothing)[0](state)
+    arrays, metrics = jitted(committed(kept.arrays()), images, labels)
     kept.update(arrays)
     return metrics
 
@@ -145,7 +147,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_sm
 def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
     """`eval_step_fn`, jitted (with the CPU backend's compiler options when it is on)."""
     kept, jitted = step_caches(cpu.enabled())[1](model)
-    return jitted(committed(kept.arrays()), images, labels, None)
+    return jitted(committed(kept.arrays()), images, labels)
 
 
 def committed(arrays: list[jax.Array]) -> list[jax.Array]:
