@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
 SNIPPET = re.compile(r'^<!-- snippet: ([\w-]+) -->\n```python\n(.*?)^```', re.S | re.M)
 MODEL_CARD = ['model-card-classification', 'model-card-feature-maps', 'model-card-embeddings']
-BACKBONE = ['backbone-nnx', 'backbone-freeze', 'backbone-linen']
+BACKBONE = ['backbone-nnx', 'backbone-freeze', 'backbone-linen', 'backbone-flax-imagenet']
 TESTED = {*MODEL_CARD, 'fast-inference', *BACKBONE}
 
 
@@ -126,6 +126,24 @@ def test_backbone_linen_snippet_runs_as_written():
     ]
     assert np.isfinite(float(namespace['loss']))
     assert changed_params(start, namespace['params']) == {'head.bias', 'head.kernel'}
+
+
+def test_backbone_flax_imagenet_snippet_runs_as_written():
+    """Flax's examples/imagenet create_model / train_step / eval_step with test_nfnet at 32 px: one step trains."""
+    import jax
+
+    namespace = run_snippet(
+        'backbone-flax-imagenet',
+        ("'dm_nfnet_f0'", "'test_nfnet'"),
+        ('224, model', '32, model'),
+        ('(n, 8, 224, 224, 3)', '(n, 8, 32, 32, 3)'),
+    )
+    state, metrics = namespace['state'], namespace['metrics']
+    assert int(state.step[0]) == 1 and np.isfinite(float(metrics['loss'][0]))
+    before = namespace['params']
+    after = jax.tree.map(lambda x: x[0], state.params)
+    assert 'head.fc.kernel' in changed_params(before, after)
+    assert 0 <= float(namespace['eval_metrics']['accuracy'][0]) <= 1
 
 
 FENCE = re.compile(r'^```.*?^```', re.S | re.M)

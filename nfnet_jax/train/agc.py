@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from nfnet_jax.train.paths import PathPredicate, as_predicate, classifier_of, is_classifier, is_gain
+from nfnet_jax.train.paths import ClassifierSource, PathPredicate, as_predicate, classifier_of, is_classifier, is_gain
 from nfnet_jax.weights.params import dotted_path
 
 Array = jax.Array
@@ -63,7 +62,7 @@ def adaptive_clip_grad(
     *,
     exclude: Exclude = is_classifier,
     per_element: PathPredicate = is_gain,
-    model: nnx.Module | None = None,
+    model: ClassifierSource | None = None,
 ) -> optax.GradientTransformation:
     """timm's AGC as an optax transform; it needs `params` in `update`.
 
@@ -73,9 +72,10 @@ def adaptive_clip_grad(
     classifier unclipped, like timm's `--clip-mode agc`:
 
     - by default it is an NFNet's classifier, `head.fc.kernel` and `head.fc.bias`;
-    - with `model` (and no `exclude`) it is found in the model (`classifier_paths`): an NFNet's
-      `head.fc`, or in a model of your own the last linear layer assigned (your head). A model
-      without a linear layer is an error: say what to exclude.
+    - with `model` (and no `exclude`) it is found in the model (`classifier_of`): an NFNet's
+      `head.fc` (NNX, or the Linen `nfnet_jax.linen.NFNet`), in an NNX model of your own the last
+      linear layer assigned (your head), in a Linen model's params tree (pass the tree as
+      `model`) its last Dense layer. A model without a linear layer is an error: say what to exclude.
 
     An `exclude` that matches none of the params `init` is given is an error (on a model of your
     own the NFNet default would otherwise clip your head silently). `per_element(path)` picks

@@ -13,10 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from nfnet_jax.train.agc import Exclude, adaptive_clip_grad
-from nfnet_jax.train.paths import PathPredicate, is_bias_or_gain, is_classifier, path_mask
+from nfnet_jax.train.paths import ClassifierSource, PathPredicate, is_bias_or_gain, is_classifier, path_mask
 
 OPTIMIZERS = ('sgd', 'adamw')
 
@@ -45,7 +44,7 @@ def nfnet_optimizer(
     clip_factor: float | None = 0.01,
     agc_exclude: Exclude = is_classifier,
     no_decay: PathPredicate = is_bias_or_gain,
-    model: nnx.Module | None = None,
+    model: ClassifierSource | None = None,
     opt: str = 'sgd',
 ) -> optax.GradientTransformation:
     """AGC, then masked weight decay, then SGD with (Nesterov) momentum, in the paper's order.
@@ -57,7 +56,7 @@ def nfnet_optimizer(
     turns AGC off. `agc_exclude` and `no_decay` take dotted param paths (`head.fc.kernel`):
     by default the classifier is not clipped and biases and gains are not decayed. AGC's
     classifier is an NFNet's `head.fc`; pass `model` to have it found in a model of your own
-    (its last linear layer, see `adaptive_clip_grad`).
+    (its last linear layer; a Linen model's params tree: see `adaptive_clip_grad`).
     Weight decay is added to the gradient (coupled, like torch's SGD and DeepMind's code),
     so it is scaled by the learning rate.
     """

@@ -9,16 +9,20 @@ whatever container holds it. Prefixes added by a parent (a Linen `backbone.`, a 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+from flax import linen as nn
 from flax import nnx
 
+from nfnet_jax.linen import NFNet as LinenNFNet
 from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.weights.params import dotted_path, flat_state
 
 PathPredicate = Callable[[str], bool]
+# What a classifier is found in: an NNX model, a Linen NFNet, or a Linen model's params tree (`classifier_of`).
+ClassifierSource = nnx.Module | nn.Module | Mapping[str, Any]
 
 
 def path_mask(predicate: PathPredicate, tree: Any) -> Any:
@@ -92,9 +96,44 @@ def classifier_paths(model: nnx.Module) -> list[str]:
     return ['.'.join([*prefix, p]) for p, _ in flat_state(layer, nnx.Param)]
 
 
-def classifier_of(model: nnx.Module) -> PathPattern:
-    """A predicate true for `model`'s final classifier (`classifier_paths`), wherever its params sit."""
-    paths = classifier_paths(model)
+def linen_classifier_paths(params: Mapping[str, Any]) -> list[str]:
+    """The dotted paths of the last Dense layer (a 2-D `kernel`) of a Linen params tree, depth first.
+
+    The tree's own order is the one used: for a tree from `init`, the order the layers were
+    defined in, so a head defined after the backbone is last. Empty: no Dense layer.
+    """
+    last: list[str] = []
+
+    def visit(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
+        nonlocal last
+        if len(getattr(node.get('kernel'), 'shape', ())) == 2:
+            last = ['.'.join((*path, str(name))) for name in node if not isinstance(node[name], Mapping)]
+        for key, child in node.items():
+            if isinstance(child, Mapping):
+                visit(child, (*path, str(key)))
+
+    visit(params, ())
+    return last
+
+
+def classifier_of(model: ClassifierSource) -> PathPattern:
+    """A predicate true for `model`'s final classifier, wherever its params sit.
+
+    `model` is an NNX module (`classifier_paths`), a Linen `nfnet_jax.linen.NFNet` (its `head.fc`),
+    or the params tree of a Linen model (`linen_classifier_paths`: its last Dense layer). A Linen
+    model of your own is defined by its call, so its params tree is what names the head.
+    """
+    if isinstance(model, LinenNFNet):
+        paths = model.classifier_paths()
+    elif isinstance(model, nn.Module):
+        raise ValueError(
+            f'a Linen {type(model).__name__} shows its layers only once initialised: pass its params tree as '
+            "model= (its last Dense layer is left unclipped), or name the head's params with exclude="
+        )
+    elif isinstance(model, nnx.Module):
+        paths = classifier_paths(model)
+    else:
+        paths = linen_classifier_paths(model)
     if not paths:
         raise ValueError(
             f'found no linear classifier in {type(model).__name__} to leave unclipped: name the params to '

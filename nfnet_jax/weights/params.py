@@ -63,12 +63,16 @@ def dotted_path(path: Iterable[Any]) -> str:
     return '.'.join(parts)
 
 
-def nested(flat: Mapping[str, Any]) -> dict[Any, Any]:
-    """A flat dict of dotted paths as nested dicts, with integer keys for the numeric parts (Linen's layout)."""
-    tree: dict[Any, Any] = {}
+def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat dict of dotted paths as nested dicts of string keys (`stages.0.1` -> `['stages']['0']['1']`).
+
+    String keys throughout, indices included, as Linen's params hold them: such a tree survives
+    `flax.serialization.to_state_dict`, orbax restores without a target and `flatten_dict(sep='/')`.
+    """
+    tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
-        *parents, leaf = (int(part) if part.isdigit() else part for part in path.split('.'))
+        *parents, leaf = path.split('.')
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
