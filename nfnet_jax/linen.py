@@ -78,7 +78,8 @@ class NFNet(nn.Module):
     """The NFNet `model_name` (as `nfnet_jax.create_model` takes it) as a Linen module.
 
     The fields are `create_model`'s options; `model_kwargs` holds any other (`param_dtype`,
-    NfCfg overrides). Call it as `module(x, train=True, output=None)`:
+    NfCfg overrides); `grad_checkpointing=True` rematerialises each block in the backward pass.
+    Call it as `module(x, train=True, output=None)`:
 
     - `train` (default True, as Flax's example models): dropout and drop path on, drawing from
       the 'dropout' RNG (`apply(..., rngs={'dropout': key})`, a new key every step); pass
@@ -96,6 +97,7 @@ class NFNet(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     dtype: Any = None
+    grad_checkpointing: bool = False
     features_only: bool = False
     out_indices: int | tuple[int, ...] = (0, 1, 2, 3, 4)
     model_kwargs: Mapping[str, Any] | None = None
@@ -113,6 +115,7 @@ class NFNet(nn.Module):
             drop_rate=self.drop_rate,
             drop_path_rate=self.drop_path_rate,
             dtype=self.dtype,
+            grad_checkpointing=self.grad_checkpointing,
             **(self.model_kwargs or {}),
         )
 
