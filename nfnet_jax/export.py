@@ -1,20 +1,25 @@
 """A model as a serialized `jax.export` artifact for serving: `python -m nfnet_jax.export`.
 
 The artifact is `nfnet_jax.inference.export_inference`: the folded inference function with the weights closed
-over as constants, lowered to StableHLO for the chosen platforms. Another process loads it with
-jax alone, neither flax nor nfnet_jax:
+over as constants, lowered to StableHLO for the chosen platforms. A JSON file beside it (`OUT.json`)
+records what the artifact expects and returns, the data config (mean, std, crop) its images must be
+prepared with, and the artifact's sha256, which the loader checks so that a damaged or altered
+artifact is refused rather than run. `load_artifact(path)` does that; a process with jax alone
+(neither flax nor nfnet_jax) does the same:
 
-    exported = jax.export.deserialize(open('model.jaxexport', 'rb').read())
+    data = open('model.jaxexport', 'rb').read()
+    if hashlib.sha256(data).hexdigest() != json.load(open('model.jaxexport.json'))['sha256']:
+        raise ValueError('model.jaxexport does not match the sha256 in model.jaxexport.json; export it again')
+    exported = jax.export.deserialize(data)
     logits = exported.call(images)  # images: float32 (N, H, W, C), normalised as the model's data config says
-
-A JSON file beside it (`OUT.json`) records what the artifact expects and returns, and the
-data config (mean, std, crop) its images must be prepared with; the artifact does not need it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +35,7 @@ from nfnet_jax.progress import log
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's names
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MAX_BATCH = 2**31 - 1  # XLA's dimensions are 32-bit
 
 
 def parse_batch(value: str) -> int | None:
@@ -40,8 +46,8 @@ def parse_batch(value: str) -> int | None:
         batch = int(value)
     except ValueError:
         batch = 0
-    if batch < 1:
-        raise ValueError(f"--batch must be a positive integer or 'dynamic', not {value!r}")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--batch must be an integer from 1 to {MAX_BATCH:,} or 'dynamic', not {value!r}")
     return batch
 
 
@@ -64,7 +70,32 @@ def json_shape(aval: jax.core.ShapedArray) -> list[int | str]:
 
 
 def sidecar_path(output: Path) -> Path:
+    """The JSON file that describes an artifact: `OUT.json`."""
     return output.with_name(output.name + '.json')
+
+
+def load_artifact(path: str | os.PathLike) -> jax.export.Exported:
+    """An artifact written by the command, deserialized once its bytes match the sha256 its `OUT.json` records.
+
+    A missing sidecar or digest, or a mismatch (the artifact altered or damaged since it was written), is a
+    one-line ValueError saying so: a changed artifact would otherwise run and give wrong outputs silently.
+    """
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    data = path.read_bytes()
+    try:
+        expected = json.loads(sidecar.read_text(encoding='utf-8'))['sha256']
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f'{sidecar}: no sha256 of {path.name} to check it against ({type(err).__name__}: {err}); '
+            'export the model again to write both files'
+        ) from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(
+            f'{path}: its sha256 does not match the one {sidecar.name} records (altered or damaged since export); '
+            'export the model again'
+        )
+    return jax.export.deserialize(data)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -125,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         precision=args.precision,
         platforms=list(exported.platforms),
         data_config=data_config,
+        sha256=hashlib.sha256(data).hexdigest(),
         nfnet_jax_version=nfnet_jax.__version__,
         jax_version=jax.__version__,
     )

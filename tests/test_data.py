@@ -185,6 +185,41 @@ def test_every_image_failure_is_an_oserror_naming_the_file(tmp_path, monkeypatch
         transform(np.zeros((0, 0, 3), np.uint8))
 
 
+@pytest.mark.parametrize('crop_mode', ['center', 'border', 'squash'])
+def test_memory_is_bounded_by_the_output_not_by_how_far_an_image_asks_to_be_resized(tmp_path, monkeypatch, crop_mode):
+    # A 20000x1 PNG of a few hundred bytes would be resized to 256x5,120,000 before the crop, 1x2,000,000 to
+    # 256x512,000,000: every resize must stay within MAX_RESIZE_FACTOR times the output's pixels.
+    from nfnet_jax.data.transforms import MAX_RESIZE_FACTOR
+
+    resized, resize = [], Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image, 'resize', lambda self, size, *a, **k: resized.append(size) or resize(self, size, *a, **k)
+    )
+    transform = data.create_transform(input_size=(32, 48), crop_mode=crop_mode)
+    for width, height in ((20_000, 1), (1, 2_000_000)):
+        path = tmp_path / f'{width}x{height}.png'
+        Image.new('RGB', (width, height), (200, 10, 10)).save(path)
+        assert path.stat().st_size < 10_000
+        pixels = transform(data.load_image(path))
+        assert pixels.shape == (32, 48, 3)
+        assert all(w * h <= MAX_RESIZE_FACTOR * 32 * 48 for w, h in resized), resized
+        if crop_mode != 'border':  # the image fills the output (border pads with the mean)
+            np.testing.assert_allclose(
+                pixels[16, 24], data.create_transform(input_size=1)(np.array([[[200, 10, 10]]], np.uint8))[0, 0]
+            )
+
+
+def test_the_bounded_resize_keeps_the_region_the_full_resize_keeps(monkeypatch):
+    from nfnet_jax.data import transforms
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 300, 3), np.uint8))
+    transform = data.create_transform(input_size=32)
+    full = transform(image)
+    monkeypatch.setattr(transforms, 'MAX_RESIZE_FACTOR', 1)  # 36x1200 before the crop: now the bounded path
+    bounded = transform(image)
+    assert np.abs(full - bounded).max() <= 1.5 / 255 / min(transform.std)  # at most one 8-bit step apart
+
+
 def test_bad_settings_say_what_exists():
     with pytest.raises(ValueError, match='bicubic'):
         data.create_transform(interpolation='cubic')

@@ -7,6 +7,7 @@ within 1e-6.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -94,6 +95,18 @@ def test_command_artifact_runs_without_flax_and_matches_the_inference_functions(
     assert vs_compiled <= FP32_RTOL
     record_property('figure', ('test_nfnet logits artifact in a jax-only process vs classify(x)', vs_compiled))
 
+    # The sidecar's sha256 is what the loader checks: 64 bytes overwritten are refused, not run.
+    assert description['sha256'] == hashlib.sha256(artifact).hexdigest()
+    np.testing.assert_allclose(export.load_artifact(out).call(x[:1]), loaded[0][0], rtol=EXPORT_RTOL)
+    damaged = bytearray(artifact)
+    damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)
+    out.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r'test_nfnet.jaxexport: its sha256 does not match .* export the model again'):
+        export.load_artifact(out)
+    (tmp_path / 'test_nfnet.jaxexport.json').unlink()
+    with pytest.raises(ValueError, match=r'no sha256 of test_nfnet.jaxexport to check it against'):
+        export.load_artifact(out)
+
 
 @pytest.mark.slow
 def test_dm_nfnet_f0_artifact_matches_the_classifier(tmp_path, record_property):
@@ -131,6 +144,7 @@ def test_inference_state_holds_weights_only():
         (['--platforms', 'cpu,cpu'], '--platforms'),
         (['--batch', '0'], '--batch'),
         (['--batch', 'any'], '--batch'),
+        (['--batch', '99999999999999999999'], '--batch must be an integer from 1 to 2,147,483,647'),
         (['--size', '0'], '--size'),
         (['--model', 'test_nfnet.nope'], 'unknown tag'),
         (['--checkpoint', 'missing.safetensors'], 'no checkpoint'),

@@ -30,6 +30,8 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     'hamming': Image.Resampling.HAMMING,
     'lanczos': Image.Resampling.LANCZOS,
 }
+# Past this many times the output's pixels, the eval resize keeps only the cropped region (`resize_and_crop`).
+MAX_RESIZE_FACTOR = 64
 ImageLike = Image.Image | np.ndarray
 Size = tuple[int, int]  # (height, width)
 
@@ -85,14 +87,29 @@ class EvalTransform:
         # timm's ResizeKeepRatio: scale by the short edge's ratio (center) or the long edge's (border).
         ratio_h, ratio_w = height / self.scale_size[0], width / self.scale_size[1]
         ratio = max(ratio_h, ratio_w) if self.crop_mode == 'border' else min(ratio_h, ratio_w)
-        return round(height / ratio), round(width / ratio)
+        return max(1, round(height / ratio)), max(1, round(width / ratio))  # a sliver keeps one pixel
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
-        """The resized and cropped (or padded) image, still 8-bit: the geometric part of the transform."""
+        """The resized and cropped (or padded) image, still 8-bit: the geometric part of the transform.
+
+        An extreme aspect ratio asks for a resized image far larger than the output (a 20000x1 image
+        resized to a short edge of 256 is 5 million pixels long): past `MAX_RESIZE_FACTOR` times the
+        output's pixels, only the region the crop keeps is resized (PIL's `box`), so memory stays
+        bounded by the output size. The numbers may then differ from torchvision's by one 8-bit step.
+        """
         size = self.resized_size(image.height, image.width)
-        if size != (image.height, image.width):
-            image = image.resize(size[::-1], INTERPOLATIONS[self.interpolation])
-        return center_crop_or_pad(image, self.img_size, self.fill if self.crop_mode == 'border' else (0, 0, 0))
+        fill = self.fill if self.crop_mode == 'border' else (0, 0, 0)
+        if size == (image.height, image.width):
+            return center_crop_or_pad(image, self.img_size, fill)
+        resample = INTERPOLATIONS[self.interpolation]
+        if size[0] * size[1] <= MAX_RESIZE_FACTOR * self.img_size[0] * self.img_size[1]:
+            return center_crop_or_pad(image.resize(size[::-1], resample), self.img_size, fill)
+        # The crop's rows and columns of the resized image (all of them where it is padded instead), in
+        # source coordinates: center_crop_or_pad's offsets, so the kept part is the same region.
+        (top, height), (left, width) = (crop_span(n, out) for n, out in zip(size, self.img_size, strict=True))
+        scale_y, scale_x = image.height / size[0], image.width / size[1]
+        box = (left * scale_x, top * scale_y, (left + width) * scale_x, (top + height) * scale_y)
+        return center_crop_or_pad(image.resize((width, height), resample, box=box), self.img_size, fill)
 
     @property
     def fill(self) -> tuple[int, ...]:
@@ -116,6 +133,11 @@ class EvalTransform:
         return np.asarray(pixels, np.uint8) if self.host_only else normalize(pixels, self.mean, self.std)
 
 
+def crop_span(size: int, out: int) -> tuple[int, int]:
+    """The (start, length) that `center_crop_or_pad` keeps of `size` pixels for an output of `out` pixels."""
+    return (int(round((size - out) / 2.0)), out) if size > out else (0, size)
+
+
 def center_crop_or_pad(image: Image.Image, size: Size, fill: tuple[int, ...] = (0, 0, 0)) -> Image.Image:
     """torchvision's center_crop (padding with `fill` where the image is smaller), with its rounding."""
     height, width = size
@@ -123,8 +145,8 @@ def center_crop_or_pad(image: Image.Image, size: Size, fill: tuple[int, ...] = (
         return image
     # Where the image is smaller it is padded, the extra pixel going right/bottom; where larger,
     # it is cropped at round((in - out) / 2), Python's round-half-to-even as in torchvision.
-    left = (width - image.width) // 2 if width > image.width else -int(round((image.width - width) / 2.0))
-    top = (height - image.height) // 2 if height > image.height else -int(round((image.height - height) / 2.0))
+    left = (width - image.width) // 2 if width > image.width else -crop_span(image.width, width)[0]
+    top = (height - image.height) // 2 if height > image.height else -crop_span(image.height, height)[0]
     if width <= image.width and height <= image.height:
         return image.crop((-left, -top, -left + width, -top + height))
     canvas = Image.new(image.mode, (width, height), fill)
