@@ -220,6 +220,38 @@ def test_the_bounded_resize_keeps_the_region_the_full_resize_keeps(monkeypatch):
     assert np.abs(full - bounded).max() <= 1.5 / 255 / min(transform.std)  # at most one 8-bit step apart
 
 
+def test_list_files_name_the_file_and_line_of_every_bad_label(tmp_path):
+    for name in ('a.png', 'b.png', 'c.png'):
+        Image.new('RGB', (4, 4)).save(tmp_path / name)
+    listing = tmp_path / 'list.csv'
+
+    def read(text: str | bytes):
+        listing.write_bytes(text if isinstance(text, bytes) else text.encode('utf-8'))
+        return loaders.list_file(listing)
+
+    # A byte-order mark does not hide the header; '007' is class 7.
+    samples = read('\ufeffpath,label\na.png,0\nb.png,007\n')
+    assert samples.labels.tolist() == [0, 7] and len(samples.class_names) == 8
+    assert read('a.png,cat\nb.png,dog\n').class_names == ('cat', 'dog')
+    refusals = [
+        (b'a.png,0\nb.png,caf\xe9\n', r'list.csv: line 2 is not UTF-8 text .* save the list file as UTF-8'),
+        ('a.png,0\n\nb.png,99999999999\n', r'list.csv: line 3: class index 99999999999 is over the limit of 1,000,000'),
+        (
+            'a.png,0\nb.png,1\nc.png,cat\n',
+            r"list.csv: line 3: label 'cat' is a class name, but line 1 has the class index",
+        ),
+        (
+            'a.png,\u00b2\nb.png,1\n',
+            r"list.csv: line 1: label '\u00b2' is a class name, but line 2 has the class index",
+        ),
+    ]
+    for text, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            read(text)
+    with pytest.raises(ValueError, match=r"list.csv: line 1: labels \['\u00b2'\] are not among the classes"):
+        loaders.list_file(listing, class_names=['0', '1'])
+
+
 def test_bad_settings_say_what_exists():
     with pytest.raises(ValueError, match='bicubic'):
         data.create_transform(interpolation='cubic')

@@ -32,7 +32,7 @@ import csv
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,8 @@ from nfnet_jax.files import display_name
 
 # A decode failure is replaced by the next sample of the epoch; this many failures in a row mean the data is gone.
 MAX_REPLACEMENTS = 64
+# A list file's class indices stay below this: one stray huge index would otherwise build that many class names.
+MAX_CLASSES = 1_000_000
 
 
 def this_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -120,23 +122,34 @@ def image_folder(root: str | os.PathLike, class_names: Sequence[str] | None = No
 def list_file(path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Samples:
     """Samples from a text file of `path<TAB>label` lines, or a CSV of `path,label` (a header line is skipped).
 
-    Relative paths are relative to the list file. Labels are class names (indexed in natural
-    sort order, or as `class_names` gives them) or, when every label is a whole number, class
-    indices. Every file must exist: the missing ones are named in one error.
+    The file is UTF-8 (a byte-order mark is allowed). Relative paths are relative to the list file.
+    Labels are class names (indexed in natural sort order, or as `class_names` gives them) or, when
+    every label is a whole number (ASCII digits), class indices below `MAX_CLASSES`; a mix of the two
+    is refused, as it would silently make the indices names. Every file must exist: the missing ones
+    are named in one error. Every other error names the file and the line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'{path}: no such list file')
-    text = path.read_text(encoding='utf-8')
+    try:
+        text = path.read_text(encoding='utf-8-sig')
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b'\n') + 1
+        raise ValueError(f'{path}: line {line} is not UTF-8 text ({err.reason}); save the list file as UTF-8') from None
     delimiter = '\t' if '\t' in text else ','
-    rows = [row for row in csv.reader(text.splitlines(), delimiter=delimiter) if row and any(c.strip() for c in row)]
-    if rows and rows[0][0].strip().lower() in ('path', 'file', 'filename', 'image'):
-        rows = rows[1:]
-    bad = [i for i, row in enumerate(rows) if len(row) != 2]
+    lines = [
+        (number, row)
+        for number, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), start=1)
+        if row and any(c.strip() for c in row)
+    ]
+    if lines and lines[0][1][0].strip().lower() in ('path', 'file', 'filename', 'image'):
+        lines = lines[1:]
+    bad = [(number, row) for number, row in lines if len(row) != 2]
     if bad:
-        raise ValueError(f'{path}: line {bad[0] + 1} is not "path{delimiter!r}label": {rows[bad[0]]}')
-    files = [str(path.parent / row[0].strip()) for row in rows]
-    labels = [row[1].strip() for row in rows]
+        raise ValueError(f'{path}: line {bad[0][0]} is not "path{delimiter!r}label": {bad[0][1]}')
+    files = [str(path.parent / row[0].strip()) for _, row in lines]
+    labels = [row[1].strip() for _, row in lines]
+    line_of = {label: number for (number, _), label in reversed(list(zip(lines, labels, strict=True)))}
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(
@@ -144,15 +157,45 @@ def list_file(path: str | os.PathLike, class_names: Sequence[str] | None = None)
         )
     if class_names is not None:
         names = list(class_names)
-    elif all(label.isdigit() for label in labels):
-        names = [str(i) for i in range(max(int(label) for label in labels) + 1)] if labels else []
     else:
-        names = sorted(set(labels), key=natural_key)
+        names = class_names_of(labels, line_of, path)
+        labels = [str(int(label)) if is_class_index(label) else label for label in labels]  # '007' is class 7
     index = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(labels) - set(index))
+    unknown = sorted(set(labels) - set(index), key=line_of.__getitem__)
     if unknown:
-        raise ValueError(f'{path}: labels {unknown[:5]} are not among the classes {names[:10]}')
+        raise ValueError(
+            f'{path}: line {line_of[unknown[0]]}: labels {unknown[:5]} are not among the classes {names[:10]}'
+        )
     return _samples([(f, index[label]) for f, label in zip(files, labels, strict=True)], names, str(path))
+
+
+def is_class_index(label: str) -> bool:
+    """A label that is a class index: ASCII digits only (not '²' or other characters Python calls digits)."""
+    return label.isascii() and label.isdigit()
+
+
+def class_names_of(labels: Sequence[str], line_of: Mapping[str, int], source: Path) -> list[str]:
+    """A list file's classes: its labels in natural order, or, when all are indices, '0' to the largest.
+
+    Refused, naming `source` and the line (`line_of`): an index of `MAX_CLASSES` or more (which would
+    build that many class names), and indices mixed with names.
+    """
+    indices = [label for label in labels if is_class_index(label)]
+    if not indices:
+        return sorted(set(labels), key=natural_key)
+    named = next((label for label in labels if not is_class_index(label)), None)
+    if named is not None:
+        raise ValueError(
+            f'{source}: line {line_of[named]}: label {named!r} is a class name, but line {line_of[indices[0]]} '
+            f'has the class index {indices[0]!r}; give every line a class name, or every line an index'
+        )
+    largest = max(indices, key=int)
+    if int(largest) >= MAX_CLASSES:
+        raise ValueError(
+            f'{source}: line {line_of[largest]}: class index {largest} is over the limit of {MAX_CLASSES:,} '
+            'classes; class indices count from 0 (use class names for other labels)'
+        )
+    return [str(i) for i in range(int(largest) + 1)]
 
 
 def read_samples(source: str | os.PathLike, class_names: Sequence[str] | None = None) -> Samples:
