@@ -133,7 +133,9 @@ def test_merge_labels_a_fine_tuned_checkpoints_classes_as_predict_does(images, t
     assert all(sorted(label for _, label in row) == names for row in labels(merged))  # top 3 of 3: every name
 
 
-def test_an_interrupted_run_resumes_without_redoing_chunks(images, checkpoint, reference, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_without_redoing_chunks(
+    images, checkpoint, reference, tmp_path, monkeypatch, capsys
+):
     out, list_file = tmp_path / 'run', tmp_path / 'files.txt'
     list_file.write_text(''.join(f'{path}\n' for path in find_images([images])))
     options = ('--embeddings', '--chunk-size', '3', '--batch-size', '2')
@@ -166,6 +168,26 @@ def test_an_interrupted_run_resumes_without_redoing_chunks(images, checkpoint, r
     assert {name: (out / 'chunks' / name).stat().st_mtime_ns for name in finished} == finished  # untouched
     assert batch_predict.main(['merge', str(out), str(tmp_path / 'embeddings.npy')]) == 0
     check_embeddings(tmp_path / 'embeddings.npy', reference)
+
+    # A damaged chunk (truncated, or text garbage) is named, with what to do; deleting it and running again works.
+    damaged = out / 'chunks' / '000001.npz'
+    chunk = damaged.read_bytes()
+    capsys.readouterr()
+    for garbage in (chunk[: len(chunk) // 2], b'not a chunk at all\n' * 100):
+        damaged.write_bytes(garbage)
+        assert batch_predict.main(['merge', str(out), str(tmp_path / 'again.npy')]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and '000001.npz: a damaged chunk' in err, err
+        assert 'run the same `run` command again' in err and 'pickle' not in err and len(err) < 300, err
+    damaged.unlink()
+    assert (
+        batch_predict.main(
+            ['run', '--list', str(list_file), '--checkpoint', str(checkpoint), '--output', str(out), *options]
+        )
+        == 0
+    )
+    assert batch_predict.main(['merge', str(out), str(tmp_path / 'again.npy')]) == 0
+    check_embeddings(tmp_path / 'again.npy', reference)
 
 
 @pytest.mark.slow

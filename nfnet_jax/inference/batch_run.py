@@ -201,7 +201,9 @@ def merge(run_dir: Path, out: Path, force: bool = False) -> tuple[int, int, int]
             f'{len(missing)} of {num_chunks} chunks are not finished (first: {missing[0]}); '
             'run the same `run` command again to finish them, then merge'
         )
-    chunks = [np.load(chunk_path(run_dir, c)) for c in range(num_chunks)]
+    chunks = [
+        open_chunk(chunk_path(run_dir, c), 'embeddings' if embeddings else 'probabilities') for c in range(num_chunks)
+    ]
     failed = {int(i): str(e) for chunk in chunks for i, e in zip(chunk['failed'], chunk['errors'], strict=True)}
     if embeddings:
         rows = _merge_embeddings(chunks, files, out, row_files, force)
@@ -210,6 +212,21 @@ def merge(run_dir: Path, out: Path, force: bool = False) -> tuple[int, int, int]
         class_names = ClassNames.of(manifest['num_classes'], manifest.get('class_names'))
         rows = _merge_predictions(chunks, files, failed, class_names, out, force)
     return rows, len(files), len(failed)
+
+
+def open_chunk(path: Path, output: str) -> Any:
+    """A finished chunk's arrays (read lazily, as `np.load` does), each read once here so that a damaged chunk
+    (truncated, overwritten, not a chunk at all) is one ValueError that names it and says what to do."""
+    try:
+        chunk = np.load(path, allow_pickle=False)
+        for key in ('index', 'failed', 'errors', output):
+            chunk[key]
+    except Exception as err:  # zipfile, numpy and the OS each report damage their own way
+        raise ValueError(
+            f'{display_name(path)}: a damaged chunk ({type(err).__name__}: not a complete .npz of this run); '
+            'delete it and run the same `run` command again to recompute it, then merge'
+        ) from None
+    return chunk
 
 
 def _merge_predictions(
