@@ -126,11 +126,13 @@ def _umask() -> int:
         return mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: bool = False) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[str], None], force: bool = False, mode: int | None = None
+) -> None:
     """`write(tmp_path)` into a temporary file beside `path`, then rename it to `path`: never a half file.
 
-    Refuses to replace an existing file unless `force`. The file gets the permissions a plain
-    `open` would give it (0o666 less the umask).
+    Refuses to replace an existing file unless `force`. The file gets the permissions `mode`, by default
+    those a plain `open` would give it (0o666 less the umask).
     """
     path = Path(path)
     refuse_existing(path, force)
@@ -139,7 +141,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], force: b
     try:
         os.close(fd)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,6 +62,15 @@ def test_written_files_get_the_umasks_permissions(tmp_path):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name  # mkstemp alone gives 0o600
 
 
+def test_a_written_file_given_a_mode_gets_it_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        atomic_write(tmp_path / 'a.txt', lambda tmp: Path(tmp).write_text('x'), mode=0o644)
+    finally:
+        os.umask(old)
+    assert (tmp_path / 'a.txt').stat().st_mode & 0o777 == 0o644  # not 0o666, as umask 000 gives a plain open
+
+
 # A real process, stopped while its output is being written: the write is made to hang once the
 # temporary file is complete, and the process is told so on stdout. A pytest-xdist worker ignores SIGINT,
 # and an ignored signal stays ignored across exec: the child first takes Python's own SIGINT handler, as a

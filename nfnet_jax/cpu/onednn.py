@@ -7,12 +7,14 @@ with the C++ compiler `$CXX` or `c++`) into `$XDG_CACHE_HOME/nfnet_jax` (~/.cach
 registers its calls; the CPU backend's convolution lowering (`cpu.convolution`) then emits them.
 
 Programs with these calls are for the process that built them, so `jax.export` never gets them.
-`NFNET_JAX_ONEDNN=0` turns them off; without the extra, or where the library cannot be built (no
-compiler), `enabled()` logs why once and the CPU backend keeps XLA's convolutions.
+`NFNET_JAX_ONEDNN=0` (or false, off, no) turns them off; without the extra, or where the library cannot be
+built (no compiler, a failed build) or trusted (a cache folder another user owns or can write),
+`enabled()` logs why once and the CPU backend keeps XLA's convolutions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -20,7 +22,10 @@ import logging
 import os
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -44,6 +49,8 @@ TARGETS = {  # the XLA FFI names and the library's symbols
     'backward_weights': ('nfnet_onednn_conv_backward_weights', 'NfnetOnednnConvBackwardWeights'),
 }
 BUILD_TIMEOUT_S = 300
+SWITCH_ON = ('1', 'true', 'on', 'yes')  # NFNET_JAX_ONEDNN's values
+SWITCH_OFF = ('0', 'false', 'off', 'no')
 _registered: set[str] = set()  # the targets registered with XLA:CPU in this process
 
 
@@ -57,14 +64,27 @@ class OnednnNotInstalled(OnednnUnavailable):
 
 def enabled() -> bool:
     """Whether convolutions can run here: the extra is installed, the library built and loaded, and
-    `NFNET_JAX_ONEDNN` is not '0'. The first call builds or loads the library."""
-    if os.environ.get('NFNET_JAX_ONEDNN', '1') == '0':
+    `NFNET_JAX_ONEDNN` does not turn them off. The first call builds or loads the library."""
+    if not _switched_on():
         return False
     try:
         load()
     except OnednnUnavailable as unavailable:
         _log_once(str(unavailable), logging.INFO if isinstance(unavailable, OnednnNotInstalled) else logging.WARNING)
         return False
+    return True
+
+
+def _switched_on() -> bool:
+    """`NFNET_JAX_ONEDNN`: unset or empty is on; raises ValueError for a value that is neither on nor off."""
+    value = os.environ.get('NFNET_JAX_ONEDNN', '').strip().lower()
+    if value in SWITCH_OFF:
+        return False
+    if value and value not in SWITCH_ON:
+        raise ValueError(
+            f'NFNET_JAX_ONEDNN={value!r} is neither on nor off: set it to one of {", ".join(SWITCH_ON)} '
+            f'or {", ".join(SWITCH_OFF)}, or unset it'
+        )
     return True
 
 
@@ -81,48 +101,144 @@ def _log_once(message: str, level: int) -> None:
 @cache
 def load() -> Path:
     """Build the FFI library if this machine has none for this jaxlib and oneDNN, load it and register its
-    targets with XLA:CPU; its path. A cached library that does not load (a damaged file) is built again.
-    Raises OnednnUnavailable, saying what to install or what failed."""
+    targets with XLA:CPU; its path. Raises OnednnUnavailable, saying what to install or what failed.
+
+    Only a cache folder of this user's that no one else can write holds the library, and only a library
+    whose bytes match the SHA-256 in its name (taken when it was built) is loaded: a damaged one is
+    built again. A failed build is remembered (a `.failed` file with the error) until its inputs change.
+    """
     library_dir, include_dir, version = _onednn()
-    compiler = shlex.split(os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or '')
-    if not compiler:
-        raise OnednnUnavailable('no C++ compiler to build the oneDNN kernels: install one (g++), or set CXX')
-    library = library_path(version)
-    command = [*compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}']
+    command = [*_compiler(), '-O2', '-std=c++17', '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}']
     command += [f'-I{include_dir}', str(SOURCE), f'-L{library_dir}', '-l:libdnnl.so.3', f'-Wl,-rpath,{library_dir}']
-    for attempt in ('cached', 'rebuilt'):
-        if attempt == 'rebuilt' or not library.exists():
-            log.info('building the oneDNN convolution kernels (once per jaxlib and oneDNN version) into %s', library)
-            try:
-                atomic_write(library, lambda tmp: _compile(command + ['-o', tmp]), force=True)
-            except (OSError, subprocess.SubprocessError) as error:
-                raise OnednnUnavailable(f'building the oneDNN kernels failed: {error}') from error
-        try:
-            handle = ctypes.cdll.LoadLibrary(str(library))
-            break
-        except OSError as error:
-            if attempt == 'rebuilt':
-                raise OnednnUnavailable(f'the oneDNN kernels ({library}) do not load: {error}') from error
-            log.warning('the cached oneDNN kernels do not load (%s): building them again', error)
-    for name, symbol in TARGETS.values():
+    folder = cache_folder()
+    fingerprint = _fingerprint(version)
+    try:
+        library = _cached_library(folder, fingerprint)
+    except OSError as error:
+        raise OnednnUnavailable(f'cannot read the cache folder {folder}: {error}') from error
+    library = library or _build(command, folder, fingerprint)
+    try:
+        handle = ctypes.cdll.LoadLibrary(str(library))
+        capsules = {name: jax.ffi.pycapsule(getattr(handle, symbol)) for name, symbol in TARGETS.values()}
+    except (OSError, AttributeError) as error:
+        raise OnednnUnavailable(f'the oneDNN kernels ({library}) do not load: {error}') from error
+    for name, capsule in capsules.items():
         if name not in _registered:  # XLA takes one handler per name and process
-            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, symbol)), platform='cpu')
+            jax.ffi.register_ffi_target(name, capsule, platform='cpu')
             _registered.add(name)
     return library
 
 
-def library_path(onednn_version: str) -> Path:
-    """Where the bridge library for this source, jax and oneDNN version is (or will be) built."""
+def cache_folder() -> Path:
+    """`$XDG_CACHE_HOME/nfnet_jax` (~/.cache/nfnet_jax), made private (0o700, whatever the umask) if missing;
+    raises OnednnUnavailable where it is another user's or others can write it: code there could be anyone's."""
+    folder = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'nfnet_jax'
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        for path in reversed(missing):
+            path.mkdir(mode=0o700, exist_ok=True)
+        problem = _distrust(folder)
+    except OSError as error:
+        raise OnednnUnavailable(f'cannot make the cache folder {folder}: {error}') from error
+    if problem:
+        raise OnednnUnavailable(
+            f'the cache folder {folder} is not safe for compiled code ({problem}): make it yours and '
+            '`chmod go-w` it, or set XDG_CACHE_HOME to a folder of your own'
+        )
+    return folder
+
+
+def _distrust(path: Path) -> str | None:
+    """Why `path` may hold someone else's code: not this user's, writable by others, or a symbolic link; None
+    when it is this user's own."""
+    status = path.lstat() if path.is_file() else path.stat()
+    if stat.S_ISLNK(status.st_mode):
+        return 'it is a symbolic link'
+    if status.st_uid != os.getuid():
+        return f'it belongs to uid {status.st_uid}, not to you (uid {os.getuid()})'
+    if status.st_mode & 0o022:
+        return f'group or others can write it (mode {stat.S_IMODE(status.st_mode):o})'
+    return None
+
+
+def _compiler() -> list[str]:
+    """The C++ compiler's command line: `$CXX`, or c++ / g++ on the PATH."""
+    line = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++') or ''
+    try:
+        compiler = shlex.split(line)
+    except ValueError as error:
+        raise OnednnUnavailable(f'CXX={line!r} is not a command line ({error}): fix its quoting, or unset it') from None
+    if not compiler:
+        raise OnednnUnavailable('no C++ compiler to build the oneDNN kernels: install one (g++), or set CXX')
+    return compiler
+
+
+def _fingerprint(onednn_version: str) -> str:
+    """What a library is built from: the bridge's source, jax's and oneDNN's versions."""
     parts = [SOURCE.read_bytes(), jax.__version__.encode(), onednn_version.encode()]
-    fingerprint = hashlib.sha256(b'\0'.join(parts)).hexdigest()[:16]
-    cache_root = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'nfnet_jax'
-    return cache_root / f'onednn_conv-{fingerprint}.so'
+    return hashlib.sha256(b'\0'.join(parts)).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    with path.open('rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _cached_library(folder: Path, fingerprint: str) -> Path | None:
+    """A library built here for these inputs whose bytes match the digest in its name; others (damaged,
+    truncated, or not this user's own) are removed, never loaded."""
+    for library in sorted(folder.glob(f'onednn_conv-{fingerprint}-*.so')):
+        problem = _distrust(library)
+        if problem is None and _sha256(library) != library.stem.rsplit('-', 1)[1]:
+            problem = 'its bytes differ from those built'
+        if problem is None:
+            return library
+        log.warning('the cached oneDNN kernels %s are not loaded (%s): building them again', library, problem)
+        library.unlink(missing_ok=True)
+    return None
+
+
+def _build(command: list[str], folder: Path, fingerprint: str) -> Path:
+    """Compile the library into `folder`, named by its fingerprint and SHA-256; a compiler's failure is
+    remembered beside it for this command line, and later calls raise it without compiling again."""
+    failure = (
+        folder / f'onednn_conv-{fingerprint}-{hashlib.sha256(shlex.join(command).encode()).hexdigest()[:16]}.failed'
+    )
+    if failure.exists():
+        error = failure.read_text(encoding='utf-8', errors='replace')
+        raise OnednnUnavailable(f'{error} (an earlier try; delete {failure} to build again)')
+    log.info('building the oneDNN convolution kernels (once per jaxlib and oneDNN version) into %s', folder)
+    try:
+        with tempfile.TemporaryDirectory(prefix='.build-', dir=folder) as scratch:
+            built = Path(scratch) / 'onednn_conv.so'
+            _compile(command + ['-o', str(built)])
+            built.chmod(0o755)
+            library = folder / f'onednn_conv-{fingerprint}-{_sha256(built)}.so'
+            os.replace(built, library)
+            return library
+    except subprocess.TimeoutExpired:
+        error = f'building the oneDNN kernels failed: {command[0]} did not finish in {BUILD_TIMEOUT_S} s'
+    except subprocess.SubprocessError as compiler_failed:
+        error = f'building the oneDNN kernels failed: {compiler_failed}'
+    except OSError as error:
+        raise OnednnUnavailable(f'building the oneDNN kernels failed: {error}') from error
+    with contextlib.suppress(OSError):  # remembering is a saving, not a need
+        atomic_write(failure, lambda tmp: Path(tmp).write_text(error, encoding='utf-8'), force=True, mode=0o644)
+    raise OnednnUnavailable(error)
 
 
 def _compile(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    if done.returncode != 0:
-        raise subprocess.SubprocessError(f'{command[0]} exited with {done.returncode}: {done.stderr.strip()[-2000:]}')
+    """Run the compiler in its own process group, all of which is killed after BUILD_TIMEOUT_S."""
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, errors = process.communicate(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    if process.returncode != 0:
+        raise subprocess.SubprocessError(f'{command[0]} exited with {process.returncode}: {errors.strip()[-2000:]}')
 
 
 def _onednn() -> tuple[Path, Path, str]:
