@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 from PIL import Image
 
 from nfnet_jax import cpu
@@ -38,10 +39,29 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except USER_ERRORS as err:
         log(f'error: {err}')
         return 2
+    except (AssertionError, RuntimeError):  # what JAX raises when JAX_PLATFORMS names no backend it can start
+        problem = backend_problem()
+        if problem is None:
+            raise
+        log(f'error: {problem}')
+        return 2
     except KeyboardInterrupt as err:
         signum = err.signum if isinstance(err, Terminated) else signal.SIGINT
         log(f'stopped by {signal.Signals(signum).name}: nothing half written was left')
         return 128 + signum
+
+
+def backend_problem() -> str | None:
+    """Why JAX cannot start a backend (e.g. JAX_PLATFORMS=cuda on a machine without a GPU), in one line, or None."""
+    try:
+        jax.devices()
+    except (AssertionError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else 'none of its platforms is available here'
+        return (
+            f'JAX could not start a backend for JAX_PLATFORMS={jax.config.jax_platforms or ""!r} ({reason}); '
+            'set JAX_PLATFORMS to a platform this machine has (e.g. cpu), or unset it'
+        )
+    return None
 
 
 def add_model_arguments(

@@ -136,6 +136,7 @@ def test_hostile_file_names_are_listed_losslessly(offline_hub, folder, tmp_path,
     'args,message',
     [
         (['missing.jpg', '--model', TAG], 'missing.jpg: no such file or folder'),
+        (['-', '--model', TAG], "'-': images cannot be read from standard input"),
         (['IMAGES', '--model', TAG, '--embeddings', 'out.txt'], 'must be a .npy file'),
         (['IMAGES', '--model', TAG, '--batch-size', '0'], 'at least 1'),
         (['IMAGES', '--model', 'nfnet_f0'], 'no pretrained weights for nfnet_f0'),
@@ -145,3 +146,19 @@ def test_bad_arguments_fail_before_any_work(offline_hub, folder, capsys, args, m
     args = [str(folder) if arg == 'IMAGES' else arg for arg in args]
     assert predict_main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('platforms', ['rocm', 'cuda'])
+def test_a_jax_platform_this_machine_lacks_is_one_line(offline_hub, folder, platforms):
+    if platforms == 'cuda' and any(Path(f'/dev/{name}').exists() for name in ('nvidia0', 'nvidiactl')):
+        pytest.skip('this machine has an NVIDIA GPU')
+    result = subprocess.run(
+        [sys.executable, '-m', 'nfnet_jax.predict', str(folder), '--model', TAG],
+        capture_output=True,
+        text=True,
+        env={**os.environ, 'JAX_PLATFORMS': platforms},
+        timeout=300,
+    )
+    assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+    assert f"error: JAX could not start a backend for JAX_PLATFORMS='{platforms}'" in result.stderr
+    assert 'set JAX_PLATFORMS to a platform this machine has' in result.stderr

@@ -130,6 +130,8 @@ def find_images(inputs: Sequence[Path]) -> list[Path]:
             files += list_images(path)
         elif path.is_file():
             files.append(path)
+        elif str(path) == '-':
+            raise FileNotFoundError("'-': images cannot be read from standard input; name image files or folders")
         else:
             raise FileNotFoundError(f'{path}: no such file or folder')
     return files
