@@ -15,7 +15,7 @@ from flax import nnx
 from nfnet_jax.models.configs import model_cfgs
 from nfnet_jax.models.features import FeatureListNet, OutIndices
 from nfnet_jax.models.layers import pool_feature_multiplier
-from nfnet_jax.models.nfnet import NormFreeNet, abstract_model
+from nfnet_jax.models.nfnet import NormFreeNet, abstract_model, init_model
 from nfnet_jax.models.pretrained import pretrained_cfgs, resolve_name
 from nfnet_jax.weights.file import read_checkpoint, read_checkpoint_metadata
 from nfnet_jax.weights.params import CheckpointError, set_flat_params
@@ -96,7 +96,7 @@ def create_model(
         saved_head = checkpoint_head(metadata)
 
     if params is None:
-        model = NormFreeNet(cfg, rngs=rngs, pretrained_cfg=pretrained_cfg, **model_kwargs)
+        model = init_model(cfg, rngs=rngs, pretrained_cfg=pretrained_cfg, **model_kwargs)
     else:
         wanted = dict(num_classes=1000, global_pool='avg', in_chans=3) | model_kwargs
         if saved_head is not None:

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
 SNIPPET = re.compile(r'^<!-- snippet: ([\w-]+) -->\n```python\n(.*?)^```', re.S | re.M)
 MODEL_CARD = ['model-card-classification', 'model-card-feature-maps', 'model-card-embeddings']
-BACKBONE = ['backbone-nnx', 'backbone-freeze', 'backbone-linen', 'backbone-flax-imagenet']
+BACKBONE = ['backbone-nnx', 'backbone-freeze', 'backbone-nnx-tutorial', 'backbone-linen', 'backbone-flax-imagenet']
 TESTED = {*MODEL_CARD, 'fast-inference', *BACKBONE}
 
 
@@ -113,6 +113,27 @@ def test_backbone_nnx_snippets_run_as_written(tmp_path, monkeypatch):
     before = jax.tree.map(np.array, nnx.state(namespace['Net'](10, rngs=nnx.Rngs(0)), nnx.Param))
     namespace = run_snippet('backbone-freeze', namespace=namespace)
     assert changed_params(before, nnx.state(namespace['frozen'].model, nnx.Param)) == {'head.bias', 'head.kernel'}
+
+
+def test_backbone_nnx_tutorial_snippet_runs_as_written():
+    """Flax's NNX tutorial loop, test_nfnet at 32 px: the train view trains with drop path, the eval view sees it."""
+    from flax import nnx
+
+    from nfnet_jax.models.layers import DropPath
+
+    namespace = run_snippet('backbone-nnx-tutorial', *SMALL)
+    train_model, eval_model = namespace['train_model'], namespace['eval_model']
+    assert int(namespace['optimizer'].step[...]) == 2
+    assert all(np.isfinite(float(namespace[name]['loss'])) for name in ('train_metrics', 'eval_metrics'))
+    drop_paths = [
+        [m.deterministic for _, m in nnx.iter_modules(view) if isinstance(m, DropPath)]
+        for view in (train_model, eval_model)
+    ]
+    assert drop_paths[0] and not any(drop_paths[0]) and all(drop_paths[1])
+    start = nnx.state(namespace['nfnet_jax'].create_model('test_nfnet', num_classes=10, rngs=nnx.Rngs(0)), nnx.Param)
+    trained, seen = nnx.state(train_model, nnx.Param), nnx.state(eval_model, nnx.Param)
+    assert 'head.fc.kernel' in changed_params(start, trained)
+    assert not changed_params(trained, seen)  # the views share the parameters
 
 
 def test_backbone_linen_snippet_runs_as_written():

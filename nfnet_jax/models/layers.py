@@ -331,7 +331,10 @@ class DownsampleAvg(nnx.Module):
 class DropPath(nnx.Module):
     """Stochastic depth per sample, scaled by 1/keep like timm's DropPath(scale_by_keep=True).
 
-    Active only in train mode (`model.train()` sets `deterministic=False`).
+    Active only in train mode, switched as `nnx.Dropout` is: `model.train()` / `model.eval()`,
+    `nnx.view(model, deterministic=False)`, `set_attributes(deterministic=...)`, or the call's
+    `deterministic`. The call's `rngs` (an `nnx.Rngs`, stream or key) take precedence over the
+    stream forked at construction.
     """
 
     def __init__(self, rate: float, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
@@ -339,14 +342,35 @@ class DropPath(nnx.Module):
         self.deterministic = deterministic
         self.rngs = rngs['dropout'].fork() if rngs is not None else nnx.data(None)
 
-    def __call__(self, x: Array) -> Array:
-        if self.deterministic or self.rate == 0.0:
+    def set_view(self, deterministic: bool | None = None) -> None:
+        """What `nnx.view(model, deterministic=...)` calls: a view in train or eval mode."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+    def __call__(
+        self, x: Array, *, deterministic: bool | None = None, rngs: nnx.Rngs | nnx.RngStream | Array | None = None
+    ) -> Array:
+        deterministic = self.deterministic if deterministic is None else deterministic
+        if deterministic or self.rate == 0.0:
             return x
-        if self.rngs is None:
-            raise ValueError('DropPath in train mode needs rngs: build the model with nnx.Rngs(..., dropout=seed)')
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(self._key(rngs), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return x * (mask.astype(x.dtype) / keep)
+
+    def _key(self, rngs: nnx.Rngs | nnx.RngStream | Array | None) -> Array:
+        """The mask's key: from the call's `rngs` ('dropout' stream) if given, else from the layer's own stream."""
+        if isinstance(rngs, nnx.Rngs):
+            return rngs['dropout']()
+        if isinstance(rngs, nnx.RngStream):
+            return rngs()
+        if rngs is not None:
+            return rngs
+        if self.rngs is None:
+            raise ValueError(
+                'DropPath in train mode needs rngs: build the model with nnx.Rngs(..., dropout=seed) '
+                'or call it with rngs=nnx.Rngs(dropout=seed)'
+            )
+        return self.rngs()
 
 
 POOL_TYPES = ('avg', 'max', 'avgmax', 'catavgmax', '')
@@ -429,8 +453,8 @@ class ClassifierHead(nnx.Module):
             self.pool_type = pool_type
         self.fc = self._make_fc(num_classes, rngs)
 
-    def __call__(self, x: Array, pre_logits: bool = False) -> Array:
-        x = self.drop(global_pool(x, self.pool_type))
+    def __call__(self, x: Array, pre_logits: bool = False, *, rngs: nnx.Rngs | None = None) -> Array:
+        x = self.drop(global_pool(x, self.pool_type), rngs=rngs)
         if pre_logits or self.fc is None:
             return x
         return self.fc(x)

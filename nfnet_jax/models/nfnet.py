@@ -156,7 +156,7 @@ class NormFreeBlock(nnx.Module):
         self.drop_path = DropPath(drop_path_rate, rngs=rngs) if drop_path_rate > 0 else None
         self.skipinit_gain = nnx.Param(jnp.zeros((), jnp.float32)) if skipinit else None
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, rngs: nnx.Rngs | None = None) -> Array:
         out = self.act1(x) * self.beta
         shortcut = self.downsample(out) if self.downsample is not None else x
         out = self.conv1(out)
@@ -169,10 +169,17 @@ class NormFreeBlock(nnx.Module):
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
         if self.drop_path is not None:
-            out = self.drop_path(out)
+            out = self.drop_path(out, rngs=rngs)
         if self.skipinit_gain is not None:
             out = out * self.skipinit_gain[...].astype(out.dtype)
         return out * self.alpha + shortcut
+
+
+def as_rngs(rngs: nnx.Rngs | Array | None) -> nnx.Rngs | None:
+    """A call's `rngs` as an `nnx.Rngs`: a bare key seeds its 'dropout' stream, so every layer draws a new key."""
+    if rngs is None or isinstance(rngs, nnx.Rngs):
+        return rngs
+    return nnx.Rngs(dropout=rngs)
 
 
 def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
@@ -187,8 +194,11 @@ class NormFreeNet(nnx.Module):
 
     The public surface mirrors timm's: `forward_features` (unpooled map after the final
     activation), `forward_head(x, pre_logits=False)`, `__call__`, `forward_intermediates`,
-    `reset_classifier` and `feature_info`. A new model is in eval mode; call `model.train()`
-    to enable dropout and stochastic depth.
+    `reset_classifier`, `feature_info` and `set_grad_checkpointing`. A new model is in eval mode;
+    `model.train()` or `nnx.view(model, deterministic=False)` enables dropout and stochastic
+    depth, which draw from the model's own 'dropout' streams or from the call's `rngs`.
+    `grad_checkpointing=True` rematerialises each block's activations in the backward pass
+    (`nnx.remat` per block), trading compute for memory as timm's option does.
     """
 
     def __init__(
@@ -203,6 +213,7 @@ class NormFreeNet(nnx.Module):
         dtype: Dtype = None,
         param_dtype: Dtype = jnp.float32,
         precision: Precision = None,
+        grad_checkpointing: bool = False,
         pretrained_cfg: PretrainedCfg | None = None,
         rngs: nnx.Rngs,
         **cfg_overrides: Any,
@@ -216,6 +227,7 @@ class NormFreeNet(nnx.Module):
         self.in_chans = in_chans
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.grad_checkpointing = grad_checkpointing
         # Every conv and matmul computes at this precision (None: JAX's default; see layers.PRECISIONS).
         self.precision = check_precision(precision)
         gamma = NONLIN_GAMMA[cfg.act_layer]
@@ -344,23 +356,35 @@ class NormFreeNet(nnx.Module):
                 f'expected NHWC input with {self.in_chans} channels in the last axis, got shape {shape}.{hint}'
             )
 
-    def forward_features(self, x: Array) -> Array:
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's method: rematerialise each block in the backward pass (or stop doing so)."""
+        self.grad_checkpointing = enable
+
+    def run_stage(self, stage: Sequence[NormFreeBlock], x: Array, rngs: nnx.Rngs | None) -> Array:
+        """A stage's blocks in turn, each under `nnx.remat` when grad checkpointing is on."""
+        for block in stage:
+            x = nnx.remat(NormFreeBlock.__call__)(block, x, rngs) if self.grad_checkpointing else block(x, rngs)
+        return x
+
+    def forward_features(self, x: Array, *, rngs: nnx.Rngs | Array | None = None) -> Array:
         """The unpooled NHWC feature map after the final conv and activation."""
         self.check_input(x)
+        rngs = as_rngs(rngs)
         x, _ = self.stem(x)
         for stage in self.stages:
-            for block in stage:
-                x = block(x)
+            x = self.run_stage(stage, x, rngs)
         if self.final_conv is not None:
             x = self.final_conv(x)
         return self.final_act(x) if self.final_act is not None else x
 
-    def forward_head(self, x: Array, pre_logits: bool = False) -> Array:
+    def forward_head(self, x: Array, pre_logits: bool = False, *, rngs: nnx.Rngs | Array | None = None) -> Array:
         """Pool, drop out and classify a feature map; `pre_logits=True` stops before the fc."""
-        return self.head(x, pre_logits=pre_logits)
+        return self.head(x, pre_logits=pre_logits, rngs=as_rngs(rngs))
 
-    def __call__(self, x: Array) -> Array:
-        return self.forward_head(self.forward_features(x))
+    def __call__(self, x: Array, *, rngs: nnx.Rngs | Array | None = None) -> Array:
+        """Logits; in train mode, dropout and drop path draw from `rngs` (an `nnx.Rngs` or a key) when given."""
+        rngs = as_rngs(rngs)
+        return self.forward_head(self.forward_features(x, rngs=rngs), rngs=rngs)
 
     def forward_intermediates(
         self,
@@ -368,6 +392,8 @@ class NormFreeNet(nnx.Module):
         indices: int | Sequence[int] | None = None,
         stop_early: bool = False,
         intermediates_only: bool = False,
+        *,
+        rngs: nnx.Rngs | Array | None = None,
     ) -> list[Array] | tuple[Array, list[Array]]:
         """The features at timm's taps (stem, then each stage; the last after final_conv, before final_act).
 
@@ -376,13 +402,13 @@ class NormFreeNet(nnx.Module):
         intermediates; `stop_early` skips the stages after the last tap taken.
         """
         self.check_input(x)
+        rngs = as_rngs(rngs)
         take, max_index = feature_take_indices(len(self.stages) + 1, indices)
         x, stem_feature = self.stem(x)
         taps = [stem_feature]
         stages = self.stages[:max_index] if stop_early or intermediates_only else self.stages
         for stage in stages:
-            for block in stage:
-                x = block(x)
+            x = self.run_stage(stage, x, rngs)
             taps.append(x)
         ran_all_stages = len(stages) == len(self.stages)
         if ran_all_stages and self.final_conv is not None:
@@ -445,6 +471,23 @@ def abstract_model(cfg: NfCfg, **model_kwargs: Any) -> NormFreeNet:
         return NormFreeNet(cfg, rngs=rngs, **model_kwargs)
 
     return nnx.eval_shape(build)
+
+
+def init_model(cfg: NfCfg, *, rngs: nnx.Rngs, **model_kwargs: Any) -> NormFreeNet:
+    """A randomly initialised model, built by one compiled program instead of one per parameter shape.
+
+    It draws one key from each of `rngs`' 'params' and 'dropout' streams, so the same `rngs` give
+    the same model on a backend. The weights come from XLA's RngBitGenerator ('rbg' keys): one op
+    per draw, far cheaper to compile than threefry's hash unrolled for every parameter; its bits
+    may differ between backends (CPU and GPU inits of one seed differ).
+    """
+    graphdef = nnx.graphdef(abstract_model(cfg, **model_kwargs))
+
+    def init(params_key: Array, dropout_key: Array) -> nnx.State:
+        rbg_key = jax.random.wrap_key_data(jax.random.key_data(jax.random.split(params_key)).ravel(), impl='rbg')
+        return nnx.state(NormFreeNet(cfg, rngs=nnx.Rngs(params=rbg_key, dropout=dropout_key), **model_kwargs))
+
+    return nnx.merge(graphdef, jax.jit(init)(rngs['params'](), rngs['dropout']()))
 
 
 def find_nfnets(module: nnx.Module) -> dict[str, NormFreeNet]:
