@@ -36,7 +36,7 @@ from PIL import Image
 from nfnet_jax import finetune
 from nfnet_jax.data import create_transform, loaders
 from nfnet_jax.train import FinetuneConfig, train_and_evaluate
-from nfnet_jax.weights import read_checkpoint
+from nfnet_jax.weights import CheckpointError, read_checkpoint
 
 NAMES = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 PER_CLASS = 60
@@ -265,6 +265,14 @@ def test_train_and_evaluate_from_python_returns_the_runs_last_evaluation(digits,
             'Mixup and CutMix need an even --batch-size',
         ),
         (['--model', 'nfnet_x9'], {'model': 'nfnet_x9'}, "unknown model 'nfnet_x9'"),
+        (['--scale', '1.0', '0.0'], {'scale': (1.0, 0.0)}, '--scale 1.0 0.0: the crop area range needs 0 < low'),
+        (['--scale', '0.5', '1.5'], {'scale': (0.5, 1.5)}, '--scale 0.5 1.5: the crop area range needs 0 < low'),
+        (['--ratio', '2', '1'], {'ratio': (2.0, 1.0)}, '--ratio 2.0 1.0: the aspect ratio range needs 0 < low'),
+        (['--smoothing', '1.5'], {'smoothing': 1.5}, '--smoothing 1.5 must be in [0, 1)'),
+        (['--hflip', '2'], {'hflip': 2.0}, '--hflip 2.0 must be in [0, 1]'),
+        (['--reprob', '-0.1'], {'reprob': -0.1}, '--reprob -0.1 must be in [0, 1]'),
+        (['--lr', 'nan'], {'lr': float('nan')}, '--lr must be a finite number, got nan'),
+        (['--weight-decay', '-1'], {'weight_decay': -1.0}, '--weight-decay -1.0 must not be negative'),
     ],
 )
 def test_the_command_and_the_config_refuse_a_bad_config_alike(digits, tmp_path, capsys, flags, fields, message):
@@ -421,3 +429,194 @@ def test_the_loop_loads_the_next_batches_while_a_step_runs(digits, tmp_path, mon
         assert at['launch', k + 1] < at['read metrics', k], events  # metrics read one step late
     assert [r['step'] for r in run.metrics.records] == list(range(1, count + 1))
     assert [r['lr'] for r in run.metrics.records] == [float(run.schedule(k)) for k in range(count)]
+
+
+def test_a_lock_held_on_the_output_refuses_a_second_run_naming_its_holder(digits, tmp_path):
+    """Two runs on one --output: the second finds the first's lock and names it, before any model is built."""
+    import socket
+
+    from nfnet_jax.files import hold_lock
+    from nfnet_jax.train.loop import LOCK_PREFIX
+
+    config = FinetuneConfig(data=digits, model='test_nfnet', val_split=0.2, epochs=1, warmup_epochs=0, image_size=32)
+    run = tmp_path / 'run'
+    run.mkdir()
+    with hold_lock(run / f'{LOCK_PREFIX}0', 'finetune run'), pytest.raises(FileExistsError) as refused:
+        train_and_evaluate(config, run, workers=0)
+    assert f'another finetune run (process {os.getpid()} on {socket.gethostname()}) holds' in str(refused.value)
+    assert list(run.iterdir()) == []  # nothing written, and the holder's lock gone with it
+
+
+def test_resume_reads_a_run_folder_however_its_data_folder_is_named(digits, tmp_path, monkeypatch):
+    """settings.json keeps the data folder absolute: --data given relative, then absolute, is one run."""
+    from nfnet_jax.train import loop
+
+    monkeypatch.chdir(digits.parent)
+    relative = FinetuneConfig(data=digits.name, model='test_nfnet', val_split=0.2, epochs=1, warmup_epochs=0)
+    train, val = loop.read_data(relative)
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / loop.SETTINGS).write_text(json.dumps(loop.settings_of(relative, train, val)))
+    absolute = dataclasses.replace(relative, data=digits)
+    loop.check_workdir(run, loop.settings_of(absolute, train, val), resume=True)  # no difference
+    other = dataclasses.replace(relative, data=digits / 'one')
+    with pytest.raises(ValueError, match='--data was'):
+        loop.check_workdir(run, loop.settings_of(other, train, val), resume=True)
+
+
+def test_a_metrics_line_that_is_no_record_is_named_by_resume(tmp_path):
+    from nfnet_jax.train.loop import Metrics
+
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "train", "loss": 1.0}\n{"kind": "tr')
+    with pytest.raises(CheckpointError, match=r'metrics.jsonl line 2 is not a record of the run \(no "step"'):
+        Metrics.read(path, 10)
+    path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "tr')  # a last line cut by a kill: dropped
+    assert Metrics.read(path, 10) == [{'kind': 'train', 'step': 1, 'loss': 2.0}]
+
+
+def test_metrics_lines_are_strict_json_with_null_for_a_non_finite_loss(tmp_path):
+    from nfnet_jax.train.loop import Metrics
+
+    metrics = Metrics(tmp_path / 'metrics.jsonl', [], leader=True)
+    metrics.write({'kind': 'eval', 'step': 3, 'model': {'loss': float('nan'), 'top1': 0.1}, 'lr': float('inf')})
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f'{token} is not JSON')
+
+    [line] = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+    assert json.loads(line, parse_constant=refuse) == {
+        'kind': 'eval',
+        'step': 3,
+        'model': {'loss': None, 'top1': 0.1},
+        'lr': None,
+    }
+
+
+def test_classes_of_one_image_each_say_that_the_split_holds_out_nothing(tmp_path):
+    from nfnet_jax.train import loop
+
+    for name in ('a', 'b', 'c'):
+        (tmp_path / name).mkdir()
+        Image.new('RGB', (8, 8)).save(tmp_path / name / 'only.png')
+    config = FinetuneConfig(data=tmp_path, model='test_nfnet', epochs=1, warmup_epochs=0)
+    with pytest.raises(
+        ValueError, match=r'--val-split 0.1 holds out no image of --data .*give validation images with --val'
+    ):
+        loop.read_data(config)
+
+
+def tiny_config(data: Path, **fields: Any) -> FinetuneConfig:
+    """A run of 5 steps of 16 per epoch on `write_digits(per_class=10)`."""
+    settings = dict(data=data, model='test_nfnet', val_split=0.2, epochs=2, batch_size=16, image_size=32, opt='adamw')
+    return FinetuneConfig(**settings | dict(lr=0.003, warmup_epochs=0, hflip=0, color_jitter=0, seed=3) | fields)
+
+
+def strict_records(run: Path) -> list[dict]:
+    """metrics.jsonl read as strict JSON: NaN or Infinity tokens fail."""
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f'{token} is not JSON')
+
+    return [json.loads(line, parse_constant=refuse) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_and_saves_no_weights(tmp_path):
+    from nfnet_jax.train.loop import Diverged
+
+    run = tmp_path / 'run'
+    with pytest.raises(
+        Diverged, match=r'training diverged at step \d: the training loss is -?(nan|inf); no weights were'
+    ):
+        train_and_evaluate(tiny_config(write_digits(tmp_path / 'digits', 10), lr=1e30), run, workers=0)
+    last = strict_records(run)[-1]
+    assert last['kind'] == 'train' and last['loss'] is None and last['step'] < 5
+    assert not (run / 'best.safetensors').exists() and not list((run / 'checkpoints').iterdir())
+
+
+@pytest.mark.slow
+def test_a_run_whose_validation_loss_turns_non_finite_stops_and_keeps_the_last_finite_best(tmp_path, monkeypatch):
+    from nfnet_jax.train import loop
+
+    evaluations = []
+
+    def evaluate(*args: Any) -> dict[str, Any]:
+        result = real_evaluate(*args)
+        evaluations.append(result)
+        if len(evaluations) == 2:
+            result['ema']['loss'] = float('inf')  # as weights gone non-finite give
+        return result
+
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, 'evaluate', evaluate)
+    run = tmp_path / 'run'
+    with pytest.raises(loop.Diverged, match=r'step 10: the validation loss is [\d.]+ \(model\), inf \(ema\); .*keeps'):
+        train_and_evaluate(tiny_config(write_digits(tmp_path / 'digits', 10)), run, workers=0)
+    evals = [r for r in strict_records(run) if r['kind'] == 'eval']
+    assert [(r['step'], r['best'], r['ema']['loss']) for r in evals][1] == (10, False, None)
+    params, metadata = read_checkpoint(run / 'best.safetensors')
+    assert json.loads(metadata['finetune'])['step'] == 5
+    assert all(np.isfinite(value).all() for value in params.values())
+    assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['5']  # no checkpoint of the diverged state
+
+
+def test_best_weights_that_are_not_finite_are_never_written(digits, tmp_path):
+    from flax import nnx
+
+    from nfnet_jax.train import loop
+
+    config = tiny_config(digits, epochs=1)
+    run = loop.Finetuning(config, tmp_path, *loop.read_data(config), fresh=True)
+    run.best = 0.5
+    model = run.state.model
+    nnx.update(model, jax.tree.map(lambda x: x * np.nan, nnx.state(model, nnx.Param)))
+    with pytest.raises(loop.Diverged, match='the model weights are not finite; .* keeps the best finite weights'):
+        run.save_best(model, 'model', 5, 0, 0.6)
+    assert not (tmp_path / 'best.safetensors').exists()
+
+
+FAILING_SAVE = """
+import sys
+from nfnet_jax import finetune
+from nfnet_jax.train import checkpoint
+
+saves = []
+real = checkpoint.state_checksums
+
+
+def second_save_fails(state):  # its run record cannot be written: the save fails in orbax's threads
+    saves.append(state)
+    return real(state) if len(saves) == 1 else {'unwritable': object()}
+
+
+checkpoint.state_checksums = second_save_fails
+sys.exit(finetune.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_checkpoint_save_ends_the_run_in_one_line(tmp_path):
+    """The second epoch's save fails in orbax's background threads: the run ends (no hang) with exit 2 and one
+    line naming the step, and no temporary checkpoint folder is left."""
+    data = write_digits(tmp_path / 'digits', per_class=10)
+    run = tmp_path / 'run'
+    args = ['--data', str(data), '--output', str(run), *ARGS, '--batch-size', '16', '--warmup-epochs', '0']
+    result = subprocess.run(
+        [sys.executable, '-c', FAILING_SAVE, *args],
+        env=child_env(1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr and 'ERROR:absl' not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert errors == [
+        f'error: could not save checkpoint step 10 in {run / "checkpoints"} (Object of type object is not JSON '
+        'serializable); nothing half-written was kept: free space there (or make it writable), then resume from '
+        'the last finished checkpoint'
+    ]
+    assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['5']
+    assert not list(run.glob('.lock-*'))  # the lock went with the run

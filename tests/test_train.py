@@ -400,6 +400,28 @@ def test_a_corrupt_checkpoint_gives_a_clear_error(saved_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_failed_save_raises_one_error_and_leaves_no_temporary_folder(saved_run, tmp_path, trained, monkeypatch):
+    """A save that fails in orbax's background threads (here its run record cannot be written, as a full disk
+    fails a write): `wait` raises one CheckpointSaveError naming the step, the temporary folder is removed, every
+    later call says the same, and closing does not wait on the failed save."""
+    from nfnet_jax.train import checkpoint
+
+    run = tmp_path / 'run'
+    shutil.copytree(saved_run, run)
+    state = make_state(seed=4)
+    for seed in range(3):  # step 3: after the saved step 2
+        train_step(state, *batch(seed), label_smoothing=0.1)
+    monkeypatch.setattr(checkpoint, 'state_checksums', lambda state: {'unwritable': object()})
+    with TrainCheckpointer(run) as checkpointer:
+        with pytest.raises(checkpoint.CheckpointSaveError) as failed:
+            checkpointer.save(state)
+            checkpointer.wait()
+        assert str(failed.value).startswith(f'could not save checkpoint step 3 in {run} (Object of type object')
+        with pytest.raises(checkpoint.CheckpointSaveError):
+            checkpointer.save(state)
+    assert sorted(p.name for p in run.iterdir()) == ['2']  # no 3.orbax-checkpoint-tmp
+
+
 _RESTORE_DAMAGED = """
 import sys
 from pathlib import Path

@@ -10,14 +10,22 @@ with a list of what differs, before anything is read into the run. The record al
 SHA-256 of every array (`checksums`), checked after a restore and before the state changes: a
 step whose files changed after they were written is refused, naming the arrays. Steps saved
 without checksums restore unchecked. Restoring never writes to the checkpoint directory.
+
+A save that fails (a full disk, a folder made read-only) raises `CheckpointSaveError`, one line
+naming the step and the cause, from `save` or `wait`; its temporary directory is removed, and
+orbax's own reports of the failure (a traceback per thread and per array) are not printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from nfnet_jax.files import OutputError
 from nfnet_jax.models.nfnet import NormFreeNet, find_nfnets
 from nfnet_jax.train.state import TrainState
 from nfnet_jax.weights.file import array_sha256
@@ -34,6 +43,7 @@ from nfnet_jax.weights.params import CheckpointError, check_shapes, dotted_path,
 FORMAT = 'nfnet_jax.train'
 _STATE, _RUN = 'state', 'run'
 _NFNET_KEYS = ('architecture', 'num_classes', 'in_chans', 'global_pool')
+SETTLE_S = 60  # how long a failed save's other writes may take to end before its files are removed
 
 
 def describe_nfnet(model: NormFreeNet) -> dict[str, Any]:
@@ -111,13 +121,23 @@ def _is_orphan_read_error(record: logging.LogRecord) -> bool:
     )
 
 
-def _quiet_failed_restore_noise() -> None:
-    """Keep a failed orbax restore to its one clear CheckpointError (installed once, process-wide).
+def _is_orbax_error_report(record: logging.LogRecord) -> bool:
+    """orbax's own error log of a failed save or restore, which reaches the caller as an exception anyway."""
+    return record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname
 
-    When one array of a damaged step fails, orbax closes its event loop while the other reads are
-    still running. Each then reports, as an unraisable exception, that the loop is closed, and
-    asyncio logs every failed read nobody waits for: one traceback per array, thousands for a big
-    state. Only those two reports are dropped; every other goes where it went.
+
+class CheckpointSaveError(OutputError):
+    """A checkpoint could not be written (disk full, no permission): said in one line, nothing half-written left."""
+
+
+def _quiet_failed_io_noise() -> None:
+    """Keep a failed orbax save or restore to its one clear error (installed once, process-wide).
+
+    When one array fails, orbax closes its event loop while the other reads or writes are still
+    running. Each then reports, as an unraisable exception, that the loop is closed, asyncio logs
+    every failed read nobody waits for, and orbax logs the failure from each of its threads: one
+    traceback per array, thousands for a big state. Only those reports are dropped; every other
+    goes where it went.
     """
     previous = sys.unraisablehook
     if getattr(previous, '_nfnet_jax_quiet', False):
@@ -132,6 +152,7 @@ def _quiet_failed_restore_noise() -> None:
     hook._nfnet_jax_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
     logging.getLogger('asyncio').addFilter(lambda record: not _is_orphan_read_error(record))
+    logging.getLogger('absl').addFilter(lambda record: not _is_orbax_error_report(record))
 
 
 class TrainCheckpointer:
@@ -150,6 +171,10 @@ class TrainCheckpointer:
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(_STATE, _RUN))
+        self._saving: int | None = None  # the step of the last save started
+        self._threads = set(threading.enumerate())  # those before orbax's: a failed save waits for orbax's to end
+        self._failure: CheckpointSaveError | None = None  # once a save failed, every later call says so
+        _quiet_failed_io_noise()
 
     def steps(self) -> list[int]:
         """The finished checkpoints, oldest first (unfinished saves are not steps)."""
@@ -175,8 +200,30 @@ class TrainCheckpointer:
                 _RUN: ocp.args.JsonSave(describe_run(state) | {'checksums': state_checksums(state)}),
             }
         )
-        self._manager.save(step, args=args)
+        self._saving = step
+        try:
+            self._manager.save(step, args=args)
+        except Exception as err:  # orbax and tensorstore raise many types for a write that fails
+            self._fail(err)
         return step
+
+    def _fail(self, err: Exception) -> None:
+        """Remove what the failed save of step `self._saving` left, and raise its one-line error."""
+        if self._failure is None:
+            with contextlib.suppress(Exception):  # its other threads stop once they see the failure
+                self._manager.close()
+            deadline = time.monotonic() + SETTLE_S
+            for thread in set(threading.enumerate()) - self._threads:
+                if not thread.daemon and thread is not threading.current_thread():
+                    thread.join(max(deadline - time.monotonic(), 0))
+            for partial in self.directory.glob(f'{self._saving}.orbax-checkpoint-tmp*'):
+                shutil.rmtree(partial, ignore_errors=True)
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self._failure = CheckpointSaveError(
+                f'could not save checkpoint step {self._saving} in {self.directory} ({cause}); nothing half-written '
+                'was kept: free space there (or make it writable), then resume from the last finished checkpoint'
+            )
+        raise self._failure from None
 
     def read_run(self, step: int) -> dict[str, Any]:
         """The JSON record of a saved step, with a clear error if it is missing or unreadable."""
@@ -225,7 +272,6 @@ class TrainCheckpointer:
             raise CheckpointError(f'no finished checkpoint for step {step} in {self.directory}; it has {self.steps()}')
         self.check_compatible(state, step)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(state))
-        _quiet_failed_restore_noise()
         try:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
@@ -254,11 +300,18 @@ class TrainCheckpointer:
             )
 
     def wait(self) -> None:
-        """Block until every save started so far is finished."""
-        self._manager.wait_until_finished()
+        """Block until every save started so far is finished; raise `CheckpointSaveError` if one failed."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # the failure of a background save, as orbax re-raises it
+            self._fail(err)
 
     def close(self) -> None:
-        self._manager.close()
+        """Wait for the saves started, and release orbax's threads; after a failed save, only release them."""
+        if self._failure is None:
+            self._manager.close()
 
     def __enter__(self) -> TrainCheckpointer:
         return self

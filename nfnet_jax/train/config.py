@@ -10,6 +10,7 @@ input workers, the CPU memory and multi-host settings) is not part of it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ class FinetuneConfig:
         """Raise a ValueError naming the flag for a value that cannot run, whatever the data and the machine."""
         for name in ('epochs', 'batch_size', 'lr_base_size', 'recount'):
             if getattr(self, name) <= 0:
-                raise ValueError(f'--{name.replace("_", "-")} must be positive')
+                raise ValueError(f'--{_flag(name)} must be positive')
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError('--image-size must be positive')
         if self.opt not in OPTIMIZERS:
@@ -90,6 +91,7 @@ class FinetuneConfig:
         for name in ('scale', 'ratio'):
             if len(getattr(self, name)) != 2:
                 raise ValueError(f'--{name} takes two numbers, got {list(getattr(self, name))}')
+        self.check_ranges()
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError('Mixup and CutMix need an even --batch-size')
         if self.val is not None and self.val_split is not None:
@@ -103,7 +105,40 @@ class FinetuneConfig:
         if self.pretrained and (self.model is None or '.' in self.model):
             raise ValueError('--pretrained goes with --model NAME (a NAME.TAG is pretrained already)')
 
+    def check_ranges(self) -> None:
+        """Every number within the range that can run: checked here, before a run folder is written, rather
+        than by the first batch or step that trips over it."""
+        numbers = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in numbers.items():
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f'--{_flag(name)} must be a finite number, got {value}')
+        (low, high), (ratio_low, ratio_high) = self.scale, self.ratio
+        if not 0 < low <= high <= 1:
+            raise ValueError(f'--scale {low} {high}: the crop area range needs 0 < low <= high <= 1')
+        if not 0 < ratio_low <= ratio_high:
+            raise ValueError(f'--ratio {ratio_low} {ratio_high}: the aspect ratio range needs 0 < low <= high')
+        if not 0 <= self.smoothing < 1:
+            raise ValueError(f'--smoothing {self.smoothing} must be in [0, 1)')
+        for name in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'drop', 'drop_path', 'momentum'):
+            value = numbers[name]
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f'--{_flag(name)} {value} must be in [0, 1]')
+        if self.val_split is not None and not 0 < self.val_split < 1:
+            raise ValueError(f'--val-split {self.val_split} must be between 0 and 1 (a fraction of each class)')
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f'--ema-decay {self.ema_decay} must be in [0, 1) (0: no EMA)')
+        for name in ('lr', 'lr_base', 'weight_decay', 'clip_grad', 'color_jitter', 'mixup', 'cutmix'):
+            value = numbers[name]
+            if value is not None and value < 0:
+                raise ValueError(f'--{_flag(name)} {value} must not be negative')
+
     def flags(self) -> dict[str, Any]:
         """The fields as JSON values (paths as strings, pairs as lists), in the command's flag order."""
         values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _flag(name: str) -> str:
+    """A field's flag name: `batch_size` -> `batch-size`."""
+    return name.replace('_', '-')

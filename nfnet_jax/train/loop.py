@@ -12,9 +12,12 @@ gets:
     checkpoints/<step>    the whole training state (orbax), one per epoch
     data_position/<step>.json   where the input pipeline stands at that step
     best.safetensors      the best weights so far (model or EMA), with the class names
+    .lock-process-<i>     held by process i while the run works in it: a second run on the folder is refused
 
 `resume=True` continues from the last checkpoint and sees exactly the batches an uninterrupted run
-would have seen.
+would have seen. A run whose loss or weights become non-finite stops with `Diverged` (a ValueError):
+best.safetensors keeps the last finite best, and metrics.jsonl, strict JSON, has null for the
+non-finite numbers.
 
 Multi-host: every process calls `train_and_evaluate`. Process 0 alone reads the run directory and
 decides (whether to resume, from which checkpoint step, the input position and the evaluations so
@@ -45,7 +48,7 @@ from nfnet_jax import parallel
 from nfnet_jax.data import create_transform, loaders, resolve_model_data_config
 from nfnet_jax.data.device import device_stage
 from nfnet_jax.factory import create_model
-from nfnet_jax.files import atomic_write
+from nfnet_jax.files import atomic_write, hold_lock
 from nfnet_jax.models.nfnet import NormFreeNet
 from nfnet_jax.models.pretrained import resolve_name
 from nfnet_jax.parallel.train import ShardedTrainer
@@ -60,6 +63,8 @@ from nfnet_jax.weights import CheckpointError, read_checkpoint_metadata, save_ch
 from nfnet_jax.weights.params import flat_state
 
 SETTINGS, METRICS, PLOT, BEST = 'settings.json', 'metrics.jsonl', 'curves.png', 'best.safetensors'
+LOCK_PREFIX = '.lock-process-'  # held by each process of a run while it works in the run folder
+PATH_FLAGS = ('data', 'val', 'checkpoint')  # stored absolute: a resume may name them from another folder
 WORKERS = 4  # grain processes decoding and augmenting, by default
 
 
@@ -80,12 +85,16 @@ def train_and_evaluate(
     settings = settings_of(config, train, val)
     start = parallel.leader_decides(lambda: open_run(workdir, settings, resume))
     check_one_run_folder(workdir)
-    run = Finetuning(config, workdir, train, val, fresh=start is not None)
-    if run.leader:
-        workdir.mkdir(parents=True, exist_ok=True)
-        if not resume or not (workdir / SETTINGS).is_file():
+    workdir.mkdir(parents=True, exist_ok=True)
+    with hold_lock(workdir / f'{LOCK_PREFIX}{jax.process_index()}', 'finetune run'):
+        run = Finetuning(config, workdir, train, val, fresh=start is not None)
+        if run.leader and (not resume or not (workdir / SETTINGS).is_file()):
             atomic_write(workdir / SETTINGS, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)), True)
-    return run.train(resume, start, workers)
+        return run.train(resume, start, workers)
+
+
+class Diverged(ValueError):
+    """The loss or the weights became non-finite: the run stops, and nothing non-finite is kept as the best."""
 
 
 def open_run(workdir: Path, settings: dict[str, Any], resume: bool) -> int | None:
@@ -133,7 +142,13 @@ def read_data(config: FinetuneConfig) -> tuple[loaders.Samples, loaders.Samples]
     if config.val is not None:
         val = loaders.read_samples(config.val, class_names=train.class_names)
     else:
-        train, val = loaders.split(train, 0.1 if config.val_split is None else config.val_split, config.seed)
+        fraction = 0.1 if config.val_split is None else config.val_split
+        train, val = loaders.split(train, fraction, config.seed)
+        if len(val) == 0:
+            raise ValueError(
+                f'--val-split {fraction} holds out no image of --data {config.data}: no class has two images to '
+                'split; give validation images with --val'
+            )
     loaders.check_samples(train, f'--data {config.data}')
     loaders.check_samples(val, 'the validation images', min_classes=1)
     return train, val
@@ -142,14 +157,16 @@ def read_data(config: FinetuneConfig) -> tuple[loaders.Samples, loaders.Samples]
 def settings_of(config: FinetuneConfig, train: loaders.Samples, val: loaders.Samples) -> dict[str, Any]:
     """settings.json: the config, the data and the devices."""
     data = {'train_images': len(train), 'val_images': len(val), 'class_names': list(train.class_names)}
-    return {'flags': config.flags(), 'data': data, 'processes': jax.process_count(), 'devices': jax.device_count()}
+    flags = config.flags()
+    flags |= {key: str(Path(flags[key]).absolute()) for key in PATH_FLAGS if flags[key] is not None}
+    return {'flags': flags, 'data': data, 'processes': jax.process_count(), 'devices': jax.device_count()}
 
 
 def check_workdir(workdir: Path, settings: dict[str, Any], resume: bool) -> None:
     """Refuse to start over another run, and to resume a run with other settings (naming each difference)."""
     if workdir.exists() and not workdir.is_dir():
         raise FileExistsError(f'--output {workdir} is a file; the run needs a directory')
-    occupied = workdir.is_dir() and any(workdir.iterdir())
+    occupied = workdir.is_dir() and any(not p.name.startswith(LOCK_PREFIX) for p in workdir.iterdir())
     if not resume:
         if occupied:
             raise FileExistsError(
@@ -163,6 +180,8 @@ def check_workdir(workdir: Path, settings: dict[str, Any], resume: bool) -> None
     differences = []
     for key in sorted(set(saved['flags']) | set(settings['flags'])):
         before, now = saved['flags'].get(key), settings['flags'].get(key)
+        if key in PATH_FLAGS and before is not None and now is not None:
+            before, now = (str(Path(path).resolve()) for path in (before, now))  # one folder, however named
         if before != now:
             differences.append(f'--{key.replace("_", "-")} was {before}, now {now}')
     for key, value in settings['data'].items():
@@ -209,7 +228,7 @@ class Metrics:
         self.path, self.leader = path, leader
         self.records = list(records)
         if leader:
-            text = ''.join(json.dumps(r) + '\n' for r in self.records)
+            text = ''.join(json_line(r) for r in self.records)
             atomic_write(path, lambda tmp: Path(tmp).write_text(text), force=True)
             self.file = open(path, 'a')  # noqa: SIM115 (kept open for the run)
 
@@ -217,11 +236,16 @@ class Metrics:
     def read(path: Path, up_to_step: int) -> list[dict[str, Any]]:
         """The records of a run's metrics.jsonl up to `up_to_step` (a resumed run drops what came after)."""
         records = []
-        for line in path.read_text().splitlines() if path.is_file() else []:
+        for number, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
+            if not isinstance(record, dict) or not isinstance(record.get('step'), int) or 'kind' not in record:
+                raise CheckpointError(
+                    f'--resume: {path} line {number} is not a record of the run (no "step" and "kind"): '
+                    'delete that line, or restore the file, and resume again'
+                )
             if record['step'] <= up_to_step:
                 records.append(record)
         return records
@@ -229,7 +253,7 @@ class Metrics:
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         if self.leader:
-            self.file.write(json.dumps(record) + '\n')
+            self.file.write(json_line(record))
             self.file.flush()
 
     def evaluations(self) -> list[dict[str, Any]]:
@@ -237,6 +261,21 @@ class Metrics:
 
     def best(self) -> float:
         return max((max(r['model']['top1'], r['ema']['top1']) for r in self.evaluations()), default=-1.0)
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """A record as one line of strict JSON: a non-finite number (a diverged loss) is written as null."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(record), allow_nan=False) + '\n'
 
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> str | None:
@@ -480,6 +519,9 @@ class Finetuning:
             values['lr'] = float(self.learning_rates[step - 1])
             metrics.write({'kind': 'train', 'step': step, 'epoch': (step - 1) // self.steps_per_epoch} | values)
             bar.set_postfix(epoch=(step - 1) // self.steps_per_epoch, loss=f'{values["loss"]:.3f}')
+            if not math.isfinite(values['loss']):
+                bar.close()
+                raise self.diverged(step, f'the training loss is {values["loss"]}')
 
         on_devices = parallel.prefetch_to_device(
             ((batch.step, batch.skipped, (batch.images, batch.labels)) for batch in batches), self.mesh
@@ -514,10 +556,15 @@ class Finetuning:
         state.model.train()
         epoch = step // self.steps_per_epoch - 1
         which = max(('model', 'ema'), key=lambda name: result[name]['top1'])
-        improved = result[which]['top1'] > self.best
+        losses = {name: result[name]['loss'] for name in models}
+        finite = all(math.isfinite(loss) for loss in losses.values())
+        improved = finite and result[which]['top1'] > self.best
         record = {'kind': 'eval', 'step': step, 'epoch': epoch, 'model': result['model'], 'ema': result['ema']}
         record |= {'skipped': len(result['skipped']), 'best': improved}
         self.metrics.write(record)
+        if not finite:
+            bar.close()
+            raise self.diverged(step, 'the validation loss is ' + ', '.join(f'{v} ({k})' for k, v in losses.items()))
         if leader:
             bar.write(
                 f'epoch {epoch}: validation top-1 {result["model"]["top1"]:.4f} (EMA {result["ema"]["top1"]:.4f}), '
@@ -528,8 +575,8 @@ class Finetuning:
             for name in result['skipped']:
                 bar.write(f'warning: {name}: not a readable image, left out of the validation', file=sys.stderr)
         if improved:
+            self.save_best(models[which], which, step, epoch, result[which]['top1'])
             self.best = result[which]['top1']
-            self.save_best(models[which], which, step, epoch)
         if leader:
             position = json.dumps(self.loader.position(step))
             atomic_write(out / 'data_position' / f'{step}.json', lambda tmp: Path(tmp).write_text(position), True)
@@ -537,9 +584,24 @@ class Finetuning:
         if step not in self.checkpointer.steps():
             self.checkpointer.save(state)
 
-    def save_best(self, weights: nnx.Module, which: str, step: int, epoch: int) -> None:
-        """best.safetensors: `weights` (the model or its EMA) with the class names, size and score."""
+    def diverged(self, step: int, what: str) -> Diverged:
+        """The error that stops a run whose loss or weights became non-finite at `step`."""
+        kept = (
+            f'{self.workdir / BEST} keeps the best finite weights so far (top-1 {self.best:.4f})'
+            if self.best >= 0
+            else 'no weights were saved'
+        )
+        return Diverged(
+            f'training diverged at step {step}: {what}; {kept}. Start again in a new --output with a lower --lr '
+            f'(the peak was {self.lr:.3g})'
+        )
+
+    def save_best(self, weights: nnx.Module, which: str, step: int, epoch: int, top1: float) -> None:
+        """best.safetensors: `weights` (the model or its EMA) with the class names, size and validation top-1;
+        never weights that are not finite."""
         params = gathered_params(weights)  # every process takes part in the gather
+        if not all(np.isfinite(value).all() for value in params.values()):
+            raise self.diverged(step, f'the {which} weights are not finite')
         if not self.leader:
             return
         model = self.state.model
@@ -547,7 +609,7 @@ class Finetuning:
             'class_names': json.dumps(list(self.val_samples.class_names)),
             'model_name': model.pretrained_cfg.name if model.pretrained_cfg is not None else '',
             'input_size': json.dumps([model.in_chans, *self.val_loader.transform.img_size]),
-            'finetune': json.dumps({'step': step, 'epoch': epoch, 'weights': which, 'top1': self.best}),
+            'finetune': json.dumps({'step': step, 'epoch': epoch, 'weights': which, 'top1': top1}),
         }
         save_checkpoint(
             self.workdir / BEST,
