@@ -144,12 +144,12 @@ def read_data(config: FinetuneConfig) -> tuple[loaders.Samples, loaders.Samples]
     else:
         fraction = 0.1 if config.val_split is None else config.val_split
         train, val = loaders.split(train, fraction, config.seed)
-        if len(val) == 0:
-            raise ValueError(
-                f'--val-split {fraction} holds out no image of --data {config.data}: no class has two images to '
-                'split; give validation images with --val'
-            )
     loaders.check_samples(train, f'--data {config.data}')
+    if config.val is None and len(val) == 0:
+        raise ValueError(
+            f'--val-split {fraction} holds out no image of --data {config.data}: no class has two images to split; '
+            'give validation images with --val'
+        )
     loaders.check_samples(val, 'the validation images', min_classes=1)
     return train, val
 
