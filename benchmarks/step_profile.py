@@ -3,7 +3,7 @@
     python -m benchmarks.step_profile [--model dm_nfnet_f0] [--batch 8] [--size 160] [--dtype float32|bfloat16]
                                       [--steps 3] [--top 25] [--markdown F] [--force] [--no-keep-cpu-memory]
 
-The step is the library's (`nfnet_jax.train.step.step_caches`), run as `benchmarks.train_step`
+The step is the library's (`nfnet_jax.train.step.train_steps`), run as `benchmarks.train_step`
 runs it: on CPU with the CPU backend and its memory settings on when the benchmark is the
 process. It is compiled ahead of time, so the trace's thunk names are the instructions of that
 compiled program: each is shown with its shape and the JAX operation it came from. Two tables:
@@ -114,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     from nfnet_jax import cpu
     from nfnet_jax.files import atomic_write
     from nfnet_jax.train import TrainState, nfnet_optimizer
-    from nfnet_jax.train.step import step_caches
+    from nfnet_jax.train.step import train_steps
 
     model = nfnet_jax.create_model(args.model, dtype=jnp.dtype(args.dtype))
-    kept, step = step_caches(cpu.enabled(), 0.1)[0](TrainState(model, nfnet_optimizer(0.1)))  # the library's step
+    kept, step = train_steps(cpu.enabled(), 0.1)(TrainState(model, nfnet_optimizer(0.1)))  # the library's step
     arrays = kept.arrays()
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((args.batch, args.size, args.size, 3), np.float32))

@@ -47,18 +47,24 @@ class SplitModule:
         self.graphdef, state = nnx.split(module)
         self.variables: list[nnx.Variable] = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.treedef = jax.tree.structure(state)
+        arrays = self.arrays()
+        if not all(getattr(array, 'committed', True) for array in arrays):
+            # A fresh model's arrays are not committed to their device, a jitted step's outputs are: the
+            # second step would compile a second program. Committed here, once, both steps run one.
+            self.update(jax.device_put(arrays, [array.sharding for array in arrays]))
+        graph = list(nnx.iter_graph(module))
         # The root is kept as None (`unchanged` is given it), so that a cache can hold the module weakly.
-        nodes = {path: value if path else None for path, value in nnx.iter_graph(module)}
+        nodes = {path: value if path else None for path, value in graph}
         self._edges = [
             (nodes[path[:-1]], path[-1], value)
-            for path, value in nodes.items()
+            for path, value in graph
             if path
             and not str(path[-1]).startswith('_pytree__')
             and (isinstance(value, nnx.Variable) or graphlib.is_node(value))
         ]
         self._modes = [
             (nodes[path], name, getattr(value, name))
-            for path, value in nnx.iter_graph(module)
+            for path, value in graph
             if isinstance(value, nnx.Module)
             for name in MODE_ATTRIBUTES
             if hasattr(value, name)
@@ -107,8 +113,11 @@ class SplitCache:
         return split, split.jitted
 
 
-def on_arrays(pure: Callable[..., Any], graphdef: nnx.GraphDef, treedef: Any, returns_state: bool) -> Callable:
-    """`pure(graphdef, state, *args)` as a function of the state's flat arrays, for `jax.jit` over a `SplitModule`.
+def on_arrays(
+    pure: Callable[..., Any], graphdef: nnx.GraphDef, treedef: Any, returns_state: bool, **keywords: Any
+) -> Callable:
+    """`pure(graphdef, state, *args, **keywords)` as a function of (the state's flat arrays, *args), for `jax.jit`
+    over a `SplitModule`.
 
     With `returns_state`, `pure` returns (new state, output) and the result is (new arrays, output),
     the arrays in the order `SplitModule.update` writes them back. The result keeps `pure`'s name
@@ -117,7 +126,7 @@ def on_arrays(pure: Callable[..., Any], graphdef: nnx.GraphDef, treedef: Any, re
 
     @functools.wraps(pure)
     def on_flat_state(arrays: Sequence[jax.Array], *args: Any) -> Any:
-        result = pure(graphdef, jax.tree.unflatten(treedef, arrays), *args)
+        result = pure(graphdef, jax.tree.unflatten(treedef, arrays), *args, **keywords)
         if not returns_state:
             return result
         new_state, output = result

@@ -259,13 +259,13 @@ def test_the_state_stays_split_between_steps_and_is_split_again_when_its_structu
     """Once split, a step walks no graph (no nnx.split / nnx.update) and compiles once; a mode switch or a replaced
     Variable is seen: the state is split again and the step runs with its new structure (the new head trains)."""
     from nfnet_jax import cpu
-    from nfnet_jax.train.step import step_caches
+    from nfnet_jax.train.step import train_steps
 
     # Dropout and drop path on; arrays not committed to a device, as a fresh model's are.
     state = make_train_state(TX, dtype=jnp.bfloat16)
     x, labels = jax.device_put(batch(0), jax.devices()[0])
     train_step(state, x, labels, label_smoothing=0.1)  # the first call splits (the `trained` fixture's program)
-    cache = step_caches(cpu.enabled(), 0.1)[0]
+    cache = train_steps(cpu.enabled(), 0.1)
     kept, jitted = cache(state)
     programs = jitted._cache_size()
     with monkeypatch.context() as patched:

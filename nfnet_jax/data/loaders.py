@@ -19,10 +19,10 @@
 
 The work runs in grain's `MapDataset`: worker processes (`workers`) decode and augment, each
 producing whole batches, while the main process trains. Given a transform's `host_part()`, the
-batches are uint8 (a quarter of float32's bytes through grain's shared memory and to the
-device), for `nfnet_jax.data.device.device_stage` to normalise (and erase) inside the jitted step. An iterator
-yields exactly `len(loader)` batches and stops its workers in the background, so a pass never
-waits for them to exit.
+batches are uint8 (a quarter of float32's bytes through grain's shared memory and to the device),
+for `nfnet_jax.data.device.device_stage` to normalise (and erase) inside the jitted step. An
+iterator yields exactly `len(loader)` batches and stops its workers in the background, so a pass
+never waits for them to exit.
 """
 
 from __future__ import annotations
@@ -493,10 +493,10 @@ def batches(
 ) -> Iterator[tuple[list[Path], np.ndarray]]:
     """The readable images in batches of `batch_size`, in order; unreadable files go to `on_error` and are skipped.
 
-    Files are read and transformed by grain (`iterate`), `batch_size` files
-    at a time, ahead of the caller, in `workers` processes (default: one per core, at most 8, and
-    one per `FILES_PER_WORKER` files; 0: threads of this process), so memory stays bounded
-    however many files there are. A transform's `host_part()` gives uint8 batches.
+    Files are read and transformed by grain (`iterate`), `batch_size` files at a time, ahead of the
+    caller, in `workers` processes (default: one per core, at most 8, and one per `FILES_PER_WORKER`
+    files; 0: threads of this process), so memory stays bounded however many files there are. A
+    transform's `host_part()` gives uint8 batches.
     """
     if workers is None:
         workers = min(os.cpu_count() or 1, 8, len(files) // FILES_PER_WORKER)

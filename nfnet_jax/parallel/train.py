@@ -7,7 +7,6 @@ sharded inference never loads them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial, wraps
 from typing import Any
 
 import jax
@@ -67,9 +66,11 @@ class ShardedTrainer:
         data, metrics = batch_sharding(mesh), replicated(mesh)
 
         def train(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
-            step = partial(pure_train_step, label_smoothing=label_smoothing, preprocess=preprocess)
+            step = split.on_arrays(
+                pure_train_step, graphdef, treedef, True, label_smoothing=label_smoothing, preprocess=preprocess
+            )
             return jax.jit(
-                split.on_arrays(wraps(pure_train_step)(step), graphdef, treedef, returns_state=True),
+                step,
                 compiler_options=cpu.compiler_options(training=True),
                 in_shardings=(train_shardings, data, data),
                 out_shardings=(train_shardings, metrics),
@@ -77,9 +78,9 @@ class ShardedTrainer:
             )
 
         def evaluate(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
-            step = partial(pure_eval_step, preprocess=eval_preprocess)
+            step = split.on_arrays(pure_eval_step, graphdef, treedef, False, preprocess=eval_preprocess)
             return jax.jit(
-                split.on_arrays(wraps(pure_eval_step)(step), graphdef, treedef, returns_state=False),
+                step,
                 compiler_options=cpu.compiler_options(),
                 in_shardings=(eval_shardings, data, data),
                 out_shardings=metrics,

@@ -108,26 +108,30 @@ def pure_eval_step(
 
 
 @functools.cache
-def step_caches(cpu_options: bool, label_smoothing: float = 0.0) -> tuple[SplitCache, SplitCache]:
-    """The (train, eval) steps jitted over split states, with the CPU backend's compiler options or XLA's defaults.
+def train_steps(cpu_options: bool, label_smoothing: float) -> SplitCache:
+    """The train step jitted over split states, with the CPU backend's compiler options or XLA's defaults.
 
-    Each takes (arrays, images, labels); the train step donates the arrays it is given (their
-    buffers become the new state's), as `ShardedTrainer`'s does. No argument is static, so a call
-    hashes nothing.
+    It takes (arrays, images, labels) and donates the arrays (their buffers become the new
+    state's), as `ShardedTrainer`'s does. No argument is static, so a call hashes nothing.
     """
 
     def train(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
         options = cpu.compiler_options(training=True) if cpu_options else None
-        step = functools.wraps(pure_train_step)(functools.partial(pure_train_step, label_smoothing=label_smoothing))
-        flat = split.on_arrays(step, graphdef, treedef, returns_state=True)
+        flat = split.on_arrays(pure_train_step, graphdef, treedef, True, label_smoothing=label_smoothing)
         return jax.jit(flat, donate_argnums=0, compiler_options=options)
+
+    return SplitCache(train)
+
+
+@functools.cache
+def eval_steps(cpu_options: bool) -> SplitCache:
+    """The eval step jitted over split models, taking (arrays, images, labels); options as `train_steps`."""
 
     def evaluate(graphdef: nnx.GraphDef, treedef: Any) -> Callable:
         options = cpu.compiler_options() if cpu_options else None
-        flat = split.on_arrays(pure_eval_step, graphdef, treedef, returns_state=False)
-        return jax.jit(flat, compiler_options=options)
+        return jax.jit(split.on_arrays(pure_eval_step, graphdef, treedef, False), compiler_options=options)
 
-    return SplitCache(train), SplitCache(evaluate)
+    return SplitCache(evaluate)
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> Metrics:
@@ -138,21 +142,13 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, label_sm
     before the step (with `nnx.state` or `nnx.clone`, say) are deleted by it. Keep a copy with
     `nfnet_jax.weights.clone_with_own_arrays` or `jax.tree.map(jnp.copy, ...)`.
     """
-    kept, jitted = step_caches(cpu.enabled(), label_smoothing)[0](state)
-    arrays, metrics = jitted(committed(kept.arrays()), images, labels)
+    kept, jitted = train_steps(cpu.enabled(), label_smoothing)(state)
+    arrays, metrics = jitted(kept.arrays(), images, labels)
     kept.update(arrays)
     return metrics
 
 
 def eval_step(model: nnx.Module, images: jax.Array, labels: jax.Array) -> Metrics:
     """`eval_step_fn`, jitted (with the CPU backend's compiler options when it is on)."""
-    kept, jitted = step_caches(cpu.enabled())[1](model)
-    return jitted(committed(kept.arrays()), images, labels)
-
-
-def committed(arrays: list[jax.Array]) -> list[jax.Array]:
-    """`arrays` committed to their device, as a step's outputs are: a fresh model's arrays are not, and jit would
-    compile a second program for the second step, whose state is the first step's output."""
-    if all(getattr(array, 'committed', True) for array in arrays):
-        return arrays
-    return jax.device_put(arrays, jax.devices()[0])
+    kept, jitted = eval_steps(cpu.enabled())(model)
+    return jitted(kept.arrays(), images, labels)
