@@ -175,7 +175,6 @@ def _run(args: argparse.Namespace) -> int:
         settings |= {'architecture': model.pretrained_cfg.architecture, 'num_classes': model.num_classes}
         settings |= {'input_size': list(config['input_size']), 'class_names': predictor.own_class_names}
         open_run_dir(args.output, settings, files)
-        transform = transform.host_part()
 
         num_chunks = -(-len(files) // args.chunk_size)
         mine = [c for c in range(process, num_chunks, processes)]
@@ -194,11 +193,12 @@ def _run(args: argparse.Namespace) -> int:
         failures = 0
         for chunk in pending:
             indices = chunk_range(chunk, args.chunk_size, len(files))
-            done, outputs, failed = predict_chunk(files, indices, transform, predictor, process_batch, bar)
+            done, outputs, failed = predict_chunk(files, indices, transform.host_part(), predictor, process_batch, bar)
             steps -= len(outputs)
             write_chunk(args.output, chunk, done, outputs, failed, args.embeddings, process)
             failures += len(failed)
-        no_images = np.zeros((0, *config['input_size'][1:], config['input_size'][0]), np.float32)
+        # The padding calls run the program every other process runs: uint8 batches, as the host part reads them.
+        no_images = np.zeros((0, *config['input_size'][1:], config['input_size'][0]), np.uint8)
         for _ in range(steps):
             predictor(no_images, process_batch)
         bar.close()
