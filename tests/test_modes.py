@@ -92,7 +92,7 @@ def test_create_model_takes_grad_checkpointing():
     assert not model.grad_checkpointing
 
 
-def test_random_init_is_one_program_and_deterministic():
+def test_random_init_compiles_no_draw_and_is_deterministic():
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kwargs: (
@@ -100,16 +100,45 @@ def test_random_init_is_one_program_and_deterministic():
         )
     )
     first = nfnet_jax.create_model('test_nfnet', num_classes=13, rngs=nnx.Rngs(5))  # a head no other test compiled
-    assert len(compiles) <= 3, len(compiles)  # the init program and at most the key draws, not one per shape
+    assert len(compiles) <= 5, len(compiles)  # at most the rng streams' key updates, no draw per weight shape
     again = flat_params(nfnet_jax.create_model('test_nfnet', num_classes=13, rngs=nnx.Rngs(5)))
     other = flat_params(nfnet_jax.create_model('test_nfnet', num_classes=13, rngs=nnx.Rngs(6)))
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(first)))  # on the device
     for path, value in flat_params(first).items():
         np.testing.assert_array_equal(again[path], value)
     kernel = 'stages.1.0.conv2.kernel'
     assert not np.array_equal(other[kernel], again[kernel])
     fan_in = np.prod(again[kernel].shape[:-1])
     assert np.std(again[kernel]) == pytest.approx(fan_in**-0.5, rel=0.1)  # kaiming normal, fan in, as timm
+    assert np.std(again['head.fc.kernel']) == pytest.approx(0.01, rel=0.1)  # timm's classifier init
     assert not np.any(again['stages.1.0.conv3.gain'])  # every residual branch starts silent
+
+
+def test_host_and_traced_draws_follow_the_same_distributions():
+    """The numpy draws of `init_model` and the jax.random draws of a traced build: the same laws, per initialiser."""
+    from nfnet_jax.models import initializers
+
+    shape = (3, 3, 64, 256)
+    cases = {
+        'kaiming_normal': (initializers.kaiming_normal, (0.0, (3 * 3 * 64) ** -0.5)),
+        'torch_conv_default': (initializers.torch_conv_default, (0.0, (3 * 3 * 64) ** -0.5 / np.sqrt(3))),
+        'normal(0.01)': (initializers.normal(0.01), (0.0, 0.01)),
+    }
+    for name, (init, (mean, std)) in cases.items():
+        traced = np.asarray(jax.jit(lambda key, init=init: init(key, shape, jnp.float32))(jax.random.key(0)))
+        with initializers.drawing_on_host(np.random.default_rng(0)):
+            host = init(None, shape, jnp.float32)
+            assert init(None, (2,), jnp.bfloat16).dtype == jnp.bfloat16, name
+        assert isinstance(host, np.ndarray), name
+        for sample in (traced, host):
+            assert abs(sample.mean() - mean) < 0.01 * std, name
+            assert sample.std() == pytest.approx(std, rel=0.01), name
+        if name == 'torch_conv_default':
+            bound = (3 * 3 * 64) ** -0.5
+            assert host.max() <= bound and traced.min() >= -bound, name
+    with initializers.drawing_on_host(np.random.default_rng(0)):
+        assert isinstance(initializers.constant(0.5)(None, (4,), jnp.float32), np.ndarray)
+    assert isinstance(initializers.constant(0.5)(None, (4,), jnp.float32), jax.Array)  # the block restored jax draws
 
 
 def test_linen_grad_checkpointing_keeps_the_gradients(model, x):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nfnet_jax.models import initializers
+
 Array = jax.Array
 Dtype = Any  # a jnp dtype or None, as in flax.nnx layers
 # The matmul/conv precision of every layer that does one: None (JAX's default, which follows
@@ -31,9 +33,6 @@ def check_precision(precision: Precision) -> Precision:
         raise ValueError(f'unknown precision {precision!r}; choose one of {PRECISIONS}')
     return precision
 
-
-# kaiming_normal_(mode='fan_in', nonlinearity='linear') as timm's NormFreeNet init uses.
-kaiming_normal = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
 # Gains that restore unit variance after each non-linearity (timm's `_nonlin_gamma`,
 # measured by DeepMind for inputs drawn from N(0, 1)).
@@ -150,11 +149,10 @@ class ScaledStdConv2d(nnx.Module):
         if in_chs % groups or out_chs % groups:
             raise ValueError(f'channels ({in_chs} -> {out_chs}) must be divisible by groups ({groups})')
         fan_in = in_chs // groups * kernel_size * kernel_size
-        self.kernel = nnx.Param(
-            kaiming_normal(rngs.params(), (kernel_size, kernel_size, in_chs // groups, out_chs), param_dtype)
-        )
-        self.bias = nnx.Param(jnp.zeros((out_chs,), param_dtype))
-        self.gain = nnx.Param(jnp.full((out_chs,), gain_init, param_dtype))
+        kernel_shape = (kernel_size, kernel_size, in_chs // groups, out_chs)
+        self.kernel = nnx.Param(initializers.kaiming_normal(rngs.params(), kernel_shape, param_dtype))
+        self.bias = nnx.Param(initializers.zeros(None, (out_chs,), param_dtype))
+        self.gain = nnx.Param(initializers.constant(gain_init)(None, (out_chs,), param_dtype))
         self.stride = stride
         self.dilation = dilation
         self.groups = groups
@@ -231,7 +229,8 @@ class SqueezeExcite(nnx.Module):
         rd_channels = rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         conv = dict(
             kernel_size=(1, 1),
-            kernel_init=kaiming_normal,
+            kernel_init=initializers.kaiming_normal,
+            bias_init=initializers.zeros,
             dtype=dtype,
             param_dtype=param_dtype,
             precision=check_precision(precision),
@@ -268,15 +267,13 @@ class EcaModule(nnx.Module):
     ):
         kernel_size = eca_kernel_size(channels, gamma, beta)
         pad = (kernel_size - 1) // 2
-        # torch's default Conv1d init: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in)).
-        init = nnx.initializers.variance_scaling(1.0 / 3, 'fan_in', 'uniform')
         self.conv = nnx.Conv(
             1,
             1,
             kernel_size=(kernel_size,),
             padding=((pad, pad),),
             use_bias=False,
-            kernel_init=init,
+            kernel_init=initializers.torch_conv_default,
             dtype=dtype,
             param_dtype=param_dtype,
             precision=check_precision(precision),
@@ -438,8 +435,8 @@ class ClassifierHead(nnx.Module):
         return nnx.Linear(
             self.num_features,
             num_classes,
-            kernel_init=nnx.initializers.normal(0.01),
-            bias_init=nnx.initializers.zeros,
+            kernel_init=initializers.normal(0.01),
+            bias_init=initializers.zeros,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             precision=self.precision,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nfnet_jax.models import initializers
 from nfnet_jax.models.configs import NfCfg
 from nfnet_jax.models.layers import (
     ATTENTION_LAYERS,
@@ -154,7 +155,7 @@ class NormFreeBlock(nnx.Module):
         self.conv3 = conv_layer(mid_chs, out_chs, 1, gain_init=1.0 if skipinit else 0.0, rngs=rngs)
         self.attn_last = attn_layer(out_chs, rngs=rngs) if not reg and attn_layer else None
         self.drop_path = DropPath(drop_path_rate, rngs=rngs) if drop_path_rate > 0 else None
-        self.skipinit_gain = nnx.Param(jnp.zeros((), jnp.float32)) if skipinit else None
+        self.skipinit_gain = nnx.Param(initializers.zeros(None, (), jnp.float32)) if skipinit else None
 
     def __call__(self, x: Array, rngs: nnx.Rngs | None = None) -> Array:
         out = self.act1(x) * self.beta
@@ -474,20 +475,21 @@ def abstract_model(cfg: NfCfg, **model_kwargs: Any) -> NormFreeNet:
 
 
 def init_model(cfg: NfCfg, *, rngs: nnx.Rngs, **model_kwargs: Any) -> NormFreeNet:
-    """A randomly initialised model, built by one compiled program instead of one per parameter shape.
+    """A randomly initialised model, its weights drawn by numpy on the host and then put on the device.
 
-    It draws one key from each of `rngs`' 'params' and 'dropout' streams, so the same `rngs` give
-    the same model on a backend. The weights come from XLA's RngBitGenerator ('rbg' keys): one op
-    per draw, far cheaper to compile than threefry's hash unrolled for every parameter; its bits
-    may differ between backends (CPU and GPU inits of one seed differ).
+    Built eagerly with jax.random, every weight shape would compile a draw; one jitted init still
+    compiles an output per weight. numpy compiles nothing, and seeded from one key of `rngs`'
+    'params' stream it gives the same weights on every backend and every host. The dropout and
+    drop-path streams take one key from its 'dropout' stream. Inside a trace (a jitted or Linen
+    init), whose keys have no value yet, jax.random draws them in the caller's program instead.
     """
-    graphdef = nnx.graphdef(abstract_model(cfg, **model_kwargs))
-
-    def init(params_key: Array, dropout_key: Array) -> nnx.State:
-        rbg_key = jax.random.wrap_key_data(jax.random.key_data(jax.random.split(params_key)).ravel(), impl='rbg')
-        return nnx.state(NormFreeNet(cfg, rngs=nnx.Rngs(params=rbg_key, dropout=dropout_key), **model_kwargs))
-
-    return nnx.merge(graphdef, jax.jit(init)(rngs['params'](), rngs['dropout']()))
+    params_key, dropout_key = rngs['params'](), rngs['dropout']()
+    if isinstance(params_key, jax.core.Tracer):
+        return NormFreeNet(cfg, rngs=nnx.Rngs(params=params_key, dropout=dropout_key), **model_kwargs)
+    with initializers.drawing_on_host(np.random.default_rng(np.asarray(jax.random.key_data(params_key)).ravel())):
+        model = NormFreeNet(cfg, rngs=nnx.Rngs(params=0, dropout=dropout_key), **model_kwargs)
+    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param)))
+    return model
 
 
 def find_nfnets(module: nnx.Module) -> dict[str, NormFreeNet]:
