@@ -21,6 +21,10 @@ keys of earlier versions (`params['stages'][0][1]`) are read too: both name the 
 
 Every apply checks the params against the module's definition (the abstract NNX model's shapes)
 and raises one `StateMismatchError` naming each missing, unexpected and mis-shaped path.
+
+Why not `flax.nnx.bridge.ToLinen`: it rebuilds the model abstractly on each apply and writes in
+whatever arrays arrive, unchecked, under integer keys. This module merges the same NNX model
+with the params itself, so it can check them and keep string keys; the computation is the NNX model's.
 """
 
 from __future__ import annotations
