@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,37 +32,47 @@ from nfnet_jax.models.nfnet import abstract_model
 MIB = 2**20
 
 
-def step_memory(model_name: str, size: int, batch: int, grad_checkpointing: bool) -> dict[str, Any]:
-    """Compile one abstract training step and return XLA's memory analysis of it (bytes) and the compile time."""
+Loss = Callable[[nnx.State, nnx.State, jax.Array, jax.Array], jax.Array]
+
+
+def abstract_training(model_name: str, size: int, batch: int, grad_checkpointing: bool) -> tuple[Loss, tuple]:
+    """The abstract model's training cross-entropy and its abstract arguments (params, rest, images, labels)."""
     model = abstract_model(model_cfgs[model_name], grad_checkpointing=grad_checkpointing)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def train_step(params: nnx.State, rest: nnx.State, images: jax.Array, labels: jax.Array) -> nnx.State:
-        def loss(params: nnx.State) -> jax.Array:
-            logits = nnx.merge(graphdef, params, rest)(images)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-        grads = jax.grad(loss)(params)
-        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    def loss(params: nnx.State, rest: nnx.State, images: jax.Array, labels: jax.Array) -> jax.Array:
+        logits = nnx.merge(graphdef, params, rest)(images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    return loss, (params, rest, images, labels)
 
-    def backward_residuals(params: nnx.State, rest: nnx.State, images: jax.Array, labels: jax.Array) -> Any:
-        def loss(params: nnx.State) -> jax.Array:
-            logits = nnx.merge(graphdef, params, rest)(images)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        return jax.vjp(loss, params)[1]
+def residual_bytes(model_name: str, size: int, batch: int, grad_checkpointing: bool) -> int:
+    """The bytes the backward pass keeps from the forward: the leaves of `jax.vjp`'s function, shapes only."""
+    loss, arguments = abstract_training(model_name, size, batch, grad_checkpointing)
 
-    residuals = jax.tree.leaves(jax.eval_shape(backward_residuals, params, rest, images, labels))
+    def backward(params: nnx.State, rest: nnx.State, images: jax.Array, labels: jax.Array) -> Any:
+        return jax.vjp(lambda params: loss(params, rest, images, labels), params)[1]
+
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(jax.eval_shape(backward, *arguments)))
+
+
+def step_memory(model_name: str, size: int, batch: int, grad_checkpointing: bool) -> dict[str, Any]:
+    """Compile one abstract training step and return XLA's memory analysis of it (bytes) and the compile time."""
+    loss, arguments = abstract_training(model_name, size, batch, grad_checkpointing)
+
+    def train_step(params: nnx.State, rest: nnx.State, images: jax.Array, labels: jax.Array) -> nnx.State:
+        grads = jax.grad(loss)(params, rest, images, labels)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
     start = time.perf_counter()
-    compiled = jax.jit(train_step).lower(params, rest, images, labels).compile()
-    analysis = compiled.memory_analysis()
+    analysis = jax.jit(train_step).lower(*arguments).compile().memory_analysis()
     return {
         'temp_bytes': analysis.temp_size_in_bytes,
-        'residual_bytes': sum(leaf.size * leaf.dtype.itemsize for leaf in residuals),
+        'residual_bytes': residual_bytes(model_name, size, batch, grad_checkpointing),
         'argument_bytes': analysis.argument_size_in_bytes,
         'output_bytes': analysis.output_size_in_bytes,
         'compile_s': time.perf_counter() - start,
