@@ -172,9 +172,13 @@ def test_the_run_writes_every_part_into_the_folder(quick_run):
     sharded = report['steps']['sharded_inference']['results']
     assert sharded['devices'] == 2 and set(sharded['configs']) == {'one device', "mesh {'data': 2, 'model': 1}"}
 
+    remat = report['steps']['remat_memory']['results']['configs']
+    assert remat['grad_checkpointing']['residual_bytes'] < remat['plain']['residual_bytes']
+    assert all(config['temp_bytes'] > 0 for config in remat.values())
+
     markdown = (out / runner.REPORT_MARKDOWN).read_text()
     titles = ('Parity with timm', 'Train step', 'Inference against timm', 'Compile times', 'Optimised programs')
-    positions = [markdown.index(f'\n## {title}') for title in (*titles, 'Sharded inference')]
+    positions = [markdown.index(f'\n## {title}') for title in (*titles, 'Sharded inference', 'Gradient checkpointing')]
     assert positions == sorted(positions)  # the order: parity, train step, images/s, compile times, check
     assert '| test_nfnet | 67x53 |' in markdown and 'compiled 1 time(s)' in markdown
     assert '| float32 | 2 | plain jax.jit |' in markdown
@@ -365,7 +369,7 @@ def test_the_watchdog_stops_or_loses_one_step_and_keeps_its_figures(tmp_path, ca
     began = time.monotonic()
     remaining = runner.watch(worker, state_path, dict(steps=list(STEPS)), report, paths, began)
     assert time.monotonic() - began < 30 and worker.proc.returncode is not None
-    assert remaining == ['vs_timm', 'program_check', 'sharded_inference']  # for a fresh child process
+    assert remaining == ['vs_timm', 'program_check', 'sharded_inference', 'remat_memory']  # for a fresh child process
     step = report['steps']['train_step']
     assert step['results'] == {'size': 64, 'runs': []}  # what it had measured is kept
     if case == 'past its budget':
@@ -389,8 +393,8 @@ def test_a_child_that_ends_between_steps_leaves_the_rest_to_a_fresh_one(tmp_path
     worker = fake_worker(sys.executable, '-c', 'pass')
     began = time.monotonic()
     remaining = runner.watch(worker, state_path, dict(steps=list(STEPS)), report, report_paths(tmp_path), began)
-    assert remaining == ['vs_timm', 'program_check', 'sharded_inference']
-    assert [step['status'] for step in report['steps'].values()] == ['ok', 'ok', 'pending', 'pending', 'pending']
+    assert remaining == ['vs_timm', 'program_check', 'sharded_inference', 'remat_memory']
+    assert [step['status'] for step in report['steps'].values()] == ['ok', 'ok'] + ['pending'] * 4
 
 
 def test_the_run_refuses_a_bad_step_budget(capsys):

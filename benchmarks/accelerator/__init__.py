@@ -23,6 +23,8 @@ each with its own time budget (`settings`; on a GPU they fit 8 minutes):
    the CPU backend puts there: no conditional, loop, CPU library call, zero residual or split
    grouped convolution.
 5. `sharded_inference`: one device against a mesh of all of them; skipped with one device.
+6. `remat_memory`: `benchmarks.remat_memory` on the device: dm_nfnet_f3's training step at batch 8,
+   320 px, compiled plain and with per-block gradient checkpointing; XLA's planned bytes of each.
 
 The steps run in a child process (`worker`), one after another; this process (`runner`) watches
 it, kills it when a step runs past its budget (or it dies) and starts a fresh one for the remaining

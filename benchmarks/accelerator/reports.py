@@ -77,6 +77,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ('vs_timm', 'Inference against timm', render_vs_timm),
         ('program_check', 'Optimised programs', render_programs),
         ('sharded_inference', 'Sharded inference', render_sharded),
+        ('remat_memory', 'Gradient checkpointing memory', render_remat),
     )
     for name, title, render in sections:
         results = report['steps'].get(name, {}).get('results')
@@ -233,3 +234,17 @@ def render_sharded(results: dict[str, Any]) -> list[str]:
     keys = ('images_s_median', 'images_s_best', 'first_s')
     rows = [(name, *(f'{r[key]:.1f}' for key in keys)) for name, r in results.get('configs', {}).items()]
     return lines + table(('configuration', 'images/s median', 'images/s best', 'first call s'), rows)
+
+
+def render_remat(results: dict[str, Any]) -> list[str]:
+    lines = [
+        f'{results.get("model")}, a float32 training step at batch {results.get("batch")}, {results.get("size")}x'
+        f'{results.get("size")}: what the backward pass keeps from the forward, and the bytes XLA plans (MiB).',
+        '',
+    ]
+    keys = ('residual_bytes', 'temp_bytes', 'argument_bytes')
+    rows = [
+        (name, *(f'{r[key] / 2**20:,.0f}' for key in keys), f'{r["compile_s"]:.0f}')
+        for name, r in results.get('configs', {}).items()
+    ]
+    return lines + table(('step', 'residuals', 'XLA temporaries', 'arguments', 'compile s'), rows)

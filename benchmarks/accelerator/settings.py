@@ -17,9 +17,9 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
     if gpu and not quick:
         return dict(
             budget_s=450,
-            parity=dict(budget_s=70, model='dm_nfnet_f0', size=[67, 53], batch=2, precisions=['highest', 'default']),
+            parity=dict(budget_s=65, model='dm_nfnet_f0', size=[67, 53], batch=2, precisions=['highest', 'default']),
             train_step=dict(
-                budget_s=150,
+                budget_s=135,
                 model='dm_nfnet_f0',
                 size=224,
                 runs=[['bfloat16', 256], ['float32', 64]],
@@ -28,7 +28,7 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
                 timm=True,
             ),
             vs_timm=dict(
-                budget_s=170,
+                budget_s=140,
                 model='dm_nfnet_f0',
                 size=224,
                 dtypes=['bfloat16', 'float32'],
@@ -38,17 +38,18 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
                 ceiling_budget_s=20,
             ),
             program_check=dict(budget_s=25, model='dm_nfnet_f0', size=224),
-            sharded_inference=dict(budget_s=30, model='dm_nfnet_f0', batch_per_device=64, size=224, runs=5),
+            sharded_inference=dict(budget_s=25, model='dm_nfnet_f0', batch_per_device=64, size=224, runs=5),
+            remat_memory=dict(budget_s=60, model='dm_nfnet_f3', size=320, batch=8),
         )
     if gpu:
         return dict(
             budget_s=220,
             parity=dict(budget_s=50, model='dm_nfnet_f0', size=[67, 53], batch=2, precisions=['highest', 'default']),
             train_step=dict(
-                budget_s=70, model='dm_nfnet_f0', size=224, runs=[['bfloat16', 256]], steps=5, rounds=2, timm=False
+                budget_s=55, model='dm_nfnet_f0', size=224, runs=[['bfloat16', 256]], steps=5, rounds=2, timm=False
             ),
             vs_timm=dict(
-                budget_s=70,
+                budget_s=55,
                 model='dm_nfnet_f0',
                 size=224,
                 dtypes=['bfloat16'],
@@ -59,10 +60,11 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
             ),
             program_check=dict(budget_s=20, model='dm_nfnet_f0', size=224),
             sharded_inference=dict(budget_s=10, model='dm_nfnet_f0', batch_per_device=32, size=224, runs=3),
+            remat_memory=dict(budget_s=30, model='dm_nfnet_f0', size=224, batch=32),
         )
     if not quick:  # dm_nfnet_f0 at small sizes
         return dict(
-            budget_s=1800,
+            budget_s=2100,
             parity=dict(budget_s=300, model='dm_nfnet_f0', size=[67, 53], batch=2, precisions=['highest']),
             train_step=dict(
                 budget_s=600, model='dm_nfnet_f0', size=128, runs=[['float32', 2]], steps=2, rounds=2, timm=True
@@ -79,9 +81,10 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
             ),
             program_check=dict(budget_s=60, model='dm_nfnet_f0', size=128),
             sharded_inference=dict(budget_s=240, model='dm_nfnet_f0', batch_per_device=2, size=128, runs=2),
+            remat_memory=dict(budget_s=300, model='dm_nfnet_f0', size=128, batch=2),
         )
     return dict(  # test_nfnet, tiny: the test suite's run of the whole command
-        budget_s=600,
+        budget_s=660,
         parity=dict(budget_s=120, model='test_nfnet', size=[67, 53], batch=2, precisions=['highest']),
         train_step=dict(budget_s=180, model='test_nfnet', size=32, runs=[['float32', 2]], steps=2, rounds=1, timm=True),
         vs_timm=dict(
@@ -96,6 +99,7 @@ def default_settings(gpu: bool, quick: bool) -> dict[str, Any]:
         ),
         program_check=dict(budget_s=60, model='test_nfnet', size=64),
         sharded_inference=dict(budget_s=120, model='test_nfnet', batch_per_device=2, size=64, runs=2),
+        remat_memory=dict(budget_s=60, model='test_nfnet', size=64, batch=2),
     )
 
 

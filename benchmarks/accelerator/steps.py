@@ -544,6 +544,23 @@ def sharded_inference(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> 
         )
 
 
+def remat_memory(ctx: StepContext, settings: dict[str, Any], gpu: bool) -> None:
+    """`benchmarks.remat_memory`: the training step's memory as XLA plans it for this device, plain and with
+    per-block gradient checkpointing (compiled, nothing run)."""
+    from benchmarks.remat_memory import step_memory
+
+    check_devices(gpu)
+    ctx.results.update(model=settings['model'], size=settings['size'], batch=settings['batch'], configs={})
+    for name, grad_checkpointing in (('plain', False), ('grad_checkpointing', True)):
+        if ctx.results['configs'] and ctx.remaining() < ctx.elapsed():
+            ctx.skip(name, f'{ctx.remaining():.0f} s left of the budget; the plain step took {ctx.elapsed():.0f} s')
+            return
+        with ctx.part(name):
+            ctx.results['configs'][name] = step_memory(
+                settings['model'], settings['size'], settings['batch'], grad_checkpointing
+            )
+
+
 Step = Callable[[StepContext, dict[str, Any], bool], None]
 STEPS: dict[str, Step] = dict(
     parity=parity,
@@ -551,4 +568,5 @@ STEPS: dict[str, Step] = dict(
     vs_timm=vs_timm,
     program_check=program_check,
     sharded_inference=sharded_inference,
+    remat_memory=remat_memory,
 )
