@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import importlib.metadata
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -151,6 +152,18 @@ def test_a_library_in_another_users_cache_folder_is_never_loaded(fresh_load, pla
         onednn.load()
     assert not onednn.enabled()
     assert not marker.exists() and fresh_load == []
+
+
+@pytest.mark.parametrize('mode', [0o777, 0o775])
+def test_a_cache_folder_inside_a_folder_others_can_write_is_not_trusted(fresh_load, tmp_path, mode):
+    onednn.cache_folder()
+    (tmp_path / 'cache').chmod(mode)  # anyone could rename nfnet_jax away and put a folder of theirs there
+    unsafe = r'not safe for compiled code \(group or others can write .*/cache '
+    with pytest.raises(onednn.OnednnUnavailable, match=unsafe):
+        onednn.load()
+    assert fresh_load == []
+    (tmp_path / 'cache').chmod(mode | stat.S_ISVTX)  # sticky, as /tmp: only the owner renames what it holds
+    assert onednn.cache_folder() == tmp_path / 'cache' / 'nfnet_jax'
 
 
 @pytest.mark.parametrize('damage', ['not built here', 'others can write it', 'truncated', 'garbage'])

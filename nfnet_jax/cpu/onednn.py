@@ -131,19 +131,20 @@ def load() -> Path:
 
 def cache_folder() -> Path:
     """`$XDG_CACHE_HOME/nfnet_jax` (~/.cache/nfnet_jax), made private (0o700, whatever the umask) if missing;
-    raises OnednnUnavailable where it is another user's or others can write it: code there could be anyone's."""
+    raises OnednnUnavailable where it, or a folder above it, is another user's or others can write it: code
+    there could be anyone's."""
     folder = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'nfnet_jax'
     missing = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         for path in reversed(missing):
             path.mkdir(mode=0o700, exist_ok=True)
-        problem = _distrust(folder)
+        problem = _distrust(folder) or _unsafe_parent(folder)
     except OSError as error:
         raise OnednnUnavailable(f'cannot make the cache folder {folder}: {error}') from error
     if problem:
         raise OnednnUnavailable(
-            f'the cache folder {folder} is not safe for compiled code ({problem}): make it yours and '
-            '`chmod go-w` it, or set XDG_CACHE_HOME to a folder of your own'
+            f'the cache folder {folder} is not safe for compiled code ({problem}): make the folder named yours '
+            'and `chmod go-w` it, or set XDG_CACHE_HOME to a folder of your own'
         )
     return folder
 
@@ -158,6 +159,19 @@ def _distrust(path: Path) -> str | None:
         return f'it belongs to uid {status.st_uid}, not to you (uid {os.getuid()})'
     if status.st_mode & 0o022:
         return f'group or others can write it (mode {stat.S_IMODE(status.st_mode):o})'
+    return None
+
+
+def _unsafe_parent(folder: Path) -> str | None:
+    """Why a folder above `folder` would let someone else swap it for theirs: not this user's or root's, or
+    writable by group or others without the sticky bit (which stops them renaming what is not theirs,
+    as in /tmp); None when every one is safe."""
+    for parent in Path(os.path.realpath(folder)).parents:
+        status = parent.stat()
+        if status.st_uid not in (0, os.getuid()):
+            return f'{parent} belongs to uid {status.st_uid}'
+        if status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX:
+            return f'group or others can write {parent} (mode {stat.S_IMODE(status.st_mode):o})'
     return None
 
 
