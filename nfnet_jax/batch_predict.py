@@ -58,6 +58,7 @@ from nfnet_jax.files import (
     hold_lock,
     list_file_bytes,
     read_list_file,
+    split_list,
 )
 from nfnet_jax.inference.batch_run import (
     CHUNKS,
@@ -83,7 +84,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest='command', required=True)
     run = commands.add_parser('run', help='compute (or resume computing) the outputs into a run directory')
     run.add_argument('inputs', nargs='*', type=Path, help='image files, or folders (searched recursively)')
-    run.add_argument('--list', type=Path, help='a file naming one image per line, or NUL-separated (instead of inputs)')
+    run.add_argument(
+        '--list', type=Path, help='a file naming one image per line, or NUL-separated (instead of inputs); - for stdin'
+    )
     add_model_arguments(run)
     run.add_argument('--output', type=Path, required=True, help='the run directory (created, or resumed)')
     run.add_argument('--embeddings', action='store_true', help='pooled embeddings instead of top-k classes')
@@ -114,9 +117,17 @@ def input_files(args: argparse.Namespace) -> list[Path]:
     """The inputs' files (`find_images`), or those of the `--list` file (one per line, or NUL-separated), each once."""
     if bool(args.inputs) == bool(args.list):
         raise ValueError('name the images either as inputs (files or folders) or with --list FILE, not both')
-    if args.list and not args.list.is_file():
+    if args.list == Path('-'):
+        if sys.stdin.isatty():
+            raise ValueError(
+                '--list - reads the list from standard input, which is a terminal: pipe it in '
+                '(find DIR -name "*.jpg" -print0 | ... --list -) or name a list file'
+            )
+        files = split_list(sys.stdin.buffer.read())
+    elif args.list and not args.list.is_file():
         raise FileNotFoundError(f'{args.list}: no such list file')
-    files = read_list_file(args.list) if args.list else find_images(args.inputs)
+    else:
+        files = read_list_file(args.list) if args.list else find_images(args.inputs)
     if not files:
         raise FileNotFoundError('no image files to process')
     seen: set[Path] = set()

@@ -50,8 +50,12 @@ def list_file_bytes(paths: Iterable[str | os.PathLike]) -> bytes:
 
 
 def read_list_file(path: str | os.PathLike) -> list[Path]:
-    """The paths of a list file: NUL-separated if it holds a NUL, else one per line; blank lines are skipped."""
-    data = Path(path).read_bytes()
+    """The paths of a list file (`split_list`)."""
+    return split_list(Path(path).read_bytes())
+
+
+def split_list(data: bytes) -> list[Path]:
+    """The paths of a list: NUL-separated if it holds a NUL, else one per line; blank lines are skipped."""
     names = data.split(b'\0') if b'\0' in data else data.splitlines()
     return [Path(os.fsdecode(name)) for name in names if name.strip()]
 

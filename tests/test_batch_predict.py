@@ -8,6 +8,7 @@ readable images in one batch; figures are relative errors max|ours - ref| / max|
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -287,7 +288,7 @@ def hostile_folder(folder: Path, source: Path) -> dict[str, bytes]:
     return names
 
 
-def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkpoint, tmp_path, capsys):
+def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkpoint, tmp_path, capsys, monkeypatch):
     folder = tmp_path / 'images'
     names = hostile_folder(folder, images / 'image0.png')
     assert run(folder, checkpoint, tmp_path / 'run') == 1
@@ -305,6 +306,19 @@ def test_hostile_file_names_round_trip_through_run_merge_and_list(images, checkp
     listed = ['run', '--list', str(tmp_path / 'run' / 'files.txt'), '--checkpoint', str(checkpoint)]
     assert batch_predict.main([*listed, '--output', str(tmp_path / 'run')]) == 0
     assert '0 to do' in capsys.readouterr().err
+    # ... and so is that list piped in: `--list -` reads standard input.
+    monkeypatch.setattr(sys, 'stdin', io.TextIOWrapper(io.BytesIO((tmp_path / 'run' / 'files.txt').read_bytes())))
+    listed[2] = '-'
+    assert batch_predict.main([*listed, '--output', str(tmp_path / 'run')]) == 0
+    assert '0 to do' in capsys.readouterr().err
+
+
+def test_a_list_from_a_terminal_says_to_pipe_it(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdin, 'isatty', lambda: True)
+    argv = ['run', '--list', '-', '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'run')]
+    assert batch_predict.main(argv) == 2
+    assert 'standard input, which is a terminal: pipe it in' in capsys.readouterr().err
+    assert not (tmp_path / 'run').exists()
 
 
 def test_one_run_at_a_time_and_a_killed_runs_lock_is_taken_over(images, checkpoint, tmp_path, capsys):
