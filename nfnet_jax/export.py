@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 import nfnet_jax
 from nfnet_jax.cli import add_model_arguments, check_model_arguments, load_model, run_command
-from nfnet_jax.files import atomic_write, check_output
+from nfnet_jax.files import atomic_write_together, check_output
 from nfnet_jax.inference import OUTPUTS, export_inference
 from nfnet_jax.progress import log
 
@@ -167,8 +167,7 @@ def _run(args: argparse.Namespace) -> int:
     def write_description(tmp: str) -> None:
         Path(tmp).write_text(json.dumps(description, indent=2) + '\n', encoding='utf-8')
 
-    atomic_write(args.out, write_artifact, force=args.force)
-    atomic_write(sidecar_path(args.out), write_description, force=args.force)
+    atomic_write_together({args.out: write_artifact, sidecar_path(args.out): write_description}, force=args.force)
     shapes = ' -> '.join(str(a) for a in (exported.in_avals[0], *exported.out_avals[:1]))
     log(f'wrote {args.out} ({len(data) / 2**20:.1f} MiB, {shapes}, for {", ".join(exported.platforms)})')
     return 0

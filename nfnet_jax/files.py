@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 
@@ -138,17 +138,31 @@ def atomic_write(
     Refuses to replace an existing file unless `force`. The file gets the permissions `mode`, by default
     those a plain `open` would give it (0o666 less the umask).
     """
-    path = Path(path)
-    refuse_existing(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    atomic_write_together({path: write}, force, mode)
+
+
+def atomic_write_together(
+    writes: Mapping[str | os.PathLike, Callable[[str], None]], force: bool = False, mode: int | None = None
+) -> None:
+    """`atomic_write` for files that belong together (an artifact and its description): every one is written
+    to its temporary file before any is renamed, so a failed write leaves none of them."""
+    paths = [Path(path) for path in writes]
+    for path in paths:
+        refuse_existing(path, force)
+    temporaries: list[str] = []
     try:
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
-        os.replace(tmp, path)
+        for path, write in zip(paths, writes.values(), strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+            temporaries.append(tmp)
+            os.close(fd)
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
+        for tmp, path in zip(temporaries, paths, strict=True):
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in temporaries:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nfnet_jax.files import OutputError, atomic_write, check_output, check_output_folder
+from nfnet_jax.files import OutputError, atomic_write, atomic_write_together, check_output, check_output_folder
 from nfnet_jax.weights import save_checkpoint
 
 
@@ -31,6 +31,29 @@ def test_an_output_under_a_file_is_refused(tmp_path):
         check_output(tmp_path / 'notes')
     assert check_output(tmp_path / 'new' / 'deeper' / 'out.npy') == tmp_path / 'new' / 'deeper' / 'out.npy'
     assert not (tmp_path / 'new').exists()  # checked, not made
+
+
+@pytest.mark.parametrize('existing', [False, True])
+def test_files_written_together_are_all_written_or_none(tmp_path, existing):
+    """An exported artifact and its description: a failed write of the second leaves neither, and with --force
+    the earlier pair stays as it was."""
+    artifact, description = tmp_path / 'm.jaxexport', tmp_path / 'm.jaxexport.json'
+    if existing:
+        artifact.write_text('old artifact')
+        description.write_text('old description')
+
+    def disk_full(tmp: str) -> None:
+        Path(tmp).write_text('half')
+        raise OSError(28, 'No space left on device')
+
+    with pytest.raises(OSError, match='No space left'):
+        atomic_write_together({artifact: lambda tmp: Path(tmp).write_text('new'), description: disk_full}, force=True)
+    if existing:
+        assert (artifact.read_text(), description.read_text()) == ('old artifact', 'old description')
+    assert sorted(path.name for path in tmp_path.iterdir()) == (['m.jaxexport', 'm.jaxexport.json'] if existing else [])
+    write_new = {artifact: lambda tmp: Path(tmp).write_text('new'), description: lambda tmp: None}
+    atomic_write_together(write_new, force=True)
+    assert artifact.read_text() == 'new' and description.exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes in read-only folders; the file-as-folder test stands in')
