@@ -4,6 +4,7 @@ the model source flags, the CPU memory flag, and the multi-host flags."""
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from nfnet_jax.weights.params import CheckpointError
 
 # Errors that mean the input was wrong: the message says what to do, a traceback would only hide it.
 USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, OutputError, ValueError)
+# What the system says when a file cannot be read or written for the user to fix: permissions, a read-only or full disk.
+REFUSED_BY_THE_SYSTEM = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -38,6 +41,11 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
             return run(args)
     except USER_ERRORS as err:
         log(f'error: {err}')
+        return 2
+    except OSError as err:  # a folder made read-only, a full disk: said in one line, as a failed save is
+        if err.errno not in REFUSED_BY_THE_SYSTEM:
+            raise
+        log(f'error: {err}; fix the permissions or free space there, then run the command again')
         return 2
     except (AssertionError, RuntimeError):  # what JAX raises when JAX_PLATFORMS names no backend it can start
         problem = backend_problem()

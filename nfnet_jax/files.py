@@ -162,7 +162,8 @@ def atomic_write_together(
             os.replace(tmp, path)
     except BaseException:
         for tmp in temporaries:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a folder made read-only: the first error is the one to tell
+                Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -8,6 +8,9 @@ the same PIL resize calls and the same float32 arithmetic).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -319,3 +322,32 @@ def test_loaders_give_uint8_batches_of_a_host_part_that_the_device_part_finishes
             rows = expected.labels >= 0  # padding: zero pixels either way, left out of every sum
             np.testing.assert_array_equal(np.asarray(stage(batch.images))[rows], expected.images[rows])
     assert np.all(batches[-1].images[2:] == 0) and batches[-1].labels.tolist()[2:] == [-1, -1]
+
+
+LEFT_TO_THE_EXIT = """
+import gc
+from nfnet_jax.data import loaders
+
+
+class Holder:
+    pass
+
+
+def start():
+    holder = Holder()
+    holder.me = holder
+    holder.batches = loaders.iterate(lambda i: i, 100, workers=0)
+    next(holder.batches)
+
+
+gc.disable()
+start()  # the iterator is left in a reference cycle, collected while the interpreter exits
+raise PermissionError(13, 'Permission denied', 'curves.png')
+"""
+
+
+def test_a_batch_iterator_left_to_the_exit_does_not_hang_it():
+    """A run that fails mid-epoch (a folder made read-only) leaves its loader to the interpreter's exit, where
+    no thread can start any more: closing it there must not wait for one."""
+    result = subprocess.run([sys.executable, '-c', LEFT_TO_THE_EXIT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'PermissionError' in result.stderr, result.stderr[-2000:]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,23 @@ def test_a_stopped_prediction_leaves_no_file(tmp_path, model_and_image, command)
         argv = ['run', str(image), '--checkpoint', str(checkpoint), '--output', str(out)]
         stop_while_writing(tmp_path, signal.SIGTERM, 'numpy', 'savez', 'nfnet_jax.batch_predict', *argv)
         assert list((out / 'chunks').iterdir()) == []  # the chunk is redone on resume, never half there
+
+
+def test_a_folder_made_read_only_or_a_full_disk_is_one_line_not_a_traceback(capsys):
+    from nfnet_jax.cli import run_command
+
+    def fails(error: OSError) -> Callable[[object], int]:
+        def run(args: object) -> int:
+            raise error
+
+        return run
+
+    read_only = PermissionError(13, 'Permission denied', 'run/curves.png')
+    assert run_command(fails(read_only), None) == 2
+    assert capsys.readouterr().err == (
+        "error: [Errno 13] Permission denied: 'run/curves.png'; fix the permissions or free space there, "
+        'then run the command again\n'
+    )
+    assert run_command(fails(OSError(28, 'No space left on device')), None) == 2
+    with pytest.raises(OSError, match='Input/output error'):  # not something the user can fix: the traceback
+        run_command(fails(OSError(5, 'Input/output error')), None)

@@ -320,6 +320,28 @@ def saved_run(tmp_path_factory, trained):
     return directory
 
 
+class BackgroundSaveFailed:
+    """An orbax manager whose last save failed in its threads: `close` re-raises it, as tensorstore words it."""
+
+    def close(self) -> None:
+        raise ValueError('PERMISSION_DENIED: Error writing local file "10.orbax-checkpoint-tmp/state/_sharding"')
+
+
+def test_a_background_save_that_failed_is_one_error_at_close_and_never_hides_the_first(tmp_path):
+    from nfnet_jax.train.checkpoint import CheckpointSaveError
+
+    checkpointer = TrainCheckpointer(tmp_path / 'a')
+    checkpointer._manager.close()
+    checkpointer._manager, checkpointer._saving = BackgroundSaveFailed(), 10
+    with pytest.raises(CheckpointSaveError, match=r'could not save checkpoint step 10 in .* \(PERMISSION_DENIED'):
+        checkpointer.close()
+    # The run's first error is the one told.
+    with pytest.raises(PermissionError, match='curves.png'), TrainCheckpointer(tmp_path / 'b') as checkpointer:
+        checkpointer._manager.close()
+        checkpointer._manager, checkpointer._saving = BackgroundSaveFailed(), 10
+        raise PermissionError(13, 'Permission denied', 'curves.png')
+
+
 def test_a_resumed_run_takes_the_identical_next_step(saved_run, trained):
     state, _, _ = trained
     resumed = make_state(seed=7)  # another init and other dropout seeds: all replaced by the restore

@@ -31,6 +31,7 @@ import atexit
 import csv
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -324,9 +325,11 @@ def _first(iterator: Any, count: int) -> Iterator[Any]:
         for _ in range(count):
             yield next(iterator)
     finally:
-        closing = threading.Thread(target=iterator.close, name='grain-close', daemon=True)
-        closing.start()
-        _CLOSING.append(closing)
+        # Collected while the interpreter exits, a thread would never start (the workers end with the process).
+        if sys is not None and not sys.is_finalizing():
+            closing = threading.Thread(target=iterator.close, name='grain-close', daemon=True)
+            closing.start()
+            _CLOSING.append(closing)
 
 
 _CLOSING: list[threading.Thread] = []  # iterators being closed in the background

@@ -311,10 +311,17 @@ class TrainCheckpointer:
     def close(self) -> None:
         """Wait for the saves started, and release orbax's threads; after a failed save, only release them."""
         if self._failure is None:
-            self._manager.close()
+            try:
+                self._manager.close()
+            except Exception as err:  # a background save failed: clean up and say so, as `wait` does
+                self._fail(err)
 
     def __enter__(self) -> TrainCheckpointer:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        try:
+            self.close()
+        except CheckpointSaveError:
+            if exc_type is None:  # otherwise the error already on its way is the first one, and is kept
+                raise
