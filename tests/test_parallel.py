@@ -102,8 +102,8 @@ def test_create_sharded_builds_the_same_state_in_shards(one_process):
     arrays, facts = load(one_process, 'create_sharded')
     assert facts['sharded_params'] > 0
     built = {key.replace('built.', 'state.'): value for key, value in arrays.items() if key.startswith('built.')}
-    eager = {key.replace('eager.', 'state.'): value for key, value in arrays.items() if key.startswith('eager.')}
-    assert worst(built, eager, 'state') < LOSS_RTOL
+    single = {key.replace('single.', 'state.'): value for key, value in arrays.items() if key.startswith('single.')}
+    assert worst(built, single, 'state') < LOSS_RTOL
 
 
 def test_two_processes_equal_one_device(one_process, two_processes, record_property):

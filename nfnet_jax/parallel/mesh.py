@@ -296,7 +296,9 @@ def create_sharded(
     `build` runs under jit with the outputs sharded as `ShardedTrainer` shards them (or
     `shard_inference`, with `fsdp=False`), e.g. for a model too big for one device:
     `create_sharded(lambda: TrainState(create_model('nfnet_f7', rngs=nnx.Rngs(0)), tx), mesh, fsdp=True)`.
-    Random initialisation gives the same values as an unsharded build (JAX's partitionable RNG).
+    Random initialisation draws with jax.random inside the program (a traced `create_model` does), and gives
+    the same values as the same build jitted on one device (JAX's partitionable RNG); they differ from
+    an eager `create_model`'s, which numpy draws on the host.
     """
     graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
     axes = (MODEL_AXIS, DATA_AXIS) if fsdp else (MODEL_AXIS,)
