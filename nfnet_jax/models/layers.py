@@ -148,7 +148,6 @@ class ScaledStdConv2d(nnx.Module):
     ):
         if in_chs % groups or out_chs % groups:
             raise ValueError(f'channels ({in_chs} -> {out_chs}) must be divisible by groups ({groups})')
-        fan_in = in_chs // groups * kernel_size * kernel_size
         kernel_shape = (kernel_size, kernel_size, in_chs // groups, out_chs)
         self.kernel = nnx.Param(initializers.kaiming_normal(rngs.params(), kernel_shape, param_dtype))
         self.bias = nnx.Param(initializers.zeros(None, (out_chs,), param_dtype))
@@ -157,7 +156,7 @@ class ScaledStdConv2d(nnx.Module):
         self.dilation = dilation
         self.groups = groups
         self.folded = False  # see fold_standardization
-        self.scale = gamma * fan_in**-0.5
+        self.scale = gamma * initializers.fan_in(kernel_shape) ** -0.5
         self.eps = eps
         self.dtype = dtype
         self.precision = check_precision(precision)
