@@ -50,9 +50,9 @@ def abstract_training(model_name: str, size: int, batch: int, grad_checkpointing
     return loss, (params, rest, images, labels)
 
 
-def residual_bytes(model_name: str, size: int, batch: int, grad_checkpointing: bool) -> int:
-    """The bytes the backward pass keeps from the forward: the leaves of `jax.vjp`'s function, shapes only."""
-    loss, arguments = abstract_training(model_name, size, batch, grad_checkpointing)
+def residual_bytes(loss: Loss, arguments: tuple) -> int:
+    """The bytes the backward pass of `loss` keeps from the forward: the leaves of `jax.vjp`'s function, shapes
+    only."""
 
     def backward(params: nnx.State, rest: nnx.State, images: jax.Array, labels: jax.Array) -> Any:
         return jax.vjp(lambda params: loss(params, rest, images, labels), params)[1]
@@ -68,11 +68,12 @@ def step_memory(model_name: str, size: int, batch: int, grad_checkpointing: bool
         grads = jax.grad(loss)(params, rest, images, labels)
         return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
+    residuals = residual_bytes(loss, arguments)
     start = time.perf_counter()
     analysis = jax.jit(train_step).lower(*arguments).compile().memory_analysis()
     return {
         'temp_bytes': analysis.temp_size_in_bytes,
-        'residual_bytes': residual_bytes(model_name, size, batch, grad_checkpointing),
+        'residual_bytes': residuals,
         'argument_bytes': analysis.argument_size_in_bytes,
         'output_bytes': analysis.output_size_in_bytes,
         'compile_s': time.perf_counter() - start,
