@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import markdown
+from benchmarks.fresh_process import run_module
 
 CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
@@ -62,12 +61,8 @@ def child(model_name: str, batch: int, size: int, cache: str | None) -> dict[str
 
 
 def run_child(model_name: str, batch: int, size: int, cache: Path | None) -> dict[str, Any]:
-    command = [sys.executable, '-m', 'benchmarks.cold_start', '--child', '--model', model_name]
-    command += ['--batch', str(batch), '--size', str(size)] + (['--cache', str(cache)] if cache else [])
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f'the cold-start process failed:\n{done.stderr[-4000:]}')
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    args = ['--child', '--model', model_name, '--batch', str(batch), '--size', str(size)]
+    return run_module('benchmarks.cold_start', args + (['--cache', str(cache)] if cache else []), 'the cold start')
 
 
 def measure(model_name: str, batch: int, size: int, cache: Path) -> dict[str, dict[str, Any]]:

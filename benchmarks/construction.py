@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks import markdown
+from benchmarks.fresh_process import run_module
 
 LIBRARIES = ('nfnet_jax', 'timm')
 
@@ -47,11 +46,7 @@ def child(library: str, model_name: str) -> dict[str, float]:
 
 
 def run_child(library: str, model_name: str) -> dict[str, float]:
-    command = [sys.executable, '-m', 'benchmarks.construction', '--child', library, '--model', model_name]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f'the {library} build process failed:\n{done.stderr[-4000:]}')
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_module('benchmarks.construction', ['--child', library, '--model', model_name], f'the {library} build')
 
 
 def measure(model_name: str, repeats: int) -> dict[str, dict[str, Any]]:
